@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds the real components the tests run against, from the Go module proxy, into a cache
+# keyed by version: .cache/bin/<name>-<version>. A second run finds them and returns at once.
+#
+#   e2e/tools/build.sh [etcd|kube-apiserver|kubectl|grpcurl|all]
+#
+# Versions are pinned here and nowhere else; e2e/README.md explains the choice.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-1.36.3}     # matches k8s-openapi feature v1_36
+ETCD_VERSION=${ETCD_VERSION:-3.6.16}
+GRPCURL_VERSION=${GRPCURL_VERSION:-1.9.3}
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cache=${CAIRN_CACHE:-$root/.cache}
+bin=$cache/bin
+work=$cache/gobuild
+mkdir -p "$bin" "$work"
+export CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOPATH=${GOPATH:-$cache/gopath}
+export GOCACHE=${GOCACHE:-$cache/gocache}
+
+log() { printf '[tools] %s\n' "$*" >&2; }
+
+build_etcd() {
+  local out=$bin/etcd-v$ETCD_VERSION
+  [ -x "$out" ] && return 0
+  log "building etcd v$ETCD_VERSION"
+  local d=$work/etcd-v$ETCD_VERSION
+  rm -rf "$d" && mkdir -p "$d" && cd "$d"
+  go mod init local/etcd >/dev/null 2>&1
+  # server/go.mod has replace directives, so `go install` refuses it; a module of our own that
+  # requires it works (replaces of a dependency are ignored; api/pkg are published modules).
+  go get go.etcd.io/etcd/server/v3@v$ETCD_VERSION
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3
+  mv "$out.tmp" "$out"
+}
+
+# kube-apiserver and kubectl come from the k8s.io/kubernetes module, whose go.mod requires its
+# staging modules at v0.0.0 with local replaces; pin each to its published v0.Y.Z instead.
+k8s_module() {
+  local d=$work/k8s-v$K8S_VERSION
+  if [ ! -f "$d/.ready" ]; then
+    log "preparing k8s.io/kubernetes v$K8S_VERSION module"
+    rm -rf "$d" && mkdir -p "$d" && cd "$d"
+    go mod init local/k8s >/dev/null 2>&1
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\([^"]*\)".*/\1/p')
+    [ -n "$gomod" ] || { log "cannot download k8s.io/kubernetes@v$K8S_VERSION"; exit 1; }
+    local m
+    for m in $(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod"); do
+      go mod edit "-replace=$m=$m@v0.${K8S_VERSION#1.}"
+    done
+    go get "k8s.io/kubernetes@v$K8S_VERSION"
+    touch .ready
+  fi
+  echo "$d"
+}
+
+build_k8s() { # $1 = command name
+  local name=$1 out=$bin/$1-v$K8S_VERSION
+  [ -x "$out" ] && return 0
+  local d; d=$(k8s_module)
+  cd "$d"
+  log "building $name v$K8S_VERSION"
+  local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  go build -trimpath -o "$out.tmp" -ldflags "-s -w \
+    -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION \
+    -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
+    "k8s.io/kubernetes/cmd/$name"
+  mv "$out.tmp" "$out"
+}
+
+build_grpcurl() {
+  local out=$bin/grpcurl-v$GRPCURL_VERSION
+  [ -x "$out" ] && return 0
+  log "building grpcurl v$GRPCURL_VERSION"
+  GOBIN=$work/grpcurl-bin go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@v$GRPCURL_VERSION"
+  mv "$work/grpcurl-bin/grpcurl" "$out"
+}
+
+link() { ln -sf "$(basename "$2")" "$bin/$1"; }
+
+what=${1:-all}
+case $what in
+  etcd) build_etcd; link etcd "$bin/etcd-v$ETCD_VERSION" ;;
+  kube-apiserver|kubectl) build_k8s "$what"; link "$what" "$bin/$what-v$K8S_VERSION" ;;
+  grpcurl) build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION" ;;
+  all)
+    build_etcd; link etcd "$bin/etcd-v$ETCD_VERSION"
+    build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION"
+    build_k8s kube-apiserver; link kube-apiserver "$bin/kube-apiserver-v$K8S_VERSION"
+    build_k8s kubectl; link kubectl "$bin/kubectl-v$K8S_VERSION"
+    ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kubectl|grpcurl|all]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,15 @@
+//! The `cairn.ipam.v1` API: messages, the `IpamService` client and server, and the encoded
+//! file descriptor set for gRPC server reflection. Generated at build time from
+//! `proto/cairn/ipam/v1/ipam.proto`, which documents every field and error.
+#![forbid(unsafe_code)]
+
+/// `cairn.ipam.v1`.
+#[allow(clippy::all, unreachable_pub, missing_docs, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("cairn.ipam.v1");
+
+    /// Encoded `FileDescriptorSet` of the API, for `tonic-reflection`.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_ipam_v1_descriptor");
+}
+
+pub use v1::*;
