@@ -1,15 +1,17 @@
-//! The `cairn.ipam.v1` API: messages, the `IpamService` client and server, and the encoded
-//! file descriptor set for gRPC server reflection. Generated at build time from
-//! `proto/cairn/ipam/v1/ipam.proto`, which documents every field and error.
+//! The `cairn.ipam.v1` API: messages (with proto3-JSON serde impls), the `IpamService` client
+//! and server, and the encoded file descriptor set for gRPC server reflection. Generated at
+//! build time from `proto/cairn/ipam/v1/ipam.proto`, which documents every field and error.
 #![forbid(unsafe_code)]
 
 /// `cairn.ipam.v1`.
 #[allow(clippy::all, unreachable_pub, missing_docs, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("cairn.ipam.v1");
+    include!(concat!(env!("OUT_DIR"), "/cairn.ipam.v1.serde.rs"));
 
     /// Encoded `FileDescriptorSet` of the API, for `tonic-reflection`.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_ipam_v1_descriptor");
 }
 
+pub use pbjson_types::Timestamp;
 pub use v1::*;

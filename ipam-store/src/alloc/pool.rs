@@ -1,0 +1,85 @@
+//! A pool's runtime state: the addresses it spans (ranges minus exclusions and gateways) and
+//! the free part of them, per family. Free = span − held − quarantined, always.
+
+use std::net::IpAddr;
+
+use super::{
+    addr::{Family, from_u128, to_u128},
+    rangeset::RangeSet,
+};
+use crate::model::{ParsedPool, PoolDef, Purpose};
+
+/// One pool, ready to allocate from.
+#[derive(Clone, Debug)]
+pub struct PoolState {
+    /// Name.
+    pub name: String,
+    /// VIP or NODE.
+    pub purpose: Purpose,
+    /// Used without being named.
+    pub auto_assign: bool,
+    /// Addresses that belong to the pool, per family (index = `Family::index`).
+    pub span: [RangeSet; 2],
+    /// Addresses that may be handed out now, per family.
+    pub free: [RangeSet; 2],
+    /// Allocations whose `pool` is this one.
+    pub allocations: usize,
+}
+
+impl PoolState {
+    /// Builds the span; `free` starts equal to it (the caller takes out held and quarantined
+    /// addresses).
+    pub fn new(def: &PoolDef, parsed: &ParsedPool, gateways: &[IpAddr]) -> Self {
+        let mut span = [RangeSet::new(), RangeSet::new()];
+        for r in &parsed.ranges {
+            span[r.family.index()].insert(r.start, r.end);
+        }
+        for x in &parsed.exclusions {
+            span[x.family.index()].remove(x.start, x.end);
+        }
+        for g in gateways {
+            span[Family::of(g).index()].take(to_u128(g));
+        }
+        PoolState {
+            name: def.name.clone(),
+            purpose: def.purpose,
+            auto_assign: def.auto_assign,
+            free: span.clone(),
+            span,
+            allocations: 0,
+        }
+    }
+
+    /// True when `ip` belongs to the pool.
+    pub fn spans(&self, ip: &IpAddr) -> bool {
+        self.span[Family::of(ip).index()].contains(to_u128(ip))
+    }
+
+    /// True when the pool has any address of `family`.
+    pub fn has_family(&self, family: Family) -> bool {
+        !self.span[family.index()].is_empty()
+    }
+
+    /// True when `ip` is free.
+    pub fn is_free(&self, ip: &IpAddr) -> bool {
+        self.free[Family::of(ip).index()].contains(to_u128(ip))
+    }
+
+    /// The lowest free address of `family`.
+    pub fn first_free(&self, family: Family) -> Option<IpAddr> {
+        self.free[family.index()].first().map(|v| from_u128(family, v))
+    }
+
+    /// Marks `ip` used; returns whether it was free.
+    pub fn take(&mut self, ip: &IpAddr) -> bool {
+        self.free[Family::of(ip).index()].take(to_u128(ip))
+    }
+
+    /// Returns `ip` to the free set if it belongs to the pool.
+    pub fn give_back(&mut self, ip: &IpAddr) {
+        if self.spans(ip) {
+            let v = to_u128(ip);
+            self.free[Family::of(ip).index()].insert(v, v);
+        }
+    }
+}

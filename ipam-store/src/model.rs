@@ -1,0 +1,501 @@
+//! Domain types of the ledger, independent of gRPC: what is stored and what requests carry.
+//! Validation here names each offending field with the path a client sent it under.
+
+use std::{collections::BTreeSet, fmt, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    alloc::addr::{AddrRange, Family, parse_cidr, parse_range},
+    error::{Error, Result},
+};
+
+/// What a pool's addresses are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Purpose {
+    /// API-server and Service VIPs.
+    Vip,
+    /// Node addresses.
+    Node,
+}
+
+impl fmt::Display for Purpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Purpose::Vip => "VIP",
+            Purpose::Node => "NODE",
+        })
+    }
+}
+
+/// A pool as defined by its network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolDef {
+    /// Unique within the network.
+    pub name: String,
+    /// VIP or NODE.
+    pub purpose: Purpose,
+    /// CIDR, `a-b` or single-address strings, as given (trimmed).
+    pub ranges: Vec<String>,
+    /// Same forms, never handed out.
+    pub exclusions: Vec<String>,
+    /// Used without being named.
+    pub auto_assign: bool,
+}
+
+/// A shared network's definition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDef {
+    /// Unique name.
+    pub name: String,
+    /// At most one per family.
+    pub prefixes: Vec<IpNet>,
+    /// At most one per family.
+    pub gateways: Vec<IpAddr>,
+    /// At most three per family.
+    pub dns_servers: Vec<IpAddr>,
+    /// 0 = untagged.
+    pub vlan: u16,
+    /// At least one.
+    pub pools: Vec<PoolDef>,
+    /// None = server default.
+    pub reuse_grace_secs: Option<u32>,
+    /// Who may change it.
+    pub managed_by: String,
+}
+
+/// A stored network: the definition plus bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The definition.
+    pub def: NetworkDef,
+    /// Bumped by each change.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// What kind of object holds an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OwnerKind {
+    /// A cluster's API-server VIP.
+    ApiServer,
+    /// A node.
+    Node,
+    /// A LoadBalancer Service.
+    Service,
+}
+
+impl OwnerKind {
+    /// The stable name used in keys and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnerKind::ApiServer => "api-server",
+            OwnerKind::Node => "node",
+            OwnerKind::Service => "service",
+        }
+    }
+
+    /// The pool purpose this kind draws from by default.
+    pub fn default_purpose(self) -> Purpose {
+        match self {
+            OwnerKind::Node => Purpose::Node,
+            OwnerKind::ApiServer | OwnerKind::Service => Purpose::Vip,
+        }
+    }
+}
+
+/// Who holds an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The object kind.
+    pub kind: OwnerKind,
+    /// Namespace (Services only).
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+    /// Object uid; may be empty.
+    pub uid: String,
+}
+
+impl Owner {
+    /// The allocation key of this owner on `network`: unique, ordered, `/`-separated (no
+    /// component can contain `/`, validation guarantees it).
+    pub fn key(&self, network: &str) -> String {
+        format!(
+            "{network}/{}/{}/{}/{}",
+            self.cluster_id,
+            self.kind.as_str(),
+            self.namespace,
+            self.name
+        )
+    }
+
+    /// Validates the owner; `field` is its path in the request.
+    pub fn validate(&self, field: &str) -> Result<()> {
+        check_cluster_id(&format!("{field}.cluster_id"), &self.cluster_id)?;
+        match self.kind {
+            OwnerKind::Service => check_dns_label(&format!("{field}.namespace"), &self.namespace)?,
+            _ if !self.namespace.is_empty() => {
+                return Err(Error::invalid(
+                    format!("{field}.namespace"),
+                    format!("must be empty for kind {}", self.kind.as_str()),
+                ));
+            }
+            _ => {}
+        }
+        check_dns_subdomain(&format!("{field}.name"), &self.name)?;
+        if self.uid.len() > 128 || self.uid.chars().any(|c| c.is_control() || c == '/') {
+            return Err(Error::invalid(
+                format!("{field}.uid"),
+                "at most 128 printable characters, no '/'",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(
+                f,
+                "cluster {} {} {}",
+                self.cluster_id,
+                self.kind.as_str(),
+                self.name
+            )
+        } else {
+            write!(
+                f,
+                "cluster {} {} {}/{}",
+                self.cluster_id,
+                self.kind.as_str(),
+                self.namespace,
+                self.name
+            )
+        }
+    }
+}
+
+/// Transport protocol of a shared port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// A (protocol, port) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Port {
+    /// Protocol.
+    pub protocol: Protocol,
+    /// 1..=65535.
+    pub port: u16,
+}
+
+/// An owner's addresses on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Network name.
+    pub network: String,
+    /// Pool name.
+    pub pool: String,
+    /// The holder.
+    pub owner: Owner,
+    /// At most one per family, in the order they were requested.
+    pub addresses: Vec<IpAddr>,
+    /// Empty = exclusive.
+    pub sharing_key: String,
+    /// Ports served on the addresses (sorted, unique).
+    pub ports: Vec<Port>,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_ms: u64,
+    /// Commit sequence of the last change.
+    pub revision: u64,
+}
+
+impl Allocation {
+    /// The allocation key.
+    pub fn key(&self) -> String {
+        self.owner.key(&self.network)
+    }
+
+    /// The address of `family`, if held.
+    pub fn address_of(&self, family: Family) -> Option<IpAddr> {
+        self.addresses.iter().copied().find(|a| Family::of(a) == family)
+    }
+}
+
+/// A released address waiting out its reuse grace period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Network name.
+    pub network: String,
+    /// Pool it returns to.
+    pub pool: String,
+    /// The address.
+    pub address: IpAddr,
+    /// Milliseconds since the Unix epoch.
+    pub until_ms: u64,
+    /// The owner that released it, which may take it back early.
+    pub previous_owner: Owner,
+}
+
+/// Parsed, validated pool ranges, ready for the allocator.
+#[derive(Clone, Debug)]
+pub struct ParsedPool {
+    /// Ranges, in the definition's order.
+    pub ranges: Vec<AddrRange>,
+    /// Exclusions.
+    pub exclusions: Vec<AddrRange>,
+}
+
+/// Lowercase letters, digits and '-', 1..=63, starting and ending alphanumeric.
+pub fn check_dns_label(field: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "{v:?} must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+            ),
+        ))
+    }
+}
+
+/// A DNS subdomain: dot-separated labels, at most 253 characters.
+pub fn check_dns_subdomain(field: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "{v:?} must be a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253 characters"
+            ),
+        ))
+    }
+}
+
+/// Cluster ids: a DNS subdomain of at most 63 characters.
+pub fn check_cluster_id(field: &str, v: &str) -> Result<()> {
+    check_dns_subdomain(field, v)?;
+    if v.len() > 63 {
+        return Err(Error::invalid(field, "must be at most 63 characters"));
+    }
+    Ok(())
+}
+
+/// Validates ports: 1..=65535, no duplicates. Returns them sorted.
+pub fn check_ports(field: &str, ports: &[(Protocol, u32)]) -> Result<Vec<Port>> {
+    let mut seen = BTreeSet::new();
+    for (i, (protocol, port)) in ports.iter().enumerate() {
+        if *port == 0 || *port > 65535 {
+            return Err(Error::invalid(
+                format!("{field}[{i}].port"),
+                format!("{port} is not in 1..65535"),
+            ));
+        }
+        let p = Port {
+            protocol: *protocol,
+            port: *port as u16,
+        };
+        if !seen.insert(p) {
+            return Err(Error::invalid(
+                format!("{field}[{i}]"),
+                format!("duplicate port {:?}/{port}", protocol),
+            ));
+        }
+    }
+    Ok(seen.into_iter().collect())
+}
+
+/// Upper bound on the reuse grace period (7 days): longer is a typo, not a policy.
+pub const MAX_REUSE_GRACE_SECS: u32 = 7 * 24 * 3600;
+
+impl NetworkDef {
+    /// Validates everything that can be checked without other networks, and parses the pools.
+    /// Field paths are relative to `network`.
+    pub fn validate(&self) -> Result<Vec<ParsedPool>> {
+        check_dns_label("network.name", &self.name)?;
+        if !self.managed_by.is_empty()
+            && (self.managed_by.len() > 253 || self.managed_by.chars().any(char::is_control))
+        {
+            return Err(Error::invalid(
+                "network.managed_by",
+                "at most 253 printable characters",
+            ));
+        }
+        let mut fams = BTreeSet::new();
+        for (i, p) in self.prefixes.iter().enumerate() {
+            if p.trunc() != *p {
+                return Err(Error::invalid(
+                    format!("network.prefixes[{i}]"),
+                    format!("{p} has host bits set; did you mean {}?", p.trunc()),
+                ));
+            }
+            if !fams.insert(Family::of(&p.addr())) {
+                return Err(Error::invalid(
+                    format!("network.prefixes[{i}]"),
+                    format!(
+                        "a second {} prefix; at most one per family",
+                        Family::of(&p.addr())
+                    ),
+                ));
+            }
+        }
+        let prefix_of = |f: Family| self.prefixes.iter().find(|p| Family::of(&p.addr()) == f);
+        let mut gw_fams = BTreeSet::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            let f = Family::of(g);
+            if !gw_fams.insert(f) {
+                return Err(Error::invalid(
+                    format!("network.gateways[{i}]"),
+                    format!("a second {f} gateway"),
+                ));
+            }
+            if let Some(p) = prefix_of(f)
+                && !p.contains(g)
+            {
+                return Err(Error::invalid(
+                    format!("network.gateways[{i}]"),
+                    format!("{g} is outside prefix {p}"),
+                ));
+            }
+        }
+        for f in Family::ALL {
+            if self.dns_servers.iter().filter(|d| Family::of(d) == f).count() > 3 {
+                return Err(Error::invalid(
+                    "network.dns_servers",
+                    format!("more than 3 {f} servers"),
+                ));
+            }
+        }
+        if self.vlan > 4094 {
+            return Err(Error::invalid(
+                "network.vlan",
+                format!("{} is not in 0..4094", self.vlan),
+            ));
+        }
+        if let Some(g) = self.reuse_grace_secs
+            && g > MAX_REUSE_GRACE_SECS
+        {
+            return Err(Error::invalid(
+                "network.reuse_grace_seconds",
+                format!("{g} exceeds the maximum of {MAX_REUSE_GRACE_SECS} (7 days)"),
+            ));
+        }
+        if self.pools.is_empty() {
+            return Err(Error::invalid("network.pools", "at least one pool is required"));
+        }
+        let mut names = BTreeSet::new();
+        let mut parsed = Vec::with_capacity(self.pools.len());
+        // (pool index, range index, range) of everything seen, for overlap errors naming both.
+        let mut all: Vec<(usize, usize, AddrRange)> = Vec::new();
+        for (pi, pool) in self.pools.iter().enumerate() {
+            let pf = format!("network.pools[{pi}]");
+            check_dns_label(&format!("{pf}.name"), &pool.name)?;
+            if !names.insert(pool.name.as_str()) {
+                return Err(Error::invalid(
+                    format!("{pf}.name"),
+                    format!("duplicate pool name {:?}", pool.name),
+                ));
+            }
+            if pool.ranges.is_empty() {
+                return Err(Error::invalid(
+                    format!("{pf}.ranges"),
+                    "at least one range is required",
+                ));
+            }
+            let mut ranges = Vec::with_capacity(pool.ranges.len());
+            for (ri, r) in pool.ranges.iter().enumerate() {
+                let field = format!("{pf}.ranges[{ri}]");
+                let rg = parse_range(r, true).map_err(|e| Error::invalid(&field, e))?;
+                if let Some(p) = prefix_of(rg.family) {
+                    let pr = crate::alloc::addr::net_range(p);
+                    if rg.start < pr.start || rg.end > pr.end {
+                        return Err(Error::invalid(&field, format!("{r} is outside prefix {p}")));
+                    }
+                }
+                for (opi, ori, o) in &all {
+                    if o.overlaps(&rg) {
+                        return Err(Error::invalid(
+                            &field,
+                            format!(
+                                "{r} overlaps network.pools[{opi}].ranges[{ori}] ({}) of pool {:?}",
+                                self.pools[*opi].ranges[*ori], self.pools[*opi].name
+                            ),
+                        ));
+                    }
+                }
+                all.push((pi, ri, rg));
+                ranges.push(rg);
+            }
+            let mut exclusions = Vec::with_capacity(pool.exclusions.len());
+            for (ei, x) in pool.exclusions.iter().enumerate() {
+                let rg =
+                    parse_range(x, false).map_err(|e| Error::invalid(format!("{pf}.exclusions[{ei}]"), e))?;
+                exclusions.push(rg);
+            }
+            parsed.push(ParsedPool { ranges, exclusions });
+        }
+        Ok(parsed)
+    }
+
+    /// Every address span the network claims, for overlap checks between networks: its
+    /// prefixes, and pool ranges (which matter where no prefix of their family is set).
+    pub fn footprint(&self, parsed: &[ParsedPool]) -> Vec<(String, AddrRange)> {
+        let mut out: Vec<(String, AddrRange)> = self
+            .prefixes
+            .iter()
+            .map(|p| (format!("prefix {p}"), crate::alloc::addr::net_range(p)))
+            .collect();
+        for (pool, pp) in self.pools.iter().zip(parsed) {
+            for (s, r) in pool.ranges.iter().zip(&pp.ranges) {
+                out.push((format!("pool {:?} range {s}", pool.name), *r));
+            }
+        }
+        out
+    }
+}
+
+/// Parses a CIDR for a field, naming it on error.
+pub fn parse_prefix(field: &str, s: &str) -> Result<IpNet> {
+    parse_cidr(s).map_err(|e| Error::invalid(field, e))
+}
+
+/// Parses an address for a field, naming it on error.
+pub fn parse_addr(field: &str, s: &str) -> Result<IpAddr> {
+    s.trim()
+        .parse()
+        .map_err(|_| Error::invalid(field, format!("{s:?} is not an IP address")))
+}

@@ -1,0 +1,158 @@
+//! `cairn-ipam serve`: wires the ledger, the gRPC services (IpamService, health, reflection)
+//! and the metrics endpoint, and shuts down gracefully.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+
+use anyhow::Context as _;
+use axum::{Router, extract::State, routing::get};
+use cairn_proto::v1::ipam_service_server::IpamServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    grpc::IpamService,
+    ledger::Ledger,
+    metrics::{CommitMetrics, Metrics},
+    store::sled_engine::SledEngine,
+};
+
+/// What `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Metrics/health HTTP address; None = off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// sled directory.
+    pub data_dir: PathBuf,
+    /// Reuse grace for networks that set none.
+    pub default_grace_secs: u32,
+    /// sled page cache bound.
+    pub cache_bytes: u64,
+    /// Where to write the bound addresses once serving (for tests and scripts using port 0).
+    pub addr_file: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> String {
+    s.metrics.render(&s.ledger).await
+}
+
+async fn health_handler(State(s): State<HttpState>) -> (axum::http::StatusCode, &'static str) {
+    match s.ledger.usage(None).await {
+        Ok(_) => (axum::http::StatusCode::OK, "ok\n"),
+        Err(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "storage failure\n"),
+    }
+}
+
+/// Serves until `shutdown` resolves or the ledger fails; then drains and syncs.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating --data-dir {}", opts.data_dir.display()))?;
+    let engine = Arc::new(SledEngine::open(&opts.data_dir, opts.cache_bytes)?);
+    let metrics = Arc::new(Metrics::new());
+    let ledger = Ledger::open(
+        engine,
+        opts.default_grace_secs,
+        Arc::new(CommitMetrics(metrics.clone())),
+    )?;
+    tracing::info!(
+        allocations = ledger.allocation_count(),
+        load_ms = started.elapsed().as_millis() as u64,
+        data_dir = %opts.data_dir.display(),
+        "ledger loaded"
+    );
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<IpamServiceServer<IpamService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cairn_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cairn_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs);
+
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", opts.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let mut addrs = format!("grpc={grpc_addr}\n");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(m) = opts.metrics_listen {
+        let l = TcpListener::bind(m)
+            .await
+            .with_context(|| format!("binding --metrics-listen {m}"))?;
+        addrs.push_str(&format!("metrics={}\n", l.local_addr()?));
+        let app = Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/healthz", get(health_handler))
+            .route("/readyz", get(health_handler))
+            .with_state(HttpState {
+                ledger: ledger.clone(),
+                metrics: metrics.clone(),
+            });
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let r = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    if let Some(f) = &opts.addr_file {
+        // Written whole, then renamed, so a reader never sees half a file.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, &addrs).with_context(|| format!("writing --addr-file {}", tmp.display()))?;
+        std::fs::rename(&tmp, f)?;
+    }
+    tracing::info!(%grpc_addr, ready_ms = started.elapsed().as_millis() as u64, "serving cairn.ipam.v1.IpamService");
+
+    let failure = {
+        let ledger = ledger.clone();
+        async move { ledger.failure().await }
+    };
+    let (fail_tx, mut fail_rx) = tokio::sync::oneshot::channel();
+    let mut rx = stop_rx.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down"),
+            e = failure => {
+                tracing::error!(error = %e, "storage failure; stopping so a restart reloads from disk");
+                let _ = fail_tx.send(e);
+            }
+            _ = rx.wait_for(|s| *s) => {}
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(IpamServiceServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await;
+    let _ = stop_tx.send(true);
+    served.context("gRPC server")?;
+    if let Ok(e) = fail_rx.try_recv() {
+        anyhow::bail!("storage failure: {e}");
+    }
+    ledger.sync().await?;
+    tracing::info!("stopped; every acknowledged write is on disk");
+    Ok(())
+}
