@@ -479,9 +479,11 @@ impl NetworkDef {
             .iter()
             .map(|p| (format!("prefix {p}"), crate::alloc::addr::net_range(p)))
             .collect();
+        // Whole CIDRs, network and broadcast included: a network claims all of them.
         for (pool, pp) in self.pools.iter().zip(parsed) {
             for (s, r) in pool.ranges.iter().zip(&pp.ranges) {
-                out.push((format!("pool {:?} range {s}", pool.name), *r));
+                let whole = parse_range(s, false).unwrap_or(*r);
+                out.push((format!("pool {:?} range {s}", pool.name), whole));
             }
         }
         out

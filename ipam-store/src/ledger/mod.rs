@@ -341,3 +341,6 @@ impl Ledger {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -427,7 +427,12 @@ impl State {
             if def.managed_by.is_empty() {
                 def.managed_by = ex.rec.def.managed_by.clone();
             }
-            if ex.rec.def == def {
+            // Another manager re-applying the same definition changes nothing.
+            let same = NetworkDef {
+                managed_by: ex.rec.def.managed_by.clone(),
+                ..def.clone()
+            };
+            if ex.rec.def == same {
                 let rec = ex.rec.clone();
                 return Ok((
                     Upserted {
@@ -741,7 +746,11 @@ impl State {
         }
         let mut families = req.families.clone();
         if families.is_empty() {
-            families = req.requested.iter().map(Family::of).collect();
+            for f in req.requested.iter().map(Family::of) {
+                if !families.contains(&f) {
+                    families.push(f);
+                }
+            }
             if families.is_empty() {
                 families.push(Family::V4);
             }

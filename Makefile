@@ -1,0 +1,41 @@
+# Cairn: the two commands a new machine needs are `make demo` and `make test` (see README).
+SHELL := /bin/bash
+CARGO ?= cargo
+export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
+
+.PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+# etcd, kube-apiserver, kubectl and grpcurl built from the Go module proxy, cached by version.
+tools:
+	e2e/tools/build.sh all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Workspace tests (unit, property, gRPC/crash/grpcurl against real processes), then the
+# control-plane suite on real etcd + kube-apiserver.
+test: tools lint test-unit test-e2e bench-smoke
+
+test-unit:
+	$(CARGO) test --workspace --exclude cairn-e2e
+
+test-e2e:
+	$(CARGO) test -p cairn-e2e
+
+demo: tools build
+	scripts/demo.sh
+
+bench:
+	$(CARGO) bench -p cairn-ipam --bench store
+
+bench-smoke:
+	$(CARGO) bench -p cairn-ipam --bench store -- --quick
+
+clean-cache:
+	rm -rf .cache
