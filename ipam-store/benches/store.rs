@@ -1,0 +1,1227 @@
+//! Cairn store benchmarks: printed figures, not timed tests (docs/benchmarks.md).
+//!
+//! ```text
+//! cargo bench -p cairn-ipam --bench store              # full run (minutes)
+//! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
+//! ```
+//!
+//! Sections (select with `--only alloc,grpc,rss,restart`):
+//! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
+//! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
+//!    serve` child (built by cargo in the bench profile, i.e. release), beside the disk's
+//!    measured fsync latency.
+//! 3. `rss`: the server's resident memory holding 100k allocations.
+//! 4. `restart`: spawn-to-serving time on a data dir holding 1M allocations.
+//!
+//! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
+//! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
+//! (passed to the server), `--client-threads N`, `--keep` (keep the work dir).
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use cairn_ipam::{
+    alloc::addr::Family,
+    ledger::{AllocateReq, State},
+    model::{NetworkDef, Owner, OwnerKind, PoolDef, Purpose},
+    store::{Engine as _, sled_engine::SledEngine},
+};
+use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::transport::Channel;
+
+// ============================================================================================
+// Options
+// ============================================================================================
+
+struct Args {
+    quick: bool,
+    only: Vec<String>,
+    dir: Option<PathBuf>,
+    secs: f64,
+    server_bin: PathBuf,
+    cache_mib: Option<u64>,
+    client_threads: usize,
+    keep: bool,
+}
+
+impl Args {
+    fn parse() -> anyhow::Result<Self> {
+        let mut a = Args {
+            quick: false,
+            only: vec![],
+            dir: None,
+            secs: 0.0,
+            server_bin: PathBuf::from(env!("CARGO_BIN_EXE_cairn-ipam")),
+            cache_mib: None,
+            client_threads: 1,
+            keep: false,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--quick" => a.quick = true,
+                "--only" => a.only = val()?.split(',').map(str::to_string).collect(),
+                "--dir" => a.dir = Some(PathBuf::from(val()?)),
+                "--secs" => a.secs = val()?.parse()?,
+                "--server-bin" => a.server_bin = PathBuf::from(val()?),
+                "--cache-mib" => a.cache_mib = Some(val()?.parse()?),
+                "--client-threads" => a.client_threads = val()?.parse()?,
+                "--keep" => a.keep = true,
+                // Passed by `cargo bench`.
+                "--bench" => {}
+                "-h" | "--help" => {
+                    println!(
+                        "{}",
+                        include_str!("store.rs")
+                            .lines()
+                            .take(19)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?} (see --help)"),
+            }
+        }
+        if a.secs == 0.0 {
+            a.secs = if a.quick { 1.0 } else { 10.0 };
+        }
+        Ok(a)
+    }
+
+    fn want(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+}
+
+/// Sizes of one run.
+struct Sizes {
+    /// "1M" fill of section 1 (the /8 and /64 rows).
+    big_fill: u64,
+    /// Timed allocate/release pairs per row of section 1.
+    samples: usize,
+    /// Quarantined entries in the reuse-grace row of section 1.
+    quarantined: u64,
+    /// Allocations held for the RSS figure.
+    rss_allocs: u64,
+    /// Allocations on disk for the restart figure.
+    restart_allocs: u64,
+    /// Restarts timed.
+    restarts: usize,
+    /// fsync probe samples.
+    fsyncs: usize,
+}
+
+impl Sizes {
+    fn of(quick: bool) -> Self {
+        if quick {
+            Sizes {
+                big_fill: 20_000,
+                samples: 2_000,
+                quarantined: 500,
+                rss_allocs: 2_000,
+                restart_allocs: 10_000,
+                restarts: 1,
+                fsyncs: 50,
+            }
+        } else {
+            Sizes {
+                big_fill: 1_000_000,
+                samples: 100_000,
+                quarantined: 10_000,
+                rss_allocs: 100_000,
+                restart_allocs: 1_000_000,
+                restarts: 3,
+                fsyncs: 300,
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// Small helpers
+// ============================================================================================
+
+/// Sorted samples (nanoseconds), exact percentiles.
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn new(mut v: Vec<u64>) -> Self {
+        v.sort_unstable();
+        Samples(v)
+    }
+    fn pct(&self, p: f64) -> u64 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        let i = ((p / 100.0) * (self.0.len() - 1) as f64).round() as usize;
+        self.0[i.min(self.0.len() - 1)]
+    }
+    fn mean(&self) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.iter().map(|v| *v as f64).sum::<f64>() / self.0.len() as f64
+    }
+    fn max(&self) -> u64 {
+        self.0.last().copied().unwrap_or(0)
+    }
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.2}", ns as f64 / 1e6)
+}
+
+/// splitmix64: deterministic, dependency-free randomness for picking victims.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: &str, clk_tck: f64) -> f64 {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised comm: state is field 3; utime 14, stime 15.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(14) + t(15)) / clk_tck
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn du_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += du_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn print_env(work: &Path, args: &Args) {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    // The mount holding the work dir (longest matching mount point).
+    let canon = fs::canonicalize(work).unwrap_or_else(|_| work.to_path_buf());
+    let mount = fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() >= 3 && canon.starts_with(f[1]))
+                        .then(|| (f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])))
+                })
+                .max_by_key(|(n, _)| *n)
+                .map(|(_, m)| m)
+        })
+        .unwrap_or_default();
+    println!(
+        "# Cairn store benchmarks{}",
+        if args.quick {
+            " (--quick: smoke sizes, figures not meaningful)"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!(
+        "- CPU: {cpu}, {cores} cores available; {}",
+        mem.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "- kernel {}; work dir {} on {mount}",
+        kernel.trim(),
+        work.display()
+    );
+    println!("- server binary: {}", args.server_bin.display());
+    println!();
+}
+
+// ============================================================================================
+// Section 1: allocation cost in process
+// ============================================================================================
+
+const NOW_MS: u64 = 1_700_000_000_000;
+
+fn network_def(range: &str, grace: Option<u32>) -> NetworkDef {
+    NetworkDef {
+        name: "bench".into(),
+        prefixes: vec![],
+        gateways: vec![],
+        dns_servers: vec![],
+        vlan: 0,
+        pools: vec![PoolDef {
+            name: "vip".into(),
+            purpose: Purpose::Vip,
+            ranges: vec![range.into()],
+            exclusions: vec![],
+            auto_assign: true,
+        }],
+        reuse_grace_secs: grace,
+        managed_by: String::new(),
+    }
+}
+
+fn owner(i: u64) -> Owner {
+    Owner {
+        cluster_id: "bench".into(),
+        kind: OwnerKind::Service,
+        namespace: "ns".into(),
+        name: format!("svc-{i}"),
+        uid: String::new(),
+    }
+}
+
+fn alloc_req(i: u64, family: Family) -> AllocateReq {
+    AllocateReq {
+        network: "bench".into(),
+        owner: Some(owner(i)),
+        families: vec![family],
+        ..AllocateReq::default()
+    }
+}
+
+/// An in-process ledger state with one pool.
+struct Bench {
+    st: State,
+    family: Family,
+    /// Owner ids currently holding an address.
+    held: Vec<u64>,
+    next_id: u64,
+}
+
+impl Bench {
+    fn new(range: &str, family: Family, grace: Option<u32>) -> anyhow::Result<Self> {
+        let mut st = State::new(0);
+        st.upsert_network(network_def(range, grace), None, false, NOW_MS)?;
+        Ok(Bench {
+            st,
+            family,
+            held: vec![],
+            next_id: 0,
+        })
+    }
+
+    fn allocate(&mut self) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = alloc_req(id, self.family);
+        let seq = self.st.seq + 1;
+        let t = Instant::now();
+        let r = self.st.allocate(req, seq, NOW_MS);
+        let dt = t.elapsed().as_nanos() as u64;
+        r?;
+        self.st.seq = seq;
+        self.held.push(id);
+        Ok(dt)
+    }
+
+    /// Releases the holder at index `j` of `held`.
+    fn release_at(&mut self, j: usize, now_ms: u64) -> anyhow::Result<u64> {
+        let id = self.held.swap_remove(j);
+        let o = owner(id);
+        let t = Instant::now();
+        let r = self.st.release("bench", &o, now_ms);
+        let dt = t.elapsed().as_nanos() as u64;
+        r?;
+        Ok(dt)
+    }
+
+    fn fill(&mut self, n: u64) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        for _ in 0..n {
+            self.allocate()?;
+        }
+        Ok(t.elapsed())
+    }
+
+    fn free_ranges(&self) -> usize {
+        self.st.free_ranges("bench", "vip", self.family).len()
+    }
+
+    /// `samples` timed pairs that keep the fill level: at 0 held, allocate then release it;
+    /// otherwise release a random holder then allocate a new owner.
+    fn churn(
+        &mut self,
+        samples: usize,
+        rng: &mut Rng,
+        release_now_ms: u64,
+    ) -> anyhow::Result<(Samples, Samples)> {
+        let mut alloc = Vec::with_capacity(samples);
+        let mut rel = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            if self.held.is_empty() {
+                alloc.push(self.allocate()?);
+                rel.push(self.release_at(0, release_now_ms)?);
+            } else {
+                let j = rng.below(self.held.len());
+                rel.push(self.release_at(j, release_now_ms)?);
+                alloc.push(self.allocate()?);
+            }
+        }
+        Ok((Samples::new(alloc), Samples::new(rel)))
+    }
+}
+
+fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
+    println!("## 1. Allocation cost in process (`State`, no I/O)");
+    println!();
+    println!(
+        "Each row: {} timed pairs at a steady fill (release a random holder, allocate a new owner; \
+         at 0 held: allocate, then release it). Reuse grace 0 unless noted. Times in ns \
+         (each includes ~20-40 ns of `Instant::now()` overhead).",
+        sz.samples
+    );
+    println!();
+    println!(
+        "| pool | fill (held) | free ranges | alloc p50 | alloc p99 | alloc mean | alloc max | release p50 | release p99 | build |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let big = sz.big_fill;
+    let big_label = if big == 1_000_000 {
+        "1M".to_string()
+    } else {
+        big.to_string()
+    };
+    struct Row {
+        pool: &'static str,
+        range: &'static str,
+        family: Family,
+        levels: Vec<(String, u64, bool)>,
+    }
+    let rows = [
+        Row {
+            pool: "/24 IPv4",
+            range: "10.0.0.0/24",
+            family: Family::V4,
+            levels: vec![("empty".into(), 0, false), ("half".into(), 127, false)],
+        },
+        Row {
+            pool: "/16 IPv4",
+            range: "10.0.0.0/16",
+            family: Family::V4,
+            levels: vec![("empty".into(), 0, false), ("half".into(), 32_767, false)],
+        },
+        Row {
+            pool: "/8 IPv4",
+            range: "10.0.0.0/8",
+            family: Family::V4,
+            levels: vec![
+                ("empty".into(), 0, false),
+                (big_label.clone(), big, false),
+                (format!("{big_label}, every 2nd released"), big, true),
+            ],
+        },
+        Row {
+            pool: "/64 IPv6",
+            range: "fd00::/64",
+            family: Family::V6,
+            levels: vec![
+                ("empty".into(), 0, false),
+                (big_label.clone(), big, false),
+                (format!("{big_label}, every 2nd released"), big, true),
+            ],
+        },
+    ];
+    let mut rng = Rng(42);
+    for r in &rows {
+        for (label, n, fragment) in &r.levels {
+            let mut b = Bench::new(r.range, r.family, None)?;
+            let rss0 = proc_status_kib("self", "VmRSS").unwrap_or(0);
+            let took = b.fill(*n)?;
+            let mut build = if *n > 0 {
+                format!(
+                    "{n} allocs in {:.2} s ({:.0} ns/alloc)",
+                    took.as_secs_f64(),
+                    took.as_nanos() as f64 / *n as f64
+                )
+            } else {
+                "-".into()
+            };
+            if *n >= 100_000 && !fragment {
+                let rss1 = proc_status_kib("self", "VmRSS").unwrap_or(0);
+                build.push_str(&format!(
+                    "; +{} MiB RSS ({:.0} B/alloc)",
+                    mib(rss1.saturating_sub(rss0)),
+                    (rss1.saturating_sub(rss0) * 1024) as f64 / *n as f64
+                ));
+            }
+            if *fragment {
+                // Release the holders of every second address: the free set becomes n/2 holes.
+                let t = Instant::now();
+                let ids: Vec<u64> = b.held.iter().copied().filter(|i| i % 2 == 1).collect();
+                for id in ids {
+                    b.st.release("bench", &owner(id), NOW_MS)?;
+                }
+                b.held.retain(|i| i % 2 == 0);
+                build.push_str(&format!(
+                    "; {} released in {:.2} s",
+                    n / 2,
+                    t.elapsed().as_secs_f64()
+                ));
+            }
+            let (a, rel) = b.churn(sz.samples, &mut rng, NOW_MS)?;
+            let held = b.held.len();
+            println!(
+                "| {} | {label} ({held}) | {} | {} | {} | {:.0} | {} | {} | {} | {build} |",
+                r.pool,
+                b.free_ranges(),
+                a.pct(50.0),
+                a.pct(99.0),
+                a.mean(),
+                a.max(),
+                rel.pct(50.0),
+                rel.pct(99.0),
+            );
+        }
+    }
+    println!();
+
+    // Reuse grace: released addresses wait in quarantine; allocation must not scan it.
+    println!(
+        "With reuse grace (30 s): /8 IPv4 holding {big_label} with {} addresses in their grace period; \
+         churn as above (each release adds one more quarantined entry).",
+        sz.quarantined
+    );
+    println!();
+    println!(
+        "| pool | fill (held) | quarantined at end | alloc p50 | alloc p99 | alloc mean | release p50 | release p99 |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for q in [0, sz.quarantined] {
+        let mut b = Bench::new("10.0.0.0/8", Family::V4, Some(30))?;
+        b.fill(big)?;
+        for _ in 0..q {
+            let j = rng.below(b.held.len());
+            b.release_at(j, NOW_MS)?;
+        }
+        let samples = (sz.samples / 10).max(100);
+        let (a, rel) = b.churn(samples, &mut rng, NOW_MS)?;
+        println!(
+            "| /8 IPv4 | {big_label} ({}) | {} | {} | {} | {:.0} | {} | {} |",
+            b.held.len(),
+            q as usize + samples,
+            a.pct(50.0),
+            a.pct(99.0),
+            a.mean(),
+            rel.pct(50.0),
+            rel.pct(99.0),
+        );
+    }
+    println!();
+    Ok(())
+}
+
+// ============================================================================================
+// Server child process
+// ============================================================================================
+
+struct Server {
+    child: Option<Child>,
+    pid: String,
+    grpc: String,
+    metrics: String,
+    log: PathBuf,
+    /// Spawn to addr file.
+    ready: Duration,
+}
+
+impl Server {
+    fn start(args: &Args, data_dir: &Path, log: &Path) -> anyhow::Result<Self> {
+        let addr_file = data_dir.with_extension("addr");
+        let _ = fs::remove_file(&addr_file);
+        let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut cmd = Command::new(&args.server_bin);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .args(["--default-reuse-grace", "0s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf);
+        if let Some(c) = args.cache_mib {
+            cmd.args(["--cache-mib", &c.to_string()]);
+        }
+        let t = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", args.server_bin.display()))?;
+        let text = loop {
+            if let Ok(s) = fs::read_to_string(&addr_file) {
+                break s;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("server exited with {st} before serving; see {}", log.display());
+            }
+            if t.elapsed() > Duration::from_secs(300) {
+                let _ = child.kill();
+                bail!("server not serving after 300 s; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        };
+        let ready = t.elapsed();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).map(str::to_string))
+                .unwrap_or_default()
+        };
+        Ok(Server {
+            pid: child.id().to_string(),
+            child: Some(child),
+            grpc: get("grpc="),
+            metrics: get("metrics="),
+            log: log.to_path_buf(),
+            ready,
+        })
+    }
+
+    fn rss_kib(&self) -> u64 {
+        proc_status_kib(&self.pid, "VmRSS").unwrap_or(0)
+    }
+
+    fn hwm_kib(&self) -> u64 {
+        proc_status_kib(&self.pid, "VmHWM").unwrap_or(0)
+    }
+
+    async fn clients(&self, n: usize) -> anyhow::Result<Vec<IpamServiceClient<Channel>>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ch = Channel::from_shared(format!("http://{}", self.grpc))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            v.push(IpamServiceClient::new(ch));
+        }
+        Ok(v)
+    }
+
+    /// The Prometheus text of /metrics.
+    async fn scrape(&self) -> anyhow::Result<Metrics> {
+        let mut s = tokio::net::TcpStream::connect(&self.metrics).await?;
+        s.write_all(
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.metrics
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok(Metrics::parse(&body))
+    }
+
+    /// SIGTERM, then wait (graceful: the server syncs and exits).
+    fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").args(["-TERM", &self.pid]).status()?;
+            let t = Instant::now();
+            while c.try_wait()?.is_none() {
+                if t.elapsed() > Duration::from_secs(60) {
+                    c.kill()?;
+                    c.wait()?;
+                    bail!("server {} ignored SIGTERM for 60 s; killed", self.pid);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL (no shutdown path at all).
+    fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `load_ms` of the last "ledger loaded" line in the log.
+    fn load_ms(&self) -> Option<u64> {
+        let s = fs::read_to_string(&self.log).ok()?;
+        let l = s.lines().rev().find(|l| l.contains("ledger loaded"))?;
+        let v = l.split("load_ms=").nth(1)?;
+        v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The figures we read from /metrics (cumulative).
+#[derive(Clone, Copy, Debug, Default)]
+struct Metrics {
+    batch_sum: f64,
+    batch_count: f64,
+    commit_sum: f64,
+    commit_count: f64,
+    /// Cumulative buckets of commit_batch_requests (le, count).
+    batch_buckets: [(f64, f64); 13],
+}
+
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let mut m = Metrics::default();
+        let mut nb = 0;
+        for l in text.lines() {
+            let mut f = l.split_whitespace();
+            let (Some(k), Some(v)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let v: f64 = v.parse().unwrap_or(0.0);
+            match k {
+                "cairn_ipam_commit_batch_requests_sum" => m.batch_sum = v,
+                "cairn_ipam_commit_batch_requests_count" => m.batch_count = v,
+                "cairn_ipam_commit_duration_seconds_sum" => m.commit_sum = v,
+                "cairn_ipam_commit_duration_seconds_count" => m.commit_count = v,
+                _ if k.starts_with("cairn_ipam_commit_batch_requests_bucket{le=\"")
+                    && nb < m.batch_buckets.len() =>
+                {
+                    let le = k
+                        .trim_start_matches("cairn_ipam_commit_batch_requests_bucket{le=\"")
+                        .trim_end_matches("\"}");
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap_or(0.0)
+                    };
+                    m.batch_buckets[nb] = (le, v);
+                    nb += 1;
+                }
+                _ => {}
+            }
+        }
+        m
+    }
+
+    /// Mean batch size, mean commit time (ms) and the median batch's bucket bound since `before`.
+    fn since(&self, before: &Metrics) -> (f64, f64, String) {
+        let batches = self.batch_count - before.batch_count;
+        let mean_batch = if batches > 0.0 {
+            (self.batch_sum - before.batch_sum) / batches
+        } else {
+            0.0
+        };
+        let commits = self.commit_count - before.commit_count;
+        let mean_commit = if commits > 0.0 {
+            (self.commit_sum - before.commit_sum) * 1e3 / commits
+        } else {
+            0.0
+        };
+        let half = batches / 2.0;
+        let p50 = self
+            .batch_buckets
+            .iter()
+            .zip(before.batch_buckets.iter())
+            .find(|((_, c), (_, b))| c - b >= half && half > 0.0)
+            .map(|((le, _), _)| {
+                if le.is_infinite() {
+                    ">2048".to_string()
+                } else {
+                    format!("≤{le}")
+                }
+            })
+            .unwrap_or_else(|| "-".into());
+        (mean_batch, mean_commit, p50)
+    }
+}
+
+fn pb_network(range: &str) -> pb::Network {
+    pb::Network {
+        name: "bench".into(),
+        pools: vec![pb::Pool {
+            name: "vip".into(),
+            purpose: pb::PoolPurpose::Vip as i32,
+            ranges: vec![range.into()],
+            exclusions: vec![],
+            auto_assign: Some(true),
+        }],
+        reuse_grace_seconds: Some(0),
+        ..Default::default()
+    }
+}
+
+async fn upsert(c: &mut IpamServiceClient<Channel>) -> anyhow::Result<()> {
+    c.upsert_network(pb::UpsertNetworkRequest {
+        network: Some(pb_network("10.0.0.0/8")),
+        expected_version: None,
+        dry_run: false,
+    })
+    .await?;
+    Ok(())
+}
+
+fn pb_alloc(i: u64) -> pb::AllocateRequest {
+    pb::AllocateRequest {
+        network: "bench".into(),
+        owner: Some(pb::Owner {
+            cluster_id: "bench".into(),
+            kind: pb::OwnerKind::Service as i32,
+            namespace: "ns".into(),
+            name: format!("svc-{i}"),
+            uid: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Result of one closed-loop run.
+struct Load {
+    done: u64,
+    errors: u64,
+    elapsed: Duration,
+    lat: Samples,
+}
+
+/// `inflight` workers over `clients` issue Allocates for fresh owners (ids from `next`) until
+/// `count` are done or `dur` has passed; samples after `warmup` are kept.
+async fn load(
+    clients: &[IpamServiceClient<Channel>],
+    inflight: usize,
+    next: Arc<AtomicU64>,
+    count: Option<u64>,
+    warmup: Duration,
+    dur: Duration,
+) -> Load {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let stop_at = measure_from + dur;
+    let limit = count.map(|c| next.load(Ordering::Relaxed) + c);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(inflight);
+    for w in 0..inflight {
+        let mut c = clients[w % clients.len()].clone();
+        let next = next.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 14);
+            loop {
+                let now = Instant::now();
+                if count.is_none() && now >= stop_at {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if limit.is_some_and(|l| i >= l) {
+                    break;
+                }
+                let t = Instant::now();
+                let r = c.allocate(pb_alloc(i)).await;
+                let end = Instant::now();
+                match r {
+                    Ok(_) if count.is_some() || t >= measure_from => lat.push((end - t).as_nanos() as u64),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("Allocate failed: {e}");
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(v) = t.await {
+            all.extend(v);
+        }
+    }
+    let elapsed = if count.is_some() {
+        start.elapsed()
+    } else {
+        Instant::now() - measure_from
+    };
+    Load {
+        done: all.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+        lat: Samples::new(all),
+    }
+}
+
+/// write + fsync of a small append, in `dir`.
+fn fsync_probe(dir: &Path, n: usize, data_only: bool) -> anyhow::Result<Samples> {
+    let p = dir.join(if data_only {
+        "fdatasync-probe"
+    } else {
+        "fsync-probe"
+    });
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(&p)?;
+    let buf = [0x5au8; 128];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&buf)?;
+        if data_only {
+            f.sync_data()?;
+        } else {
+            f.sync_all()?;
+        }
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(f);
+    let _ = fs::remove_file(&p);
+    Ok(Samples::new(v))
+}
+
+async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    println!("## 2. gRPC Allocate with durable ack (loopback, real `cairn-ipam serve` child)");
+    println!();
+    let data = work.join("grpc-data");
+    fs::create_dir_all(&data)?;
+    let fs_all = fsync_probe(work, sz.fsyncs, false)?;
+    let fs_data = fsync_probe(work, sz.fsyncs, true)?;
+    println!(
+        "Disk, same directory, {} samples of a 128-byte append: write+fsync p50 {} ms, p99 {} ms, mean {:.2} ms; \
+         write+fdatasync p50 {} ms, p99 {} ms.",
+        sz.fsyncs,
+        ms(fs_all.pct(50.0)),
+        ms(fs_all.pct(99.0)),
+        fs_all.mean() / 1e6,
+        ms(fs_data.pct(50.0)),
+        ms(fs_data.pct(99.0)),
+    );
+    println!();
+    let mut srv = Server::start(args, &data, &work.join("grpc-server.log"))?;
+    let tck = clk_tck();
+    let me = std::process::id().to_string();
+    let clients = srv.clients(4).await?;
+    upsert(&mut clients[0].clone()).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let dur = Duration::from_secs_f64(args.secs);
+    let warm = Duration::from_secs_f64((args.secs / 10.0).min(1.0));
+    println!(
+        "Closed loop: N workers each send Allocate for a fresh owner (a /8 pool, grace 0) and wait for the reply; \
+         {:.0} s measured per row after {:.1} s warm-up; connections = min(N, 4). \
+         Bound = in-flight / fsync p50 (each fsync acknowledging every request in flight).",
+        dur.as_secs_f64(),
+        warm.as_secs_f64()
+    );
+    println!();
+    println!(
+        "| in flight | conns | allocs/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | batch mean | batch p50 | commit mean ms | bound allocs/s | server CPU | client CPU |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for inflight in [1usize, 16, 64] {
+        let conns = inflight.min(4);
+        let m0 = srv.scrape().await?;
+        let (s0, c0) = (cpu_secs(&srv.pid, tck), cpu_secs(&me, tck));
+        let t0 = Instant::now();
+        let r = load(&clients[..conns], inflight, next.clone(), None, warm, dur).await;
+        let wall = t0.elapsed().as_secs_f64();
+        let (s1, c1) = (cpu_secs(&srv.pid, tck), cpu_secs(&me, tck));
+        let m1 = srv.scrape().await?;
+        let (batch, commit, batch_p50) = m1.since(&m0);
+        let bound = inflight as f64 / (fs_all.pct(50.0) as f64 / 1e9);
+        println!(
+            "| {inflight} | {conns} | {:.0} | {} | {} | {} | {} | {} | {batch:.1} | {batch_p50} | {commit:.2} | {bound:.0} | {:.0}% | {:.0}% |",
+            r.done as f64 / r.elapsed.as_secs_f64(),
+            ms(r.lat.pct(50.0)),
+            ms(r.lat.pct(99.0)),
+            ms(r.lat.pct(99.9)),
+            ms(r.lat.max()),
+            r.errors,
+            (s1 - s0) / wall * 100.0,
+            (c1 - c0) / wall * 100.0,
+        );
+    }
+    println!();
+    println!(
+        "(CPU: 100% = one core, over the whole row including warm-up; the client shares the machine's cores with the server. \
+         Batch = requests acknowledged by one commit, from `cairn_ipam_commit_batch_requests`; \
+         commit = apply + fsync of one batch, from `cairn_ipam_commit_duration_seconds`.)"
+    );
+    println!();
+    println!(
+        "Server after the runs: {} allocations, VmRSS {} MiB, data dir {} MiB.",
+        next.load(Ordering::Relaxed),
+        mib(srv.rss_kib()),
+        mib(du_bytes(&data) / 1024)
+    );
+    println!();
+    srv.stop()?;
+    Ok(())
+}
+
+// ============================================================================================
+// Section 3: RSS
+// ============================================================================================
+
+async fn bench_rss(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    println!("## 3. Server memory (VmRSS from /proc/PID/status)");
+    println!();
+    let data = work.join("rss-data");
+    fs::create_dir_all(&data)?;
+    let log = work.join("rss-server.log");
+    let mut srv = Server::start(args, &data, &log)?;
+    let clients = srv.clients(4).await?;
+    upsert(&mut clients[0].clone()).await?;
+    let empty = srv.rss_kib();
+    let next = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let r = load(
+        &clients,
+        64,
+        next,
+        Some(sz.rss_allocs),
+        Duration::ZERO,
+        Duration::ZERO,
+    )
+    .await;
+    let took = t.elapsed();
+    if r.errors > 0 {
+        bail!("{} Allocate errors while filling", r.errors);
+    }
+    // Let sled's background flusher settle.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let full = srv.rss_kib();
+    let hwm = srv.hwm_kib();
+    srv.stop()?;
+    let disk = du_bytes(&data);
+    let srv2 = Server::start(args, &data, &log)?;
+    // One read so the ledger is exercised after load.
+    let mut c = srv2.clients(1).await?;
+    c[0].get_usage(pb::GetUsageRequest {
+        network: String::new(),
+    })
+    .await?;
+    let reloaded = srv2.rss_kib();
+    let reloaded_hwm = srv2.hwm_kib();
+    drop(srv2);
+    let n = sz.rss_allocs;
+    println!("| state | allocations | VmRSS MiB | VmHWM MiB | per allocation over empty |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| fresh server, one network | 0 | {} | - | - |", mib(empty));
+    println!(
+        "| after {n} Allocates via gRPC (64 in flight, {:.1} s) | {n} | {} | {} | {:.0} B |",
+        took.as_secs_f64(),
+        mib(full),
+        mib(hwm),
+        (full.saturating_sub(empty) * 1024) as f64 / n as f64
+    );
+    println!(
+        "| restarted on the same data dir | {n} | {} | {} | {:.0} B |",
+        mib(reloaded),
+        mib(reloaded_hwm),
+        (reloaded.saturating_sub(empty) * 1024) as f64 / n as f64
+    );
+    println!();
+    println!("Data dir on disk: {} MiB for {n} allocations.", mib(disk / 1024));
+    println!();
+    Ok(())
+}
+
+// ============================================================================================
+// Section 4: restart
+// ============================================================================================
+
+/// Writes `n` allocations to a fresh data dir with the library: `State` computes the records
+/// and `SledEngine::commit` stores them in batches, exactly as the server's committer would.
+fn build_store(dir: &Path, n: u64) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let engine = SledEngine::open(dir, 32 << 20)?;
+    let mut st = State::new(0);
+    let (_, mut ops, _) = st.upsert_network(network_def("10.0.0.0/8", Some(0)), None, false, NOW_MS)?;
+    st.seq = 1;
+    for i in 0..n {
+        let seq = st.seq + 1;
+        let (_, o, _) = st.allocate(alloc_req(i, Family::V4), seq, NOW_MS)?;
+        st.seq = seq;
+        ops.extend(o);
+        if ops.len() >= 10_000 {
+            engine.commit(&ops, st.seq)?;
+            ops.clear();
+        }
+    }
+    engine.commit(&ops, st.seq)?;
+    drop(engine);
+    Ok(t.elapsed())
+}
+
+async fn bench_restart(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    let n = sz.restart_allocs;
+    let label = if n == 1_000_000 {
+        "1M".to_string()
+    } else {
+        n.to_string()
+    };
+    println!("## 4. Restart with {label} allocations");
+    println!();
+    let data = work.join("restart-data");
+    fs::create_dir_all(&data)?;
+    let built = build_store(&data, n)?;
+    println!(
+        "Data dir built in process (library: `State::allocate` records committed with `SledEngine::commit` in batches of 10,000 ops) \
+         in {:.1} s; {} MiB on disk. Ready = spawn of `cairn-ipam serve` until its --addr-file exists (serving); \
+         load = the server's own `ledger loaded load_ms`.",
+        built.as_secs_f64(),
+        mib(du_bytes(&data) / 1024)
+    );
+    println!();
+    println!("| start | previous stop | ready s | load s | VmRSS MiB after | VmHWM MiB |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    let log = work.join("restart-server.log");
+    let mut prev = "(built by library)".to_string();
+    for i in 0..sz.restarts {
+        let mut srv = Server::start(args, &data, &log)?;
+        println!(
+            "| {} | {prev} | {:.2} | {} | {} | {} |",
+            i + 1,
+            srv.ready.as_secs_f64(),
+            srv.load_ms()
+                .map_or("?".into(), |v| format!("{:.2}", v as f64 / 1e3)),
+            mib(srv.rss_kib()),
+            mib(srv.hwm_kib()),
+        );
+        srv.stop()?;
+        prev = "SIGTERM".into();
+    }
+    // A crash: write through gRPC, then SIGKILL, then start again.
+    {
+        let mut srv = Server::start(args, &data, &log)?;
+        let clients = srv.clients(4).await?;
+        let next = Arc::new(AtomicU64::new(n));
+        load(&clients, 64, next, Some(1_000), Duration::ZERO, Duration::ZERO).await;
+        drop(clients);
+        srv.kill9()?;
+    }
+    let mut srv = Server::start(args, &data, &log)?;
+    println!(
+        "| {} | SIGKILL after 1,000 more Allocates | {:.2} | {} | {} | {} |",
+        sz.restarts + 1,
+        srv.ready.as_secs_f64(),
+        srv.load_ms()
+            .map_or("?".into(), |v| format!("{:.2}", v as f64 / 1e3)),
+        mib(srv.rss_kib()),
+        mib(srv.hwm_kib()),
+    );
+    srv.stop()?;
+    println!();
+    Ok(())
+}
+
+// ============================================================================================
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse()?;
+    let sz = Sizes::of(args.quick);
+    let work = match &args.dir {
+        Some(d) => {
+            fs::create_dir_all(d)?;
+            tempfile::Builder::new().prefix("cairn-bench-").tempdir_in(d)?
+        }
+        None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
+    };
+    let work_path = work.path().to_path_buf();
+    // Removed on exit unless --keep.
+    let _cleanup = if args.keep {
+        eprintln!("keeping {}", work.keep().display());
+        None
+    } else {
+        Some(work)
+    };
+    print_env(&work_path, &args);
+    let started = Instant::now();
+    if args.want("alloc") {
+        bench_alloc(&sz)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()?;
+    if args.want("grpc") {
+        rt.block_on(bench_grpc(&args, &sz, &work_path))?;
+    }
+    if args.want("rss") {
+        rt.block_on(bench_rss(&args, &sz, &work_path))?;
+    }
+    if args.want("restart") {
+        rt.block_on(bench_restart(&args, &sz, &work_path))?;
+    }
+    println!("(total {:.0} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
