@@ -1,7 +1,89 @@
-//! `cairn-ccm`: the per-cluster controller. Not yet built; see the controller issue.
+//! `cairn-ccm`: runs the controller; `cairn-ccm crd` prints the ClusterNetwork CRD.
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("cairn-ccm: the controller is not built yet");
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use cairn_ccm::run::{RunArgs, run};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cairn-ccm",
+    version,
+    about = "Cairn cloud-controller-manager: VIPs and node IPs from the Cairn IPAM store"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the ClusterNetwork CRD (YAML).
+    Crd,
+}
+
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Some(Cmd::Crd) => match cairn_ccm::crd::crd_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
+        None => {
+            init_logs(cli.log_format);
+            run(cli.run, shutdown_signal()).await
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,181 @@
+//! `ClusterNetwork` (`cairn.dev/v1alpha1`, cluster-scoped): a shared network as this cluster
+//! uses it. The CRD in `manifests/crds/` is generated from these types (`cairn-ccm crd`), and
+//! a test fails when the file is stale.
+//!
+//! The schema rejects malformed objects at the apiserver (formats, sizes, CEL rules), so the
+//! reconciler only meets objects that can be sent to the store; the store still validates
+//! everything and its field-named errors land in the `Ready` condition.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What a pool's addresses are for.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum PoolPurpose {
+    /// API-server VIP and LoadBalancer Service VIPs.
+    #[serde(rename = "VIP")]
+    Vip,
+    /// Node addresses.
+    #[serde(rename = "NODE")]
+    Node,
+}
+
+/// A pool of the network.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSpec {
+    /// Unique within the network: lowercase letters, digits and '-'.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// VIP or NODE.
+    pub purpose: PoolPurpose,
+    /// CIDRs (`10.20.1.0/24`, `fd00::/64`) or inclusive ranges (`10.20.1.10-10.20.1.99`).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 100)))]
+    pub ranges: Vec<String>,
+    /// Addresses or ranges never handed out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 100)))]
+    pub exclusions: Vec<String>,
+    /// Used without being named by `cairn.dev/pool`. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_assign: Option<bool>,
+}
+
+/// The cluster's API-server VIP. Present: allocate it (idempotent: the same VIP the cloud
+/// service allocated for this cluster is found, not a second one). Absent: only look it up.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiServerVipSpec {
+    /// Allocate (or look up) the VIP. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// A specific address (e.g. the one the cloud service already allocated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 45))]
+    pub address: Option<String>,
+    /// Pool to draw from (default: the first auto-assign VIP pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// Spec of a `ClusterNetwork`.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "ClusterNetwork",
+    plural = "clusternetworks",
+    shortname = "cnet",
+    doc = "A shared network as this cluster uses it: the store's network definition and pools, and this cluster's API-server VIP.",
+    status = "ClusterNetworkStatus",
+    printcolumn = r#"{"name":"Network","type":"string","jsonPath":".spec.network"}"#,
+    printcolumn = r#"{"name":"VIPs","type":"string","jsonPath":".status.vipUsage","description":"VIPs used/total"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodeUsage","description":"node IPs used/total"}"#,
+    printcolumn = r#"{"name":"API VIP","type":"string","jsonPath":".status.apiServerVIP"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.apiServerVIP) || (has(self.apiServerVIP.enabled) && !self.apiServerVIP.enabled) || self.pools.exists(p, p.purpose == 'VIP')",
+    "message": "apiServerVIP needs a VIP pool"
+}]))]
+pub struct ClusterNetworkSpec {
+    /// The network's name in the store, shared by every cluster on it.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "network is immutable"}]))]
+    pub network: String,
+    /// Subnets, at most one per family.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2), inner(length(min = 2, max = 50)))]
+    pub prefixes: Vec<String>,
+    /// Default gateways, at most one per family.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2), inner(length(min = 2, max = 45)))]
+    pub gateways: Vec<String>,
+    /// DNS servers for nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 6), inner(length(min = 2, max = 45)))]
+    pub dns_servers: Vec<String>,
+    /// 802.1Q VLAN id; 0 = untagged.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4094))]
+    pub vlan: u32,
+    /// Pools. Names must be unique.
+    #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(p, self.exists_one(q, q.name == p.name))", "message": "pool names must be unique"}]))]
+    pub pools: Vec<PoolSpec>,
+    /// Seconds a released address waits before another owner may take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub reuse_grace_seconds: Option<u32>,
+    /// The cluster's API-server VIP.
+    #[serde(default, rename = "apiServerVIP", skip_serializing_if = "Option::is_none")]
+    pub api_server_vip: Option<ApiServerVipSpec>,
+}
+
+/// Usage of one pool and family.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolUsage {
+    /// Pool.
+    pub pool: String,
+    /// VIP or NODE.
+    pub purpose: String,
+    /// IPv4 or IPv6.
+    pub family: String,
+    /// Addresses (decimal string: IPv6 pools exceed 64 bits).
+    pub total: String,
+    /// Held by any cluster.
+    pub used: String,
+    /// Free now.
+    pub free: String,
+    /// In their reuse grace period.
+    pub quarantined: String,
+    /// Held but outside the pool's current ranges.
+    pub out_of_range: String,
+}
+
+/// Status of a `ClusterNetwork`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetworkStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Conflict`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Usage per pool and family (all clusters on the network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<PoolUsage>,
+    /// VIPs used/total over VIP pools, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_usage: Option<String>,
+    /// Node IPs used/total over NODE pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_usage: Option<String>,
+    /// This cluster's API-server VIP.
+    #[serde(default, rename = "apiServerVIP", skip_serializing_if = "Option::is_none")]
+    pub api_server_vip: Option<String>,
+    /// The store's version of the network definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_version: Option<u64>,
+}
+
+/// The CRD as YAML, as written to `manifests/crds/clusternetworks.cairn.dev.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    use kube::CustomResourceExt as _;
+    let yaml = serde_yaml_ng::to_string(&ClusterNetwork::crd())?;
+    Ok(format!(
+        "# Generated by `cairn-ccm crd` from controller/src/crd.rs; do not edit.\n{yaml}"
+    ))
+}

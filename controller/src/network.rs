@@ -1,0 +1,295 @@
+//! ClusterNetwork reconciler: pushes the definition to the store (`UpsertNetwork`, managed by
+//! `cluster/<id>`), finds or allocates the cluster's API-server VIP, and writes status:
+//! conditions `Ready`/`Conflict`/`Degraded`, usage per pool and family, the API-server VIP and
+//! `observedGeneration`.
+//!
+//! A definition the store refuses (another cluster manages a different one, or it overlaps
+//! another network) sets `Conflict` and changes nothing in the store. Deleting a ClusterNetwork
+//! leaves the store's network alone: other clusters may share it.
+
+use std::{sync::Arc, time::Duration};
+
+use cairn_proto::v1 as pb;
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, events::EventType},
+};
+use serde_json::json;
+use tonic::Code;
+
+use crate::{
+    API_SERVER_OWNER, Error, Result,
+    context::Context,
+    crd::{ClusterNetwork, ClusterNetworkStatus, PoolPurpose, PoolUsage},
+    ipam::owner,
+};
+
+/// Status refresh period (usage changes as any cluster allocates).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// The store definition of a ClusterNetwork.
+pub fn to_store(cn: &ClusterNetwork, cluster_id: &str) -> pb::Network {
+    let s = &cn.spec;
+    pb::Network {
+        name: s.network.clone(),
+        prefixes: s.prefixes.clone(),
+        gateways: s.gateways.clone(),
+        dns_servers: s.dns_servers.clone(),
+        vlan: s.vlan,
+        pools: s
+            .pools
+            .iter()
+            .map(|p| pb::Pool {
+                name: p.name.clone(),
+                purpose: match p.purpose {
+                    PoolPurpose::Vip => pb::PoolPurpose::Vip,
+                    PoolPurpose::Node => pb::PoolPurpose::Node,
+                } as i32,
+                ranges: p.ranges.clone(),
+                exclusions: p.exclusions.clone(),
+                auto_assign: p.auto_assign,
+            })
+            .collect(),
+        reuse_grace_seconds: s.reuse_grace_seconds,
+        managed_by: format!("cluster/{cluster_id}"),
+        ..Default::default()
+    }
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    old: &[Condition],
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    // The transition time moves only when the status does.
+    let last = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(Timestamp::now()));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.chars().take(32 * 1024).collect(),
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+fn summary(usage: &[PoolUsage], purpose: &str) -> Option<String> {
+    let rows: Vec<_> = usage.iter().filter(|u| u.purpose == purpose).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let sum = |f: fn(&PoolUsage) -> &str| {
+        rows.iter()
+            .map(|u| f(u).parse::<u128>().unwrap_or(0))
+            .sum::<u128>()
+    };
+    Some(format!("{}/{}", sum(|u| &u.used), sum(|u| &u.total)))
+}
+
+fn usage_rows(u: Vec<pb::PoolUsage>) -> Vec<PoolUsage> {
+    u.into_iter()
+        .map(|u| PoolUsage {
+            purpose: pb::PoolPurpose::try_from(u.purpose)
+                .map_or("UNSPECIFIED", |p| {
+                    p.as_str_name().trim_start_matches("POOL_PURPOSE_")
+                })
+                .into(),
+            family: match pb::IpFamily::try_from(u.family) {
+                Ok(pb::IpFamily::Ipv6) => "IPv6".into(),
+                _ => "IPv4".into(),
+            },
+            pool: u.pool,
+            total: u.total,
+            used: u.used,
+            free: u.free,
+            quarantined: u.quarantined,
+            out_of_range: u.out_of_range,
+        })
+        .collect()
+}
+
+/// The API-server VIP: allocated when the spec asks for it, else looked up.
+async fn api_server_vip(cn: &ClusterNetwork, ctx: &Context) -> Result<Option<String>> {
+    let o = owner(
+        &ctx.cluster_id,
+        pb::OwnerKind::ApiServer,
+        "",
+        API_SERVER_OWNER,
+        "",
+    );
+    let net = &cn.spec.network;
+    let alloc = match &cn.spec.api_server_vip {
+        Some(v) if v.enabled != Some(false) => {
+            let req = pb::AllocateRequest {
+                network: net.clone(),
+                owner: Some(o),
+                pool: v.pool.clone().unwrap_or_default(),
+                requested_addresses: v.address.iter().cloned().collect(),
+                ..Default::default()
+            };
+            ctx.ipam.allocate(req).await?.allocation
+        }
+        _ => ctx.ipam.get_allocation(net, o).await?,
+    };
+    Ok(alloc.and_then(|a| a.addresses.first().cloned()))
+}
+
+/// Reconciles one ClusterNetwork.
+pub async fn reconcile(cn: Arc<ClusterNetwork>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let r = apply(&cn, &ctx).await;
+    ctx.metrics.reconciled(
+        "clusternetwork",
+        r.as_ref().map_or_else(Error::metric_label, |_| "ok"),
+        started.elapsed(),
+    );
+    r
+}
+
+async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
+    let api: Api<ClusterNetwork> = Api::all(ctx.client.clone());
+    let name = cn.name_any();
+    let generation = cn.metadata.generation;
+    let old = cn.status.clone().unwrap_or_default();
+    let mut st = ClusterNetworkStatus {
+        observed_generation: generation,
+        ..old.clone()
+    };
+    let mut conds: Vec<Condition> = Vec::new();
+
+    let upsert = ctx
+        .ipam
+        .upsert_network(pb::UpsertNetworkRequest {
+            network: Some(to_store(cn, &ctx.cluster_id)),
+            ..Default::default()
+        })
+        .await;
+    let mut unavailable = None;
+    match upsert {
+        Ok(r) => {
+            ctx.set_store_ok(true);
+            st.store_version = r.network.map(|n| n.version);
+            conds.push(condition(
+                "Conflict",
+                false,
+                "NoConflict",
+                "the store accepted the definition",
+                generation,
+                &old.conditions,
+            ));
+            let vip = api_server_vip(cn, ctx).await;
+            let usage = ctx.ipam.usage(&cn.spec.network).await;
+            match (vip, usage) {
+                (Ok(vip), Ok(u)) => {
+                    st.api_server_vip = vip;
+                    st.usage = usage_rows(u);
+                    st.vip_usage = summary(&st.usage, "VIP");
+                    st.node_usage = summary(&st.usage, "NODE");
+                    conds.push(condition(
+                        "Ready",
+                        true,
+                        "Synced",
+                        "the network is in the store",
+                        generation,
+                        &old.conditions,
+                    ));
+                }
+                (Err(e), _) | (_, Err(e)) => match e {
+                    Error::StoreUnavailable(m) => unavailable = Some(m),
+                    e => conds.push(condition(
+                        "Ready",
+                        false,
+                        "APIServerVIPFailed",
+                        &e.to_string(),
+                        generation,
+                        &old.conditions,
+                    )),
+                },
+            }
+        }
+        Err(Error::Store { code, message }) => {
+            let (reason, conflict) = match code {
+                Code::FailedPrecondition => ("ManagedElsewhere", true),
+                Code::AlreadyExists => ("Overlap", true),
+                Code::InvalidArgument => ("Invalid", false),
+                _ => ("Refused", false),
+            };
+            conds.push(condition(
+                "Conflict",
+                conflict,
+                if conflict { reason } else { "NoConflict" },
+                &message,
+                generation,
+                &old.conditions,
+            ));
+            conds.push(condition(
+                "Ready",
+                false,
+                reason,
+                &message,
+                generation,
+                &old.conditions,
+            ));
+            ctx.event(cn, EventType::Warning, reason, "UpsertNetwork", message)
+                .await;
+        }
+        Err(Error::StoreUnavailable(m)) => unavailable = Some(m),
+        Err(e) => return Err(e),
+    }
+    if let Some(m) = &unavailable {
+        ctx.set_store_ok(false);
+        // Keep what we knew; say why it may be stale.
+        conds = old
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != "Degraded")
+            .cloned()
+            .collect();
+        conds.push(condition(
+            "Degraded",
+            true,
+            "StoreUnavailable",
+            m,
+            generation,
+            &old.conditions,
+        ));
+    } else {
+        conds.push(condition(
+            "Degraded",
+            false,
+            "StoreAvailable",
+            "the store answers",
+            generation,
+            &old.conditions,
+        ));
+    }
+    st.conditions = conds;
+    if st != old {
+        let patch = json!({ "status": st });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    match unavailable {
+        Some(m) => Err(Error::StoreUnavailable(m)),
+        None => Ok(Action::requeue(RESYNC)),
+    }
+}
+
+/// Retries with backoff; the store being down is logged, never a crash.
+pub fn error_policy(cn: Arc<ClusterNetwork>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(clusternetwork = %cn.name_any(), error = %err, "reconcile failed");
+    Action::requeue(err.backoff(1))
+}

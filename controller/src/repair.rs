@@ -1,0 +1,116 @@
+//! Repair: periodically compares the store's allocations of *this* cluster with the live
+//! objects that own them, and releases an orphan (its Service or Node is gone, no longer a
+//! LoadBalancer of ours, or was recreated under another uid) only after it has been seen
+//! orphaned for a whole grace period — a watch lag or a half-created object is never a leak.
+//! It never lists, let alone releases, another cluster's allocations; API-server VIPs are the
+//! cloud service's and are left alone.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cairn_proto::v1 as pb;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::{ResourceExt, runtime::reflector::Store};
+
+use crate::{Result, context::Context, service::wants_lb};
+
+/// First time each allocation (by key) was seen orphaned.
+#[derive(Default)]
+pub struct Repair {
+    seen: HashMap<String, Instant>,
+}
+
+fn key(a: &pb::Allocation) -> String {
+    let o = a.owner.clone().unwrap_or_default();
+    format!("{}/{}/{}/{}", a.network, o.kind, o.namespace, o.name)
+}
+
+impl Repair {
+    /// One pass. Returns how many allocations it released.
+    pub async fn pass(
+        &mut self,
+        ctx: &Context,
+        services: &Store<Service>,
+        nodes: &Store<Node>,
+        grace: Duration,
+    ) -> Result<usize> {
+        let allocs = ctx.ipam.list_cluster(&ctx.cluster_id).await?;
+        let mut orphans = Vec::new();
+        for a in &allocs {
+            let Some(o) = &a.owner else { continue };
+            if o.cluster_id != ctx.cluster_id {
+                continue; // never another cluster's, whatever the store returned
+            }
+            let live = match pb::OwnerKind::try_from(o.kind) {
+                Ok(pb::OwnerKind::Service) => services
+                    .state()
+                    .iter()
+                    .find(|s| {
+                        s.name_any() == o.name && s.namespace().as_deref() == Some(o.namespace.as_str())
+                    })
+                    .is_some_and(|s| {
+                        (o.uid.is_empty() || s.uid().as_deref() == Some(o.uid.as_str()))
+                            && (wants_lb(s, ctx.lb_class.as_deref())
+                                || s.finalizers().iter().any(|f| f == crate::SERVICE_FINALIZER))
+                    }),
+                Ok(pb::OwnerKind::Node) => nodes
+                    .state()
+                    .iter()
+                    .find(|n| n.name_any() == o.name)
+                    .is_some_and(|n| o.uid.is_empty() || n.uid().as_deref() == Some(o.uid.as_str())),
+                _ => true,
+            };
+            let k = key(a);
+            if live {
+                self.seen.remove(&k);
+                continue;
+            }
+            let first = *self.seen.entry(k.clone()).or_insert_with(Instant::now);
+            if first.elapsed() >= grace {
+                orphans.push((k, a.clone()));
+            }
+        }
+        // Forget entries whose allocation went away by itself.
+        let present: std::collections::HashSet<String> = allocs.iter().map(key).collect();
+        self.seen.retain(|k, _| present.contains(k));
+
+        let mut released = 0;
+        for (k, a) in orphans {
+            let Some(o) = a.owner.clone() else { continue };
+            let r = ctx.ipam.release(&a.network, o).await?;
+            if r.released {
+                released += 1;
+                ctx.metrics.orphans_released.inc();
+                tracing::info!(allocation = %k, addresses = %a.addresses.join(","), "released orphaned allocation");
+            }
+            self.seen.remove(&k);
+        }
+        if released > 0 {
+            ctx.retrigger_pending();
+        }
+        Ok(released)
+    }
+}
+
+/// Runs passes every `interval` until the task is dropped.
+pub async fn run(
+    ctx: Arc<Context>,
+    services: Store<Service>,
+    nodes: Store<Node>,
+    interval: Duration,
+    grace: Duration,
+) {
+    let mut repair = Repair::default();
+    let _ = services.wait_until_ready().await;
+    let _ = nodes.wait_until_ready().await;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = repair.pass(&ctx, &services, &nodes, grace).await {
+            tracing::warn!(error = %e, "repair pass failed");
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Wiring: flags, the Kubernetes client, leader election on a `coordination.k8s.io` Lease,
+//! the four controllers, the store watch that wakes pending Services, and `/metrics`,
+//! `/healthz`, `/readyz`.
+//!
+//! Only the leader reconciles. A replica that loses its lease exits (its Deployment restarts
+//! it as a follower) rather than risk two writers; on SIGTERM the leader releases the lease so
+//! a standby takes over at once.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{Controller, controller::Config as ControllerConfig, reflector::Store, watcher},
+};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::{
+    context::Context, crd::ClusterNetwork, ipam::Ipam, metrics::Metrics, network, node, repair, service,
+};
+
+/// Flags of the controller.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// This cluster's id in the store (required): lowercase letters, digits, '-' and '.'.
+    #[arg(long, env = "CAIRN_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// The store's gRPC endpoint.
+    #[arg(long, env = "CAIRN_IPAM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    pub ipam_endpoint: String,
+    /// Kubeconfig file (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Serve only Services with this loadBalancerClass (default: those with none).
+    #[arg(long)]
+    pub load_balancer_class: Option<String>,
+    /// Reconciles in flight per controller.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Take part in leader election (off: act as the only replica).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Lease name.
+    #[arg(long, default_value = "cairn-ccm")]
+    pub lease_name: String,
+    /// Lease namespace.
+    #[arg(long, env = "CAIRN_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Lease duration in seconds (a standby takes over this long after a leader dies).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_duration: u64,
+    /// This replica's identity in the lease (default: $POD_NAME or hostname + pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds between repair passes.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repair_interval: u64,
+    /// Seconds an allocation must stay orphaned before repair releases it.
+    #[arg(long, default_value_t = 300)]
+    pub orphan_grace: u64,
+}
+
+/// Validates a cluster id the way the store does.
+pub fn check_cluster_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !ok {
+        anyhow::bail!(
+            "--cluster-id: {id:?} must be 1-63 lowercase letters, digits, '-' or '.', starting and ending alphanumeric"
+        );
+    }
+    Ok(())
+}
+
+/// A client from `--kubeconfig`, or the default chain.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = Kubeconfig::read_from(p).with_context(|| format!("--kubeconfig {}", p.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer()
+            .await
+            .context("no Kubernetes config found (in-cluster, KUBECONFIG, ~/.kube/config)")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+#[derive(Clone)]
+struct Http {
+    metrics: Arc<Metrics>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+async fn serve_http(
+    addr: SocketAddr,
+    http: Http,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(h): State<Http>| async move { h.metrics.render() }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Http>| async move {
+                if *h.ready.borrow() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .with_state(http);
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}"))?;
+    axum::serve(l, app).with_graceful_shutdown(stop).await?;
+    Ok(())
+}
+
+/// Wakes pending Services whenever the store frees an address on any network (any cluster).
+async fn store_watch(ctx: Arc<Context>) {
+    use cairn_proto::v1::WatchEventType as T;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ctx.ipam.watch().await {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(200);
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(ev) if ev.r#type == T::Deleted as i32 || ev.r#type == T::Modified as i32 => {
+                            ctx.retrigger_pending()
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "store watch ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "store watch failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Runs the controllers until `shutdown` resolves (or the lease is lost).
+pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let cluster_id = args.cluster_id.clone().context("--cluster-id is required")?;
+    check_cluster_id(&cluster_id)?;
+    if let Some(c) = &args.load_balancer_class
+        && c.is_empty()
+    {
+        anyhow::bail!("--load-balancer-class: must not be empty");
+    }
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let ipam = Ipam::new(&args.ipam_endpoint)?;
+    let metrics = Arc::new(Metrics::new());
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http = tokio::spawn(serve_http(
+        args.metrics_listen,
+        Http {
+            metrics: metrics.clone(),
+            ready: ready_rx,
+        },
+        stopped(stop_rx.clone()),
+    ));
+    let mut shutdown: BoxFuture<'static, ()> = shutdown.boxed();
+
+    // Leader election.
+    let mut lease = None;
+    if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(args.lease_duration)
+            .with_grace((args.lease_duration / 3).max(1))
+            .build()
+            .await
+            .context("leader election lease")?;
+        let (mut rx, task) = manager.watch().await;
+        tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+        let _ = ready_tx.send(true); // a standby is ready: it serves by taking over
+        loop {
+            if *rx.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                r = rx.changed() => r.context("leader election stopped")?,
+                () = &mut shutdown => {
+                    drop(rx);
+                    let _ = task.await;
+                    let _ = stop_tx.send(true);
+                    let _ = http.await;
+                    return Ok(());
+                }
+            }
+        }
+        tracing::info!(%identity, "leading");
+        lease = Some((rx, task));
+    }
+    metrics.leader.set(1);
+
+    // ClusterNetworks, cached for the Service and Node reconcilers.
+    let cn_ctl = Controller::new(
+        Api::<ClusterNetwork>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let cn_reader: Store<ClusterNetwork> = cn_ctl.store();
+    let (retrigger_tx, retrigger_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        ipam,
+        cluster_id.clone(),
+        args.load_balancer_class.clone(),
+        metrics.clone(),
+        cn_reader.clone(),
+        retrigger_tx,
+    ));
+    let cfg = ControllerConfig::default().concurrency(args.concurrency);
+
+    let networks = cn_ctl
+        .with_config(cfg.clone())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(network::reconcile, network::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let svc_ctl = Controller::new(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(cfg.clone())
+    .reconcile_on(UnboundedReceiverStream::new(retrigger_rx));
+    let svc_store: Store<Service> = svc_ctl.store();
+    let cn_ready = cn_reader.clone();
+    let services = svc_ctl
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(
+            move |s, c| {
+                let cn_ready = cn_ready.clone();
+                async move {
+                    // Deciding a Service's network needs the ClusterNetworks loaded.
+                    let _ = cn_ready.wait_until_ready().await;
+                    service::reconcile(s, c).await
+                }
+            },
+            service::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let node_ctl = Controller::new(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(cfg);
+    let node_store: Store<Node> = node_ctl.store();
+    let cn_ready = cn_reader.clone();
+    let nodes = node_ctl
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(
+            move |n, c| {
+                let cn_ready = cn_ready.clone();
+                async move {
+                    let _ = cn_ready.wait_until_ready().await;
+                    node::reconcile(n, c).await
+                }
+            },
+            node::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let repair = tokio::spawn(repair::run(
+        ctx.clone(),
+        svc_store,
+        node_store,
+        Duration::from_secs(args.repair_interval),
+        Duration::from_secs(args.orphan_grace),
+    ));
+    let watch = tokio::spawn(store_watch(ctx.clone()));
+    let store_up = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                ctx.metrics.store_up.set(i64::from(ctx.store_ok()));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let _ = ready_tx.send(true);
+
+    let controllers = async {
+        tokio::join!(networks, services, nodes);
+    };
+    tokio::pin!(controllers);
+    let mut result = Ok(());
+    {
+        let lost = async {
+            match &mut lease {
+                Some((rx, _)) => {
+                    let _ = rx.wait_for(|leading| !*leading).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = &mut shutdown => tracing::info!("shutting down"),
+            () = lost => {
+                tracing::error!("lost the leader lease; exiting so no two replicas write");
+                result = Err(anyhow::anyhow!("lost the leader lease"));
+            }
+            () = &mut controllers => {}
+        }
+    }
+    // Drain in-flight reconciles, then give the lease away.
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(10), &mut controllers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("reconciles still running after 10s; leaving them");
+    }
+    repair.abort();
+    watch.abort();
+    store_up.abort();
+    if let Some((rx, task)) = lease {
+        drop(rx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let _ = http.await;
+    result
+}

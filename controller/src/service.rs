@@ -1,0 +1,573 @@
+//! LoadBalancer Service reconciler.
+//!
+//! A Service is ours when `type: LoadBalancer` and its `loadBalancerClass` is unset (and no
+//! `--load-balancer-class` is configured) or equals the configured class. For ours: finalizer
+//! first, then `Allocate` (one address per family as `ipFamilyPolicy`/`ipFamilies` demand,
+//! honouring `spec.loadBalancerIP` or `cairn.dev/load-balancer-ips`, `cairn.dev/pool` and
+//! `cairn.dev/sharing-key`), then `status.loadBalancer.ingress` and `cairn.dev/allocated-from`.
+//! On delete, type change or class change: `Release`, clear the ingress we wrote, drop the
+//! finalizer. A Service the store cannot serve yet (pool full, address held elsewhere) is
+//! pending: it gets an `AllocationFailed` event and is retried as soon as the store frees an
+//! address anywhere (store watch), or periodically.
+//!
+//! Adoption: a Service that shows ingress IPs but has no allocation yet (first start after
+//! migrating from another LB implementation) asks for exactly those IPs, so it keeps them when
+//! no other owner holds them.
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+
+use cairn_proto::v1 as pb;
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+};
+use serde_json::json;
+use tonic::Code;
+
+use crate::{
+    ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, Result, SERVICE_FINALIZER, context::Context,
+    crd::PoolPurpose, ipam::owner,
+};
+
+/// Periodic resync of allocated Services (cheap: an idempotent Allocate).
+const RESYNC: Duration = Duration::from_secs(600);
+/// Retry period of pending Services, besides the store-watch trigger.
+const PENDING_RETRY: Duration = Duration::from_secs(15);
+
+/// True when the Service is ours to serve.
+pub fn wants_lb(svc: &Service, class: Option<&str>) -> bool {
+    let Some(spec) = &svc.spec else { return false };
+    spec.type_.as_deref() == Some("LoadBalancer") && spec.load_balancer_class.as_deref() == class
+}
+
+fn has_finalizer(svc: &Service) -> bool {
+    svc.finalizers().iter().any(|f| f == SERVICE_FINALIZER)
+}
+
+fn ann<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+}
+
+/// The store request for a Service, or the user error that prevents one.
+pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Result<pb::AllocateRequest> {
+    let spec = svc.spec.as_ref().ok_or(Error::MissingObjectKey("spec"))?;
+    let ns = svc
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let invalid = |field: &str, message: String| Error::Invalid {
+        field: field.into(),
+        message,
+    };
+
+    // Requested addresses: the annotation or spec.loadBalancerIP, never both.
+    let legacy = spec
+        .load_balancer_ip
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let mut requested: Vec<IpAddr> = Vec::new();
+    match (ann(svc, ANN_IPS), legacy) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "spec.loadBalancerIP",
+                format!("set together with annotation {ANN_IPS}; use only the annotation"),
+            ));
+        }
+        (Some(list), None) => {
+            for (i, s) in list.split(',').map(str::trim).enumerate() {
+                let ip: IpAddr = s.parse().map_err(|_| {
+                    invalid(
+                        &format!("annotation {ANN_IPS}[{i}]"),
+                        format!("{s:?} is not an IP address"),
+                    )
+                })?;
+                if requested.iter().any(|r| r.is_ipv4() == ip.is_ipv4()) {
+                    return Err(invalid(
+                        &format!("annotation {ANN_IPS}[{i}]"),
+                        "at most one address per family".into(),
+                    ));
+                }
+                requested.push(ip);
+            }
+        }
+        (None, Some(s)) => requested.push(
+            s.parse()
+                .map_err(|_| invalid("spec.loadBalancerIP", format!("{s:?} is not an IP address")))?,
+        ),
+        (None, None) => {}
+    }
+
+    // Families from ipFamilies / ipFamilyPolicy.
+    let fam = |s: &str| {
+        if s == "IPv6" {
+            pb::IpFamily::Ipv6
+        } else {
+            pb::IpFamily::Ipv4
+        }
+    };
+    let mut families: Vec<pb::IpFamily> = spec.ip_families.iter().flatten().map(|s| fam(s)).collect();
+    if families.is_empty() {
+        families = requested
+            .iter()
+            .map(|ip| {
+                if ip.is_ipv4() {
+                    pb::IpFamily::Ipv4
+                } else {
+                    pb::IpFamily::Ipv6
+                }
+            })
+            .collect();
+    }
+    if families.is_empty() {
+        families.push(pb::IpFamily::Ipv4);
+    }
+    let policy = spec.ip_family_policy.as_deref().unwrap_or("SingleStack");
+    let optional_extra = match policy {
+        "SingleStack" => {
+            families.truncate(1);
+            false
+        }
+        "PreferDualStack" | "RequireDualStack" => {
+            if families.len() == 1 {
+                let other = if families[0] == pb::IpFamily::Ipv4 {
+                    pb::IpFamily::Ipv6
+                } else {
+                    pb::IpFamily::Ipv4
+                };
+                families.push(other);
+            }
+            policy == "PreferDualStack"
+        }
+        other => {
+            return Err(invalid(
+                "spec.ipFamilyPolicy",
+                format!("unknown policy {other:?}"),
+            ));
+        }
+    };
+    // A requested address's family must be served.
+    for ip in &requested {
+        let f = if ip.is_ipv4() {
+            pb::IpFamily::Ipv4
+        } else {
+            pb::IpFamily::Ipv6
+        };
+        if !families.contains(&f) {
+            return Err(invalid(
+                ANN_IPS,
+                format!("{ip} is {f:?}, which the Service's ipFamilies do not include"),
+            ));
+        }
+    }
+
+    // Adoption: no explicit request, but ingress IPs are shown.
+    if requested.is_empty() {
+        requested = ingress_ips(svc)
+            .into_iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        requested.retain(|ip: &IpAddr| {
+            families.contains(&if ip.is_ipv4() {
+                pb::IpFamily::Ipv4
+            } else {
+                pb::IpFamily::Ipv6
+            })
+        });
+        requested.dedup_by_key(|ip| ip.is_ipv4());
+    }
+
+    let ports: Vec<pb::PortSpec> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| pb::PortSpec {
+            protocol: match p.protocol.as_deref() {
+                Some("UDP") => pb::Protocol::Udp,
+                Some("SCTP") => pb::Protocol::Sctp,
+                _ => pb::Protocol::Tcp,
+            } as i32,
+            port: p.port.max(0) as u32,
+        })
+        .collect();
+
+    Ok(pb::AllocateRequest {
+        network: network.to_string(),
+        owner: Some(owner(
+            cluster_id,
+            pb::OwnerKind::Service,
+            &ns,
+            &svc.name_any(),
+            &uid,
+        )),
+        pool: ann(svc, ANN_POOL).unwrap_or_default().to_string(),
+        purpose: pb::PoolPurpose::Vip as i32,
+        families: families.into_iter().map(|f| f as i32).collect(),
+        optional_extra_families: optional_extra,
+        requested_addresses: requested.iter().map(ToString::to_string).collect(),
+        sharing_key: ann(svc, ANN_SHARING).unwrap_or_default().to_string(),
+        ports,
+    })
+}
+
+/// The ingress IPs a Service shows.
+pub fn ingress_ips(svc: &Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|i| i.iter().filter_map(|x| x.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+async fn set_finalizer(api: &Api<Service>, svc: &Service, present: bool) -> Result<()> {
+    let mut fins: Vec<String> = svc.finalizers().to_vec();
+    fins.retain(|f| f != SERVICE_FINALIZER);
+    if present {
+        fins.push(SERVICE_FINALIZER.into());
+    }
+    // The resourceVersion test makes a concurrent finalizer edit a conflict, not a loss.
+    let patch = json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": svc.resource_version() },
+        { "op": "add", "path": "/metadata/finalizers", "value": fins },
+    ]);
+    let patch: json_patch::Patch = serde_json::from_value(patch)?;
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::<()>::Json(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Releases the Service's VIP(s) on every network it could hold them on.
+async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()> {
+    let ns = svc.namespace().unwrap_or_default();
+    let uid = svc.uid().unwrap_or_default();
+    let o = owner(
+        &ctx.cluster_id,
+        pb::OwnerKind::Service,
+        &ns,
+        &svc.name_any(),
+        &uid,
+    );
+    let mut released = Vec::new();
+    for cn in ctx.networks.state() {
+        if !cn.spec.pools.iter().any(|p| p.purpose == PoolPurpose::Vip) {
+            continue;
+        }
+        match ctx.ipam.release(&cn.spec.network, o.clone()).await {
+            Ok(r) => released.extend(r.allocation.map(|a| a.addresses).unwrap_or_default()),
+            Err(Error::Store {
+                code: Code::NotFound, ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    ctx.set_pending(ObjectRef::from_obj(svc), false);
+    if !released.is_empty() {
+        // Only clear what we wrote; another implementation may own the Service now.
+        let keep: Vec<_> = ingress_ips(svc)
+            .into_iter()
+            .filter(|ip| !released.contains(ip))
+            .map(|ip| json!({ "ip": ip }))
+            .collect();
+        if svc.metadata.deletion_timestamp.is_none() {
+            let patch = json!({ "status": { "loadBalancer": { "ingress": keep } } });
+            api.patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        ctx.event(
+            svc,
+            EventType::Normal,
+            "Released",
+            "Release",
+            format!("released {}", released.join(", ")),
+        )
+        .await;
+        ctx.retrigger_pending();
+    }
+    Ok(())
+}
+
+/// Reconciles one Service.
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let r = apply(&svc, &ctx).await;
+    ctx.metrics.reconciled(
+        "service",
+        r.as_ref().map_or_else(Error::metric_label, |_| "ok"),
+        started.elapsed(),
+    );
+    r
+}
+
+async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
+    let ns = svc
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let ours = wants_lb(svc, ctx.lb_class.as_deref());
+
+    if svc.metadata.deletion_timestamp.is_some() || !ours {
+        if has_finalizer(svc) {
+            release(svc, ctx, &api).await?;
+            set_finalizer(&api, svc, false).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer(svc) {
+        // The watch event of this patch brings the Service back with the finalizer on.
+        set_finalizer(&api, svc, true).await?;
+        return Ok(Action::await_change());
+    }
+
+    let me = ObjectRef::from_obj(svc);
+    let cn = match ctx.network_for(svc, PoolPurpose::Vip) {
+        Ok(cn) => cn,
+        Err(e) => {
+            ctx.set_pending(me, true);
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "AllocationFailed",
+                "Allocate",
+                e.to_string(),
+            )
+            .await;
+            return Ok(Action::requeue(PENDING_RETRY));
+        }
+    };
+    let req = match allocate_request(svc, &ctx.cluster_id, &cn.spec.network) {
+        Ok(r) => r,
+        Err(e @ Error::Invalid { .. }) => {
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "AllocationFailed",
+                "Allocate",
+                e.to_string(),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    let adopting = ann(svc, ANN_IPS).is_none()
+        && svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.load_balancer_ip.as_ref())
+            .is_none()
+        && !req.requested_addresses.is_empty();
+
+    let alloc = match ctx.ipam.allocate(req.clone()).await {
+        Ok(r) => r,
+        Err(Error::Store { code, message })
+            if adopting && matches!(code, Code::FailedPrecondition | Code::InvalidArgument) =>
+        {
+            // The shown IP cannot be kept (outside the pool, or held by another owner).
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "AdoptionRefused",
+                "Allocate",
+                format!("cannot keep {}: {message}", req.requested_addresses.join(",")),
+            )
+            .await;
+            let fresh = pb::AllocateRequest {
+                requested_addresses: vec![],
+                ..req
+            };
+            match ctx.ipam.allocate(fresh).await {
+                Ok(r) => r,
+                Err(e) => return pending(svc, ctx, me, e).await,
+            }
+        }
+        Err(Error::StoreUnavailable(m)) => {
+            ctx.set_store_ok(false);
+            return Err(Error::StoreUnavailable(m));
+        }
+        Err(e) => return pending(svc, ctx, me, e).await,
+    };
+    ctx.set_store_ok(true);
+    ctx.set_pending(me, false);
+    let Some(a) = alloc.allocation else {
+        return Err(Error::MissingObjectKey("allocation"));
+    };
+
+    let shown = ingress_ips(svc);
+    if shown != a.addresses {
+        let ingress: Vec<_> = a
+            .addresses
+            .iter()
+            .map(|ip| json!({ "ip": ip, "ipMode": "VIP" }))
+            .collect();
+        let patch = json!({ "status": { "loadBalancer": { "ingress": ingress } } });
+        api.patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        ctx.event(
+            svc,
+            EventType::Normal,
+            "Allocated",
+            "Allocate",
+            format!("{} from {}/{}", a.addresses.join(", "), a.network, a.pool),
+        )
+        .await;
+    }
+    let from = format!("{}/{}", a.network, a.pool);
+    if ann(svc, ANN_ALLOCATED_FROM) != Some(from.as_str()) {
+        let patch = json!({ "metadata": { "annotations": { ANN_ALLOCATED_FROM: from } } });
+        api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Records a Service the store cannot serve now.
+async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error) -> Result<Action> {
+    match e {
+        Error::Store { code, message } => {
+            ctx.set_store_ok(true);
+            ctx.set_pending(me, true);
+            let reason = match code {
+                Code::ResourceExhausted => "pool exhausted",
+                Code::FailedPrecondition => "conflict",
+                Code::InvalidArgument => "invalid request",
+                Code::NotFound => "not found",
+                _ => "refused",
+            };
+            ctx.event(
+                svc,
+                EventType::Warning,
+                "AllocationFailed",
+                "Allocate",
+                format!("{reason}: {message}"),
+            )
+            .await;
+            Ok(Action::requeue(PENDING_RETRY))
+        }
+        Error::StoreUnavailable(m) => {
+            ctx.set_store_ok(false);
+            Err(Error::StoreUnavailable(m))
+        }
+        e => Err(e),
+    }
+}
+
+/// Backs off per object; a store outage never drops a finalizer or crashes the process.
+pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
+    Action::requeue(err.backoff(1))
+}
+
+/// Labels for tests and the agent: which Services are ours, by `namespace/name`.
+pub fn index(svcs: &[Arc<Service>], class: Option<&str>) -> BTreeMap<String, Arc<Service>> {
+    svcs.iter()
+        .filter(|s| wants_lb(s, class))
+        .map(|s| {
+            (
+                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                s.clone(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    fn svc(anns: &[(&str, &str)], policy: Option<&str>, fams: &[&str], lb_ip: Option<&str>) -> Service {
+        let mut s = Service::default();
+        s.metadata.name = Some("web".into());
+        s.metadata.namespace = Some("default".into());
+        s.metadata.uid = Some("u1".into());
+        s.metadata.annotations = Some(anns.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        s.spec = Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ip_family_policy: policy.map(Into::into),
+            ip_families: Some(fams.iter().map(|f| f.to_string()).collect()),
+            load_balancer_ip: lb_ip.map(Into::into),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        s
+    }
+
+    #[test]
+    fn families_follow_policy_and_order() {
+        let r = allocate_request(&svc(&[], None, &["IPv6"], None), "c", "n").unwrap();
+        assert_eq!(r.families, vec![pb::IpFamily::Ipv6 as i32]);
+        let r = allocate_request(&svc(&[], Some("PreferDualStack"), &["IPv6"], None), "c", "n").unwrap();
+        assert_eq!(
+            r.families,
+            vec![pb::IpFamily::Ipv6 as i32, pb::IpFamily::Ipv4 as i32]
+        );
+        assert!(r.optional_extra_families);
+        let r = allocate_request(
+            &svc(&[], Some("RequireDualStack"), &["IPv4", "IPv6"], None),
+            "c",
+            "n",
+        )
+        .unwrap();
+        assert!(!r.optional_extra_families);
+        assert_eq!(r.families.len(), 2);
+    }
+
+    #[test]
+    fn requested_ips_and_their_errors_name_the_field() {
+        let r = allocate_request(&svc(&[(ANN_IPS, "10.0.0.5")], None, &["IPv4"], None), "c", "n").unwrap();
+        assert_eq!(r.requested_addresses, vec!["10.0.0.5"]);
+        let r = allocate_request(&svc(&[], None, &["IPv4"], Some("10.0.0.6")), "c", "n").unwrap();
+        assert_eq!(r.requested_addresses, vec!["10.0.0.6"]);
+        let e = allocate_request(
+            &svc(&[(ANN_IPS, "10.0.0.5")], None, &["IPv4"], Some("10.0.0.6")),
+            "c",
+            "n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("spec.loadBalancerIP"), "{e}");
+        let e = allocate_request(
+            &svc(&[(ANN_IPS, "10.0.0.5,nope")], None, &["IPv4"], None),
+            "c",
+            "n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("load-balancer-ips[1]"), "{e}");
+        let e = allocate_request(
+            &svc(&[(ANN_IPS, "10.0.0.5,10.0.0.6")], None, &["IPv4"], None),
+            "c",
+            "n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("one address per family"), "{e}");
+        let e = allocate_request(&svc(&[(ANN_IPS, "fd00::1")], None, &["IPv4"], None), "c", "n").unwrap_err();
+        assert!(e.to_string().contains("ipFamilies"), "{e}");
+    }
+
+    #[test]
+    fn class_filter() {
+        let mut s = svc(&[], None, &["IPv4"], None);
+        assert!(wants_lb(&s, None));
+        assert!(!wants_lb(&s, Some("cairn")));
+        s.spec.as_mut().unwrap().load_balancer_class = Some("cairn".into());
+        assert!(wants_lb(&s, Some("cairn")));
+        assert!(!wants_lb(&s, None));
+        s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert!(!wants_lb(&s, Some("cairn")));
+    }
+}
