@@ -1,0 +1,228 @@
+//! Smoke test through `grpcurl`, a client that knows nothing of Cairn but what server
+//! reflection tells it: `list`, `describe`, JSON calls, errors and `grpc.health.v1`.
+//!
+//! grpcurl is found at `$CAIRN_BIN_DIR/grpcurl`, `$CAIRN_CACHE/bin/grpcurl` or
+//! `<workspace>/.cache/bin/grpcurl`; `e2e/tools/build.sh grpcurl` builds it there.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use cairn_proto::v1 as pb;
+use common::*;
+use serde_json::{Value, json};
+
+fn grpcurl_bin() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut candidates = Vec::new();
+    if let Ok(d) = std::env::var("CAIRN_BIN_DIR") {
+        candidates.push(PathBuf::from(d).join("grpcurl"));
+    }
+    if let Ok(d) = std::env::var("CAIRN_CACHE") {
+        candidates.push(PathBuf::from(d).join("bin/grpcurl"));
+    }
+    candidates.push(workspace.join(".cache/bin/grpcurl"));
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "grpcurl not found (looked at {candidates:?}); build it with `e2e/tools/build.sh grpcurl` \
+         (or point CAIRN_BIN_DIR at a directory holding it)"
+    );
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn grpcurl(srv: &Server, args: &[&str]) -> Out {
+    let bin = grpcurl_bin();
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("-plaintext").arg("-max-time").arg("30");
+    let (flags, rest): (Vec<&str>, Vec<&str>) = {
+        // Flags (and -d's value) go before the address, the rest after it.
+        let mut flags = Vec::new();
+        let mut rest = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if *a == "-d" {
+                flags.push(*a);
+                flags.push(it.next().unwrap());
+            } else if a.starts_with('-') {
+                flags.push(*a);
+            } else {
+                rest.push(*a);
+            }
+        }
+        (flags, rest)
+    };
+    cmd.args(&flags).arg(srv.host_port()).args(&rest);
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn call(srv: &Server, method: &str, body: Value) -> Value {
+    let body = body.to_string();
+    let o = grpcurl(srv, &["-d", &body, method]).await;
+    assert!(o.ok, "grpcurl {method} failed:\n{}\n{}", o.stdout, o.stderr);
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{method}: {e}: {:?}", o.stdout))
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_and_calls_through_reflection() {
+    let srv = Server::start().await;
+
+    let o = grpcurl(&srv, &["list"]).await;
+    assert!(o.ok, "grpcurl list failed: {}", o.stderr);
+    let services: Vec<&str> = o.stdout.lines().map(str::trim).collect();
+    for s in ["cairn.ipam.v1.IpamService", "grpc.health.v1.Health"] {
+        assert!(
+            services.contains(&s),
+            "{s} missing from `grpcurl list`: {services:?}"
+        );
+    }
+
+    let o = grpcurl(&srv, &["describe", "cairn.ipam.v1.IpamService"]).await;
+    assert!(o.ok, "grpcurl describe failed: {}", o.stderr);
+    assert!(
+        o.stdout.contains("cairn.ipam.v1.IpamService is a service"),
+        "{}",
+        o.stdout
+    );
+    for rpc in [
+        "UpsertNetwork",
+        "GetNetwork",
+        "ListNetworks",
+        "DeleteNetwork",
+        "Allocate",
+        "Release",
+        "GetAllocation",
+        "ListAllocations",
+        "GetUsage",
+        "Export",
+        "Import",
+    ] {
+        assert!(
+            o.stdout
+                .contains(&format!("rpc {rpc} ( .cairn.ipam.v1.{rpc}Request )")),
+            "{rpc} missing from describe:\n{}",
+            o.stdout
+        );
+    }
+    assert!(
+        o.stdout
+            .contains("rpc WatchAllocations ( .cairn.ipam.v1.WatchAllocationsRequest ) returns ( stream"),
+        "WatchAllocations is not a server stream:\n{}",
+        o.stdout
+    );
+    // Messages resolve too (the descriptor set is complete).
+    let o = grpcurl(&srv, &["describe", "cairn.ipam.v1.Owner"]).await;
+    assert!(
+        o.ok && o.stdout.contains("cluster_id"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/UpsertNetwork",
+        json!({"network": {
+            "name": "net-a",
+            "prefixes": ["10.20.0.0/16"],
+            "gateways": ["10.20.0.1"],
+            "pools": [{"name": "vip", "purpose": "POOL_PURPOSE_VIP", "ranges": ["10.20.1.0/24"]}],
+        }}),
+    )
+    .await;
+    assert_eq!(r["created"], json!(true), "{r}");
+    assert_eq!(
+        r["network"]["version"],
+        json!("1"),
+        "uint64 is a JSON string: {r}"
+    );
+
+    let owner =
+        json!({"clusterId": "a", "kind": "OWNER_KIND_SERVICE", "namespace": "default", "name": "web"});
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/Allocate",
+        json!({"network": "net-a", "owner": owner, "requestedAddresses": ["10.20.1.42"],
+               "sharingKey": "web", "ports": [{"protocol": "PROTOCOL_TCP", "port": 443}]}),
+    )
+    .await;
+    assert_eq!(r["created"], json!(true), "{r}");
+    assert_eq!(r["allocation"]["addresses"], json!(["10.20.1.42"]), "{r}");
+    assert_eq!(r["allocation"]["state"], json!("ALLOCATION_STATE_ACTIVE"), "{r}");
+
+    // What grpcurl wrote, the typed client reads.
+    let mut c = srv.client().await;
+    let a = c
+        .get_allocation(pb::GetAllocationRequest {
+            network: "net-a".into(),
+            owner: Some(svc("a", "web")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.addresses, vec!["10.20.1.42"]);
+    assert_eq!(a.sharing_key, "web");
+
+    // Errors come back with their gRPC code.
+    let body = json!({"network": "net-nope", "owner": owner}).to_string();
+    let o = grpcurl(&srv, &["-d", &body, "cairn.ipam.v1.IpamService/Allocate"]).await;
+    assert!(!o.ok, "an unknown network succeeded: {}", o.stdout);
+    assert!(
+        o.stderr.contains("NotFound") && o.stderr.contains("net-nope"),
+        "{}",
+        o.stderr
+    );
+    let body = json!({"network": "net-a", "owner": owner, "ports": [{"protocol": "PROTOCOL_TCP", "port": 0}],
+                      "sharingKey": "web"})
+    .to_string();
+    let o = grpcurl(&srv, &["-d", &body, "cairn.ipam.v1.IpamService/Allocate"]).await;
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains("InvalidArgument") && o.stderr.contains("ports[0].port"),
+        "{}",
+        o.stderr
+    );
+
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/Release",
+        json!({"network": "net-a", "owner": owner}),
+    )
+    .await;
+    assert_eq!(r["released"], json!(true), "{r}");
+    assert_eq!(r["allocation"]["addresses"], json!(["10.20.1.42"]), "{r}");
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/Release",
+        json!({"network": "net-a", "owner": owner}),
+    )
+    .await;
+    assert_ne!(r["released"], json!(true), "a second release released: {r}");
+
+    let r = call(&srv, "grpc.health.v1.Health/Check", json!({})).await;
+    assert_eq!(r["status"], json!("SERVING"), "{r}");
+    let r = call(
+        &srv,
+        "grpc.health.v1.Health/Check",
+        json!({"service": "cairn.ipam.v1.IpamService"}),
+    )
+    .await;
+    assert_eq!(r["status"], json!("SERVING"), "{r}");
+}
