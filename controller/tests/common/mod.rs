@@ -1,0 +1,295 @@
+//! Shared pieces of the controller's end-to-end tests: a real `cairn-ipam` process, a real
+//! `cairn-ccm` process (run by the control plane harness, so it dies with it), and helpers to
+//! install the CRD, create objects and poll for outcomes with deadlines.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use cairn_e2e::{ControlPlane, eventually};
+use k8s_openapi::{
+    api::core::v1::{Event, Node, Service},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::json;
+
+pub use cairn_ccm::crd::ClusterNetwork;
+
+/// Default deadline for the controller to act.
+pub const ACT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary of another package, built once per test process (cargo builds
+/// only what changed; tests run after the build lock is released).
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let root = cairn_e2e::workspace_root();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", package, "--bin", bin])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "cargo build -p {package} --bin {bin} failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    target.join("debug").join(bin)
+}
+
+/// A `cairn-ipam serve` child on loopback, killed on drop.
+pub struct Store {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl Store {
+    pub async fn start() -> Store {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store { child: None, dir, endpoint: String::new() };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let addr = self.dir.path().join("addr");
+        let _ = std::fs::remove_file(&addr);
+        let log = std::fs::File::create(self.dir.path().join("ipam.log")).expect("log");
+        let child = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--default-reuse-grace", "0s", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .arg("--addr-file")
+            .arg(&addr)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cairn-ipam");
+        self.child = Some(child);
+        let text = eventually("cairn-ipam serving", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move { std::fs::read_to_string(&addr) }
+        })
+        .await
+        .expect("cairn-ipam did not start");
+        let grpc = text.lines().find_map(|l| l.strip_prefix("grpc=")).expect("grpc= line");
+        self.endpoint = format!("http://{grpc}");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ipam.log")).unwrap_or_default()
+    }
+
+    /// The store's own view, through its CLI-facing gRPC API.
+    pub async fn client(&self) -> cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel> {
+        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoint.clone()).await.expect("connect store")
+    }
+
+    /// Every allocation of a cluster.
+    pub async fn allocations(&self, cluster: &str) -> Vec<cairn_proto::v1::Allocation> {
+        let mut c = self.client().await;
+        c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
+            cluster_id: cluster.into(),
+            page_size: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .allocations
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- cairn-ipam log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Starts `cairn-ccm` for `cluster` against `cp` (as a component of the control plane, so it
+/// is killed with it and its log is printed on failure). `name` distinguishes replicas.
+pub fn start_ccm(cp: &ControlPlane, name: &str, cluster: &str, store: &str, extra: &[&str]) -> u32 {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-ccm"));
+    cmd.arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .args(["--cluster-id", cluster, "--ipam-endpoint", store, "--metrics-listen", "127.0.0.1:0"])
+        .args(["--lease-namespace", "default", "--identity", name])
+        .args(extra)
+        .env("RUST_LOG", "info,cairn_ccm=debug");
+    cp.spawn(name, &cmd).expect("spawn cairn-ccm")
+}
+
+/// Installs the committed CRD and waits until it is served.
+pub async fn install_crd(client: &Client) {
+    let path: &Path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds/clusternetworks.cairn.dev.yaml"));
+    let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("crd file")).expect("crd yaml");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.create(&PostParams::default(), &crd).await.expect("create CRD");
+    eventually("CRD established", ACT, || {
+        let api = api.clone();
+        async move {
+            let c = api.get("clusternetworks.cairn.dev").await.map_err(|e| e.to_string())?;
+            let ok = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if ok { Ok(()) } else { Err("not established yet".to_string()) }
+        }
+    })
+    .await
+    .expect("CRD established");
+    // The API discovery of a new CRD lags its Established condition a little.
+    let cn: Api<ClusterNetwork> = Api::all(client.clone());
+    eventually("ClusterNetwork served", ACT, || {
+        let cn = cn.clone();
+        async move { cn.list(&ListParams::default()).await.map(|_| ()) }
+    })
+    .await
+    .expect("ClusterNetwork served");
+}
+
+/// A ClusterNetwork from JSON (the spec part).
+pub async fn create_network(client: &Client, name: &str, spec: serde_json::Value) -> ClusterNetwork {
+    let api: Api<ClusterNetwork> = Api::all(client.clone());
+    let obj: ClusterNetwork = serde_json::from_value(json!({
+        "apiVersion": "cairn.dev/v1alpha1",
+        "kind": "ClusterNetwork",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))
+    .expect("ClusterNetwork json");
+    api.create(&PostParams::default(), &obj).await.expect("create ClusterNetwork")
+}
+
+/// A simple single-VIP-pool network spec.
+pub fn vip_network(network: &str, vip_range: &str, node_range: &str) -> serde_json::Value {
+    json!({
+        "network": network,
+        "reuseGraceSeconds": 0,
+        "pools": [
+            { "name": "vip", "purpose": "VIP", "ranges": [vip_range] },
+            { "name": "nodes", "purpose": "NODE", "ranges": [node_range] },
+        ],
+    })
+}
+
+/// A `type: LoadBalancer` Service.
+pub async fn create_lb(client: &Client, ns: &str, name: &str, port: i32, extra: serde_json::Value) -> Service {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let mut v = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "type": "LoadBalancer", "selector": { "app": name }, "ports": [ { "port": port, "protocol": "TCP" } ] },
+    });
+    merge(&mut v, extra);
+    let svc: Service = serde_json::from_value(v).expect("service json");
+    api.create(&PostParams::default(), &svc).await.expect("create service")
+}
+
+/// JSON merge (objects merge, everything else replaces).
+pub fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// The ingress IPs a Service shows.
+pub fn ingress(svc: &Service) -> Vec<String> {
+    cairn_ccm::service::ingress_ips(svc)
+}
+
+/// Waits until the Service shows `n` ingress IPs; returns them.
+pub async fn wait_ingress(client: &Client, ns: &str, name: &str, n: usize) -> Vec<String> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("{ns}/{name} has {n} ingress IP(s)"), ACT, || {
+        let api = api.clone();
+        async move {
+            let s = api.get(name).await.map_err(|e| e.to_string())?;
+            let ips = ingress(&s);
+            if ips.len() == n { Ok(ips) } else { Err(format!("ingress {ips:?}")) }
+        }
+    })
+    .await
+    .expect("ingress")
+}
+
+/// Events about an object (by involved name), newest last.
+pub async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.expect("events");
+    let mut evs: Vec<_> = list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect();
+    // events.k8s.io objects written by the Recorder show up as core Events too.
+    evs.dedup();
+    evs
+}
+
+/// Waits for an event with `reason` whose message contains `needle`.
+pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, needle: &str) -> String {
+    eventually(&format!("event {reason} ({needle}) on {ns}/{name}"), ACT, || async move {
+        let evs = events(client, ns, name).await;
+        evs.iter()
+            .find(|(r, m)| r == reason && m.contains(needle))
+            .map(|(_, m)| m.clone())
+            .ok_or_else(|| format!("events so far: {evs:?}"))
+    })
+    .await
+    .expect("event")
+}
+
+/// Deletes a Service and waits until it is gone (finalizer removed).
+pub async fn delete_and_wait_gone(client: &Client, ns: &str, name: &str) {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    api.delete(name, &DeleteParams::default()).await.expect("delete");
+    eventually(&format!("{ns}/{name} gone"), ACT, || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(s)) => Err(format!("still there, finalizers {:?}", s.finalizers())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("service deleted");
+}
+
+/// A Node object like a kubelet with `--cloud-provider=external` registers.
+pub async fn create_node(client: &Client, name: &str, labels: BTreeMap<String, String>) -> Node {
+    let api: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "taints": [ { "key": "node.cloudprovider.kubernetes.io/uninitialized", "value": "true", "effect": "NoSchedule" } ] },
+    }))
+    .expect("node json");
+    api.create(&PostParams::default(), &node).await.expect("create node")
+}
+
+/// `namespace/name` of a Service.
+pub fn key(s: &Service) -> String {
+    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
