@@ -5,7 +5,10 @@
 //! - every acknowledged release is gone,
 //! - an operation whose reply was lost is either fully applied or not at all,
 //! - no address is held by two owners, nothing unknown appears, and usage agrees with the
-//!   allocations (the free space was rebuilt correctly).
+//!   allocations (the free space was rebuilt correctly),
+//! - on a network with a one-hour reuse grace, an address only ever goes back to the owner
+//!   that first held it, and every released address is still quarantined for its owner
+//!   (acknowledged quarantine entries survive the kill too).
 //!
 //! `CAIRN_CRASH_CYCLES=N` runs N cycles (default 50); `CAIRN_CRASH_SEED=S` fixes the seed of
 //! the random choices (timing still varies).
@@ -33,9 +36,13 @@ enum Pending {
     Release,
 }
 
+/// The network whose released addresses wait an hour before reuse.
+const GRACE_NET: &str = "net-q";
+
 /// One owner, driven by exactly one worker, so its history is sequential.
 #[derive(Clone, Debug)]
 struct Slot {
+    network: &'static str,
     owner: pb::Owner,
     dual: bool,
     /// The last acknowledged state: addresses and revision, or nothing.
@@ -47,16 +54,20 @@ struct Slot {
 impl Slot {
     fn key(&self) -> String {
         let o = &self.owner;
-        format!("{}/{}/{}/{}", o.cluster_id, o.kind, o.namespace, o.name)
+        owner_key(self.network, o)
     }
 
     fn request(&self) -> pb::AllocateRequest {
-        let mut r = alloc_req("net-a", self.owner.clone());
+        let mut r = alloc_req(self.network, self.owner.clone());
         if self.dual {
             r.families = vec![pb::IpFamily::Ipv4 as i32, pb::IpFamily::Ipv6 as i32];
         }
         r
     }
+}
+
+fn owner_key(network: &str, o: &pb::Owner) -> String {
+    format!("{network}/{}/{}/{}/{}", o.cluster_id, o.kind, o.namespace, o.name)
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +81,7 @@ struct Stats {
     lost_applied: u64,
     lost_not_applied: u64,
     max_held: usize,
+    max_quarantined: usize,
 }
 
 impl Stats {
@@ -101,19 +113,26 @@ async fn worker(
     mut slots: Vec<Slot>,
     mut rng: StdRng,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> (Vec<Slot>, Stats, Vec<String>) {
+) -> (Vec<Slot>, Stats, Vec<String>, Vec<(String, String)>) {
     let mut st = Stats::default();
     let mut violations = Vec::new();
+    // (address, owner key) of every acknowledged holding on the grace network.
+    let mut seen = Vec::new();
     loop {
         if *stop.borrow() {
             break;
         }
         let i = rng.random_range(0..slots.len());
         let s = &mut slots[i];
-        let release = s.acked.is_some() && rng.random_bool(0.6);
+        // Mostly releases of what is held; sometimes a release of nothing (must be a no-op).
+        let release = if s.acked.is_some() {
+            rng.random_bool(0.6)
+        } else {
+            rng.random_bool(0.1)
+        };
         let res = if release {
             let req = pb::ReleaseRequest {
-                network: "net-a".into(),
+                network: s.network.into(),
                 owner: Some(s.owner.clone()),
             };
             tokio::time::timeout(Duration::from_secs(20), c.release(req))
@@ -158,6 +177,9 @@ async fn worker(
                         }
                     }
                 }
+                if s.network == GRACE_NET {
+                    seen.extend(a.addresses.iter().map(|ip| (ip.clone(), s.key())));
+                }
                 s.acked = Some(got);
             }
             Ok((None, Some(r))) => {
@@ -199,11 +221,17 @@ async fn worker(
             }
         }
     }
-    (slots, st, violations)
+    (slots, st, violations, seen)
 }
 
 /// Compares what the restarted server holds with what was acknowledged; resolves lost replies.
-async fn verify(c: &mut Client, slots: &mut [Slot], st: &mut Stats, cycle: usize) -> Vec<String> {
+async fn verify(
+    c: &mut Client,
+    slots: &mut [Slot],
+    st: &mut Stats,
+    sticky: &mut HashMap<String, String>,
+    cycle: usize,
+) -> Vec<String> {
     let mut bad = Vec::new();
     let listed = list_all(
         c,
@@ -217,7 +245,7 @@ async fn verify(c: &mut Client, slots: &mut [Slot], st: &mut Stats, cycle: usize
     let mut by_addr: HashMap<String, String> = HashMap::new();
     for a in &listed {
         let o = a.owner.as_ref().unwrap();
-        let key = format!("{}/{}/{}/{}", o.cluster_id, o.kind, o.namespace, o.name);
+        let key = owner_key(&a.network, o);
         for ip in &a.addresses {
             if let Some(other) = by_addr.insert(ip.clone(), key.clone()) {
                 bad.push(format!("cycle {cycle}: {ip} is held by both {other} and {key}"));
@@ -270,32 +298,72 @@ async fn verify(c: &mut Client, slots: &mut [Slot], st: &mut Stats, cycle: usize
             "cycle {cycle}: the server holds {key} = {v:?}, which nobody acquired"
         ));
     }
+    // On the grace network an address belongs to its first holder for the whole test: held by
+    // it, or quarantined for it.
+    let backup = c.export(pb::ExportRequest {}).await.unwrap().into_inner();
+    for a in listed.iter().filter(|a| a.network == GRACE_NET) {
+        let key = owner_key(&a.network, a.owner.as_ref().unwrap());
+        for ip in &a.addresses {
+            let first = sticky.entry(ip.clone()).or_insert_with(|| key.clone());
+            if *first != key {
+                bad.push(format!(
+                    "cycle {cycle}: {ip} was first held by {first}, now by {key} within its grace"
+                ));
+            }
+        }
+    }
+    let mut quarantined = 0;
+    for q in &backup.quarantined {
+        quarantined += 1;
+        let key = owner_key(&q.network, q.previous_owner.as_ref().unwrap());
+        match sticky.get(&q.address) {
+            Some(first) if *first == key => {}
+            other => bad.push(format!(
+                "cycle {cycle}: {} is quarantined for {key}, but its first holder was {other:?}",
+                q.address
+            )),
+        }
+    }
+    st.max_quarantined = st.max_quarantined.max(quarantined);
+    for (ip, key) in sticky.iter() {
+        let held = by_addr.get(ip) == Some(key);
+        let in_grace = backup
+            .quarantined
+            .iter()
+            .any(|q| q.address == *ip && owner_key(&q.network, q.previous_owner.as_ref().unwrap()) == *key);
+        if !held && !in_grace {
+            bad.push(format!(
+                "cycle {cycle}: {ip} of {key} is neither held nor quarantined: an acknowledged release lost its grace"
+            ));
+        }
+    }
     // Usage must agree with the allocations: the free sets were rebuilt from them.
     let u = c
         .get_usage(pb::GetUsageRequest {
-            network: "net-a".into(),
+            network: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
-    let count = |pool: &str, v6: bool| {
+    let count = |net: &str, pool: &str, v6: bool| {
         listed
             .iter()
-            .filter(|a| a.pool == pool)
+            .filter(|a| a.network == net && a.pool == pool)
             .flat_map(|a| &a.addresses)
             .filter(|ip| ip.contains(':') == v6)
             .count()
     };
     for p in &u.pools {
         let v6 = p.family == pb::IpFamily::Ipv6 as i32;
-        let want = count(&p.pool, v6);
+        let want = count(&p.network, &p.pool, v6);
         let used: usize = p.used.parse().unwrap();
         let total: u128 = p.total.parse().unwrap();
         let free: u128 = p.free.parse().unwrap();
         let q: u128 = p.quarantined.parse().unwrap();
         if used != want || total != used as u128 + free + q {
             bad.push(format!(
-                "cycle {cycle}: usage of {}/{:?} says used={used} free={free} quarantined={q} total={total}, but {want} address(es) are held",
+                "cycle {cycle}: usage of {}/{}/{:?} says used={used} free={free} quarantined={q} total={total}, but {want} address(es) are held",
+                p.network,
                 p.pool,
                 p.family()
             ));
@@ -310,12 +378,14 @@ fn make_slots() -> Vec<Vec<Slot>> {
             (0..OWNERS_PER_WORKER)
                 .map(|i| {
                     let cluster = CLUSTERS[(w + i) % CLUSTERS.len()];
-                    let (owner, dual) = match i % 4 {
-                        0 => (node(cluster, &format!("node-w{w}-{i}")), false),
-                        1 => (svc(cluster, &format!("dual-w{w}-{i}")), true),
-                        _ => (svc(cluster, &format!("svc-w{w}-{i}")), false),
+                    let (network, owner, dual) = match i % 4 {
+                        0 => ("net-a", node(cluster, &format!("node-w{w}-{i}")), false),
+                        1 => ("net-a", svc(cluster, &format!("dual-w{w}-{i}")), true),
+                        2 => ("net-a", svc(cluster, &format!("svc-w{w}-{i}")), false),
+                        _ => (GRACE_NET, svc(cluster, &format!("svc-w{w}-{i}")), false),
                     };
                     Slot {
+                        network,
                         owner,
                         dual,
                         acked: None,
@@ -345,7 +415,16 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_write() {
     {
         let mut c = srv.client().await;
         upsert(&mut c, net_a("net-a")).await;
+        // 30 addresses for the 24 owners of the grace network: each keeps one for good.
+        let mut q = network(
+            GRACE_NET,
+            &["10.30.0.0/24"],
+            vec![pool("vip", pb::PoolPurpose::Vip, &["10.30.0.0/27"])],
+        );
+        q.reuse_grace_seconds = Some(3600);
+        upsert(&mut c, q).await;
     }
+    let mut sticky: HashMap<String, String> = HashMap::new();
     let mut groups = make_slots();
     let mut total = Stats::default();
     let mut violations: Vec<String> = Vec::new();
@@ -367,8 +446,16 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_write() {
         let _ = stop_tx.send(true);
         let mut cycle_stats = Stats::default();
         for t in tasks {
-            let (slots, st, v) = t.await.unwrap();
+            let (slots, st, v, seen) = t.await.unwrap();
             groups.push(slots);
+            for (ip, key) in seen {
+                let first = sticky.entry(ip.clone()).or_insert_with(|| key.clone());
+                if *first != key {
+                    violations.push(format!(
+                        "cycle {cycle}: {ip} was first held by {first}, then handed to {key} within its grace"
+                    ));
+                }
+            }
             cycle_stats.add(&st);
             violations.extend(v.into_iter().map(|v| format!("cycle {cycle}: {v}")));
         }
@@ -377,7 +464,7 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_write() {
         srv.restart().await;
         let mut c = srv.client().await;
         let mut all: Vec<Slot> = groups.iter().flatten().cloned().collect();
-        let v = verify(&mut c, &mut all, &mut total, cycle).await;
+        let v = verify(&mut c, &mut all, &mut total, &mut sticky, cycle).await;
         violations.extend(v);
         // Put the resolved slots back into their groups.
         let mut it = all.into_iter();
@@ -399,7 +486,8 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_write() {
     eprintln!(
         "crash test: {cycles} kill -9 cycles in {:.1?}, seed {seed}: {} allocations and {} releases acknowledged, \
          {} idempotent retries, {} no-op releases; {} replies lost to the kill ({} applied, {} not); \
-         at most {} allocations held, {held} at the end; kill delays {}..{} ms (median {}); no violation",
+         at most {} allocations held, {held} at the end, at most {} addresses in grace; kill delays {}..{} ms (median {}); \
+         no violation",
         started.elapsed(),
         total.allocs_acked,
         total.releases_acked,
@@ -409,6 +497,7 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_write() {
         total.lost_applied,
         total.lost_not_applied,
         total.max_held,
+        total.max_quarantined,
         kill_delays.first().unwrap_or(&0),
         kill_delays.last().unwrap_or(&0),
         kill_delays.get(kill_delays.len() / 2).unwrap_or(&0),

@@ -2032,3 +2032,256 @@ async fn restart_never_changes_an_assignment() {
         assert!(!held.contains(&a.addresses[0]), "{a:?} took a held address");
     }
 }
+
+// === probes of less travelled paths ===
+
+#[tokio::test]
+async fn pool_selection_honours_purpose_auto_assign_families_and_gateways() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    let mut manual = pool("manual", pb::PoolPurpose::Vip, &["10.60.0.0/29"]);
+    manual.auto_assign = Some(false);
+    let n = pb::Network {
+        name: "net-p".into(),
+        prefixes: vec!["10.60.0.0/16".into(), "fd00:60::/64".into()],
+        // Inside the v4 auto pool: never handed out.
+        gateways: vec!["10.60.1.1".into()],
+        pools: vec![
+            manual,
+            pool("v4only", pb::PoolPurpose::Vip, &["10.60.1.0/30"]),
+            pool(
+                "dual",
+                pb::PoolPurpose::Vip,
+                &["10.60.2.0/24", "fd00:60::2:0/120"],
+            ),
+            pool("nodes", pb::PoolPurpose::Node, &["10.60.3.0/24"]),
+        ],
+        ..Default::default()
+    };
+    upsert(&mut c, n).await;
+    // /30 minus network, broadcast and the gateway: exactly one address, 10.60.1.2.
+    let a = allocate(&mut c, alloc_req("net-p", svc("a", "s1"))).await;
+    assert_eq!(
+        (a.pool.as_str(), a.addresses[0].as_str()),
+        ("v4only", "10.60.1.2")
+    );
+    // The first auto pool is full: the next auto VIP pool serves (never the manual one).
+    let b = allocate(&mut c, alloc_req("net-p", svc("a", "s2"))).await;
+    assert_eq!(b.pool, "dual", "{b:?}");
+    // Dual-stack goes to the first pool that has both families.
+    let mut d = alloc_req("net-p", svc("a", "s3"));
+    d.families = vec![pb::IpFamily::Ipv6 as i32, pb::IpFamily::Ipv4 as i32];
+    let d = allocate(&mut c, d).await;
+    assert_eq!(d.pool, "dual");
+    // The manual pool only by name.
+    let mut m = alloc_req("net-p", svc("a", "s4"));
+    m.pool = "manual".into();
+    let m = allocate(&mut c, m).await;
+    assert_eq!(
+        (m.pool.as_str(), m.addresses[0].as_str()),
+        ("manual", "10.60.0.1")
+    );
+    // API servers draw VIPs, nodes draw node addresses; an explicit purpose must match.
+    let api = allocate(
+        &mut c,
+        alloc_req(
+            "net-p",
+            owner("a", pb::OwnerKind::ApiServer, "", "kube-apiserver"),
+        ),
+    )
+    .await;
+    assert_eq!(api.pool, "dual");
+    assert_eq!(
+        allocate(&mut c, alloc_req("net-p", node("a", "n1"))).await.pool,
+        "nodes"
+    );
+    let mut wrong = alloc_req("net-p", svc("a", "s5"));
+    wrong.pool = "nodes".into();
+    wrong.purpose = pb::PoolPurpose::Vip as i32;
+    assert_status(c.allocate(wrong).await, Code::InvalidArgument, &["purpose"]);
+    let mut wrong = alloc_req("net-p", svc("a", "s6"));
+    wrong.requested_addresses = vec!["10.60.3.7".into()];
+    assert_status(
+        c.allocate(wrong).await,
+        Code::InvalidArgument,
+        &["requested_addresses[0]", "NODE pool"],
+    );
+    let mut gw = alloc_req("net-p", svc("a", "s7"));
+    gw.requested_addresses = vec!["10.60.1.1".into()];
+    assert!(c.allocate(gw).await.is_err(), "the gateway was handed out");
+    // An asked-for pool that is full does not spill over.
+    let mut full = alloc_req("net-p", svc("b", "s8"));
+    full.pool = "v4only".into();
+    assert_status(c.allocate(full).await, Code::ResourceExhausted, &["\"v4only\""]);
+}
+
+#[tokio::test]
+async fn an_optional_family_is_added_later_without_moving_the_first() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    let mut n = network(
+        "net-o",
+        &["10.70.0.0/16", "fd00:70::/64"],
+        vec![pool("vip", pb::PoolPurpose::Vip, &["10.70.1.0/24"])],
+    );
+    upsert(&mut c, n.clone()).await;
+    let mut req = alloc_req("net-o", svc("a", "web"));
+    req.families = vec![pb::IpFamily::Ipv4 as i32, pb::IpFamily::Ipv6 as i32];
+    req.optional_extra_families = true;
+    let first = allocate(&mut c, req.clone()).await;
+    assert_eq!(first.addresses.len(), 1);
+    // The pool gains an IPv6 range: the next Allocate adds the family, the IPv4 stays.
+    n.pools[0].ranges.push("fd00:70::1:0/120".into());
+    upsert(&mut c, n).await;
+    let r = c.allocate(req.clone()).await.unwrap().into_inner();
+    assert!(!r.created);
+    let second = r.allocation.unwrap();
+    assert_eq!(second.addresses.len(), 2, "{second:?}");
+    assert_eq!(second.addresses[0], first.addresses[0], "the IPv4 address moved");
+    assert!(second.revision > first.revision);
+    // Asking for IPv4 only drops the IPv6 address; asking for both again re-adds one.
+    let mut v4 = req.clone();
+    v4.families = vec![pb::IpFamily::Ipv4 as i32];
+    let third = allocate(&mut c, v4).await;
+    assert_eq!(third.addresses, vec![first.addresses[0].clone()]);
+    let fourth = allocate(&mut c, req).await;
+    assert_eq!(fourth.addresses[0], first.addresses[0]);
+    assert_eq!(fourth.addresses.len(), 2);
+}
+
+#[tokio::test]
+async fn delete_network_force_streams_deleted_events() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    for i in 0..3 {
+        allocate(&mut c, alloc_req("net-a", svc("a", &format!("s{i}")))).await;
+    }
+    let mut w = c
+        .watch_allocations(pb::WatchAllocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        if next_event(&mut w).await.r#type() == pb::WatchEventType::Synced {
+            break;
+        }
+    }
+    let r = c
+        .delete_network(pb::DeleteNetworkRequest {
+            name: "net-a".into(),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.released, 3);
+    let mut deleted = BTreeSet::new();
+    for _ in 0..3 {
+        let e = next_event(&mut w).await;
+        assert_eq!(e.r#type(), pb::WatchEventType::Deleted, "{e:?}");
+        deleted.insert(ev_summary(&e).1);
+    }
+    assert_eq!(
+        deleted,
+        ["s0", "s1", "s2"].into_iter().map(String::from).collect()
+    );
+}
+
+#[tokio::test]
+async fn revisions_keep_increasing_across_restart_and_import() {
+    let mut srv = Server::start().await;
+    let mut c = srv.client().await;
+    populate(&mut c).await;
+    let max_before = list_all(&mut c, pb::ListAllocationsRequest::default())
+        .await
+        .iter()
+        .map(|a| a.revision)
+        .max()
+        .unwrap();
+    let backup = export(&mut c).await;
+    srv.kill();
+    srv.restart().await;
+    let mut c = srv.client().await;
+    let mut w = c
+        .watch_allocations(pb::WatchAllocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let synced = loop {
+        let e = next_event(&mut w).await;
+        if e.r#type() == pb::WatchEventType::Synced {
+            break e;
+        }
+        assert!(e.revision <= max_before);
+    };
+    assert!(
+        synced.revision >= max_before,
+        "SYNCED {} < {max_before}",
+        synced.revision
+    );
+    let a = allocate(&mut c, alloc_req("net-a", svc("alpha", "after-restart"))).await;
+    assert!(
+        a.revision > synced.revision,
+        "{} after a restart at {}",
+        a.revision,
+        synced.revision
+    );
+    let e = next_event(&mut w).await;
+    assert_eq!(e.r#type(), pb::WatchEventType::Added);
+    assert_eq!(e.revision, a.revision);
+
+    // Imported allocations keep their revisions; later writes go above them.
+    let fresh = Server::start().await;
+    let mut f = fresh.client().await;
+    f.import(pb::ImportRequest { backup: Some(backup) })
+        .await
+        .unwrap();
+    let b = allocate(&mut f, alloc_req("net-a", svc("alpha", "after-import"))).await;
+    assert!(
+        b.revision > max_before,
+        "{} after importing revisions up to {max_before}",
+        b.revision
+    );
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints_serve() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    allocate(&mut c, alloc_req("net-a", svc("a", "web"))).await;
+    let _ = c.allocate(alloc_req("net-nope", svc("a", "web"))).await;
+    let m = srv.metrics.expect("no metrics address in the addr file");
+    let (status, body) = http_get(m, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.trim(), "ok");
+    let (status, _) = http_get(m, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(m, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    for want in [
+        "cairn_ipam_rpc_requests",
+        "method=\"Allocate\"",
+        "code=\"not_found\"",
+        "cairn_ipam_commits",
+    ] {
+        assert!(body.contains(want), "{want} missing from /metrics:\n{body}");
+    }
+}
