@@ -384,6 +384,9 @@ pub struct IpamService {
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
     default_grace_secs: u32,
+    /// Becomes true when the server starts shutting down: open watches end then, since a
+    /// graceful shutdown waits for every stream to finish.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl IpamService {
@@ -393,7 +396,14 @@ impl IpamService {
             ledger,
             metrics,
             default_grace_secs,
+            stopping: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends open watches (UNAVAILABLE, "shutting down") once `stopping` becomes true.
+    pub fn with_shutdown(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Records the outcome of one call and maps its error.
@@ -605,62 +615,81 @@ impl pb::ipam_service_server::IpamService for IpamService {
         .await;
         let (f, snap, seq, mut rx) = self.done("WatchAllocations", t, r)?.into_inner();
         let ledger = self.ledger.clone();
+        let mut stopping = self.stopping.clone();
         let stream = async_stream(move |tx| async move {
-            for a in snap {
-                let oor = ledger.is_out_of_range(&a);
-                let ev = pb::WatchAllocationsResponse {
-                    r#type: pb::WatchEventType::Existing as i32,
-                    allocation: Some(allocation_to(&a, oor)),
-                    revision: a.revision,
-                };
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
+            // Resolves when the server shuts down; never if nobody can signal it.
+            let stopped = async move {
+                if stopping.wait_for(|s| *s).await.is_err() {
+                    std::future::pending::<()>().await;
                 }
-            }
-            let synced = pb::WatchAllocationsResponse {
-                r#type: pb::WatchEventType::Synced as i32,
-                allocation: None,
-                revision: seq,
             };
-            if tx.send(Ok(synced)).await.is_err() {
-                return;
-            }
-            loop {
-                let batch = match rx.recv().await {
-                    Ok(b) => b,
-                    Err(RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "watch fell {n} batches behind; watch again"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("the store is shutting down")))
-                            .await;
-                        return;
-                    }
-                };
-                if batch.seq <= seq {
-                    continue;
-                }
-                for c in batch.changes.iter().filter(|c| f.matches(c.allocation())) {
-                    let (ty, a) = match c {
-                        Change::Added(a) => (pb::WatchEventType::Added, a),
-                        Change::Modified(a) => (pb::WatchEventType::Modified, a),
-                        Change::Deleted(a) => (pb::WatchEventType::Deleted, a),
-                    };
-                    let oor = !matches!(c, Change::Deleted(_)) && ledger.is_out_of_range(a);
+            let feed_tx = tx.clone();
+            let feed = async move {
+                let tx = feed_tx;
+                for a in snap {
+                    let oor = ledger.is_out_of_range(&a);
                     let ev = pb::WatchAllocationsResponse {
-                        r#type: ty as i32,
-                        allocation: Some(allocation_to(a, oor)),
-                        revision: batch.seq,
+                        r#type: pb::WatchEventType::Existing as i32,
+                        allocation: Some(allocation_to(&a, oor)),
+                        revision: a.revision,
                     };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
+                }
+                let synced = pb::WatchAllocationsResponse {
+                    r#type: pb::WatchEventType::Synced as i32,
+                    allocation: None,
+                    revision: seq,
+                };
+                if tx.send(Ok(synced)).await.is_err() {
+                    return;
+                }
+                loop {
+                    let batch = match rx.recv().await {
+                        Ok(b) => b,
+                        Err(RecvError::Lagged(n)) => {
+                            let _ = tx
+                                .send(Err(Status::aborted(format!(
+                                    "watch fell {n} batches behind; watch again"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        Err(RecvError::Closed) => {
+                            let _ = tx
+                                .send(Err(Status::unavailable("the store is shutting down")))
+                                .await;
+                            return;
+                        }
+                    };
+                    if batch.seq <= seq {
+                        continue;
+                    }
+                    for c in batch.changes.iter().filter(|c| f.matches(c.allocation())) {
+                        let (ty, a) = match c {
+                            Change::Added(a) => (pb::WatchEventType::Added, a),
+                            Change::Modified(a) => (pb::WatchEventType::Modified, a),
+                            Change::Deleted(a) => (pb::WatchEventType::Deleted, a),
+                        };
+                        let oor = !matches!(c, Change::Deleted(_)) && ledger.is_out_of_range(a);
+                        let ev = pb::WatchAllocationsResponse {
+                            r#type: ty as i32,
+                            allocation: Some(allocation_to(a, oor)),
+                            revision: batch.seq,
+                        };
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            // A graceful shutdown waits for every open stream, so a watch ends when it begins
+            // (without waiting for a slow reader: try_send).
+            tokio::select! {
+                () = feed => {}
+                () = stopped => {
+                    let _ = tx.try_send(Err(Status::unavailable("the store is shutting down; watch again")));
                 }
             }
         });

@@ -82,7 +82,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(cairn_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs);
+    // Set when shutdown begins, so open watch streams end and the graceful drain can finish.
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs)
+        .with_shutdown(stopping_rx);
 
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -139,6 +142,7 @@ pub async fn serve(
             }
             _ = rx.wait_for(|s| *s) => {}
         }
+        let _ = stopping_tx.send(true);
     };
     let served = tonic::transport::Server::builder()
         .add_service(health_svc)

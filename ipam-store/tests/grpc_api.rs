@@ -2285,3 +2285,56 @@ async fn metrics_and_health_endpoints_serve() {
         assert!(body.contains(want), "{want} missing from /metrics:\n{body}");
     }
 }
+
+#[tokio::test]
+async fn sigterm_ends_open_watches_and_exits_cleanly() {
+    // Found by this suite: a graceful shutdown waited for every open WatchAllocations stream,
+    // which never ends by itself, so SIGTERM hung as long as any watcher was connected.
+    let mut srv = Server::start().await;
+    let mut c = srv.client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    allocate(&mut c, alloc_req("net-a", svc("a", "web"))).await;
+    let mut watches = Vec::new();
+    for cluster in ["", "a", "b"] {
+        let mut w = c
+            .watch_allocations(pb::WatchAllocationsRequest {
+                network: String::new(),
+                cluster_id: cluster.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            if next_event(&mut w).await.r#type() == pb::WatchEventType::Synced {
+                break;
+            }
+        }
+        watches.push(w);
+    }
+    let t = Instant::now();
+    let st = srv.terminate().await;
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+    for mut w in watches {
+        match tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .unwrap()
+        {
+            Some(Err(s)) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+            None => {}
+            Some(Ok(e)) => panic!("an event after shutdown: {e:?}"),
+        }
+    }
+    srv.restart().await;
+    let mut c = srv.client().await;
+    assert_eq!(
+        list_all(&mut c, pb::ListAllocationsRequest::default())
+            .await
+            .len(),
+        1
+    );
+}
