@@ -437,9 +437,23 @@ impl NetworkDef {
                 ));
             }
             let mut ranges = Vec::with_capacity(pool.ranges.len());
+            // Addresses per family minus one; a pool's count must fit in u128 (so not all of
+            // IPv6), or the free-space arithmetic would overflow.
+            let mut size: [Option<u128>; 2] = [None, None];
             for (ri, r) in pool.ranges.iter().enumerate() {
                 let field = format!("{pf}.ranges[{ri}]");
                 let rg = parse_range(r, true).map_err(|e| Error::invalid(&field, e))?;
+                let f = rg.family.index();
+                size[f] = match size[f] {
+                    None => Some(rg.end - rg.start),
+                    Some(n) => (rg.end - rg.start).checked_add(1).and_then(|m| n.checked_add(m)),
+                };
+                if size[f].is_none_or(|n| n == u128::MAX) {
+                    return Err(Error::invalid(
+                        &field,
+                        format!("{r}: the pool would hold all 2^128 IPv6 addresses; use a smaller range"),
+                    ));
+                }
                 if let Some(p) = prefix_of(rg.family) {
                     let pr = crate::alloc::addr::net_range(p);
                     if rg.start < pr.start || rg.end > pr.end {

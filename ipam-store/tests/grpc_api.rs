@@ -357,6 +357,26 @@ async fn malformed_networks_are_invalid_argument_naming_the_field() {
             &["network.pools[0].exclusions[0]"],
         ),
         (
+            // Found by this suite: 2^128 addresses overflowed the pool's u128 count (a panic in
+            // the request handler of a debug build; wrong usage counts in release).
+            "a pool of all IPv6",
+            network("net-a", &[], vec![pool("vip", pb::PoolPurpose::Vip, &["::/0"])]),
+            &["network.pools[0].ranges[0]", "2^128"],
+        ),
+        (
+            "a pool of all IPv6 in two halves",
+            network(
+                "net-a",
+                &[],
+                vec![pool(
+                    "vip",
+                    pb::PoolPurpose::Vip,
+                    &["10.0.0.0/8", "::/1", "8000::/1"],
+                )],
+            ),
+            &["network.pools[0].ranges[2]", "2^128"],
+        ),
+        (
             "vlan out of range",
             {
                 let mut n = net_a("net-a");
@@ -2336,5 +2356,47 @@ async fn sigterm_ends_open_watches_and_exits_cleanly() {
             .await
             .len(),
         1
+    );
+}
+
+#[tokio::test]
+async fn huge_pools_are_normal_and_counted_exactly() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    let n = network(
+        "big",
+        &[],
+        vec![
+            pool("vip", pb::PoolPurpose::Vip, &["10.0.0.0/8", "fd00::/64"]),
+            pool("half", pb::PoolPurpose::Node, &["::/1"]),
+        ],
+    );
+    upsert(&mut c, n).await;
+    let t = Instant::now();
+    for i in 0..50 {
+        let mut r = alloc_req("big", svc("a", &format!("s{i}")));
+        r.families = vec![pb::IpFamily::Ipv4 as i32, pb::IpFamily::Ipv6 as i32];
+        allocate(&mut c, r).await;
+    }
+    let mut r = alloc_req("big", node("a", "n"));
+    r.families = vec![pb::IpFamily::Ipv6 as i32];
+    allocate(&mut c, r).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "51 allocations took {:?}",
+        t.elapsed()
+    );
+    let u = usage(&mut c, "big").await;
+    assert_eq!(
+        counts(usage_of(&u, "big", "vip", pb::IpFamily::Ipv4)),
+        [16_777_214, 50, 16_777_164, 0, 0]
+    );
+    assert_eq!(
+        counts(usage_of(&u, "big", "vip", pb::IpFamily::Ipv6)),
+        [1 << 64, 50, (1 << 64) - 50, 0, 0]
+    );
+    assert_eq!(
+        counts(usage_of(&u, "big", "half", pb::IpFamily::Ipv6)),
+        [1 << 127, 1, (1 << 127) - 1, 0, 0]
     );
 }
