@@ -5,7 +5,8 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,grpc,rss,restart`):
+//! Sections (select with `--only alloc,engine,grpc,rss,restart`; `engine` is the in-process
+//! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
 //!    serve` child (built by cargo in the bench profile, i.e. release), beside the disk's
@@ -21,6 +22,7 @@
 use std::{
     fs,
     io::Write as _,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -33,8 +35,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use cairn_ipam::{
     alloc::addr::Family,
-    ledger::{AllocateReq, State},
-    model::{NetworkDef, Owner, OwnerKind, PoolDef, Purpose},
+    ledger::{AllocateReq, Ledger, NoObserver, Op, State},
+    model::{Allocation, NetworkDef, NetworkRecord, Owner, OwnerKind, PoolDef, Port, Protocol, Purpose},
     store::{Engine as _, sled_engine::SledEngine},
 };
 use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
@@ -211,6 +213,13 @@ fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The 1/5/15-minute load averages (other work on the machine skews every figure).
+fn loadavg() -> String {
+    let l = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let f: Vec<&str> = l.split_whitespace().take(3).collect();
+    format!("(load average now: {})", f.join(" "))
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -227,6 +236,31 @@ fn cpu_secs(pid: &str, clk_tck: f64) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let t = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (t(14) + t(15)) / clk_tck
+}
+
+/// CPU nanoseconds used so far by the live threads of a process (/proc/PID/task/*/schedstat).
+fn threads_cpu_ns(pid: &str) -> u64 {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+/// CPU seconds the whole machine has been busy (all cores; not idle, not iowait).
+fn machine_busy_secs(clk_tck: f64) -> f64 {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(l) = s.lines().next() else { return 0.0 };
+    let v: Vec<f64> = l
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle) / clk_tck
 }
 
 fn clk_tck() -> f64 {
@@ -546,17 +580,15 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
     }
     println!();
 
-    // Reuse grace: released addresses wait in quarantine; allocation must not scan it.
+    // Paths beside the free-range set: reuse grace (quarantine), sharing keys, retries.
     println!(
-        "With reuse grace (30 s): /8 IPv4 holding {big_label} with {} addresses in their grace period; \
-         churn as above (each release adds one more quarantined entry).",
-        sz.quarantined
+        "Other Allocate paths on a /8 IPv4 pool holding {big_label} allocations of one cluster \
+         (times in ns; fewer samples where an operation is slow):"
     );
     println!();
-    println!(
-        "| pool | fill (held) | quarantined at end | alloc p50 | alloc p99 | alloc mean | release p50 | release p99 |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| case | alloc p50 | alloc p99 | alloc mean | release p50 | release p99 | samples |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let samples = (sz.samples / 10).max(100);
     for q in [0, sz.quarantined] {
         let mut b = Bench::new("10.0.0.0/8", Family::V4, Some(30))?;
         b.fill(big)?;
@@ -564,17 +596,67 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
             let j = rng.below(b.held.len());
             b.release_at(j, NOW_MS)?;
         }
-        let samples = (sz.samples / 10).max(100);
         let (a, rel) = b.churn(samples, &mut rng, NOW_MS)?;
         println!(
-            "| /8 IPv4 | {big_label} ({}) | {} | {} | {} | {:.0} | {} | {} |",
-            b.held.len(),
+            "| reuse grace 30 s, {q} → {} addresses in grace (churn) | {} | {} | {:.0} | {} | {} | {samples} |",
             q as usize + samples,
             a.pct(50.0),
             a.pct(99.0),
             a.mean(),
             rel.pct(50.0),
             rel.pct(99.0),
+        );
+    }
+    {
+        // Idempotent retry: Allocate for an owner that already holds an address.
+        let mut b = Bench::new("10.0.0.0/8", Family::V4, None)?;
+        b.fill(big)?;
+        let mut v = Vec::with_capacity(sz.samples);
+        for _ in 0..sz.samples {
+            let id = b.held[rng.below(b.held.len())];
+            let req = alloc_req(id, Family::V4);
+            let seq = b.st.seq + 1;
+            let t = Instant::now();
+            let r = b.st.allocate(req, seq, NOW_MS);
+            v.push(t.elapsed().as_nanos() as u64);
+            r?;
+        }
+        let a = Samples::new(v);
+        println!(
+            "| retry by an owner that holds an address (no change) | {} | {} | {:.0} | - | - | {} |",
+            a.pct(50.0),
+            a.pct(99.0),
+            a.mean(),
+            sz.samples
+        );
+        // Sharing key: new owners of the same cluster join one address (disjoint ports). Their
+        // names sort after the {big_label} existing owners of the cluster.
+        let n = (samples / 10).max(20);
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let mut req = alloc_req(0, Family::V4);
+            req.owner = Some(Owner {
+                name: format!("web-{i}"),
+                ..owner(0)
+            });
+            req.sharing_key = "web".into();
+            req.ports = vec![Port {
+                protocol: Protocol::Tcp,
+                port: 1000 + i as u16,
+            }];
+            let seq = b.st.seq + 1;
+            let t = Instant::now();
+            let r = b.st.allocate(req, seq, NOW_MS);
+            v.push(t.elapsed().as_nanos() as u64);
+            r?;
+            b.st.seq = seq;
+        }
+        let a = Samples::new(v);
+        println!(
+            "| sharing key: new owner joins a shared address | {} | {} | {:.0} | - | - | {n} |",
+            a.pct(50.0),
+            a.pct(99.0),
+            a.mean(),
         );
     }
     println!();
@@ -924,22 +1006,49 @@ async fn load(
 }
 
 /// write + fsync of a small append, in `dir`.
-fn fsync_probe(dir: &Path, n: usize, data_only: bool) -> anyhow::Result<Samples> {
-    let p = dir.join(if data_only {
-        "fdatasync-probe"
-    } else {
-        "fsync-probe"
-    });
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(&p)?;
+#[derive(Clone, Copy, PartialEq)]
+enum Probe {
+    /// Append 128 bytes, fsync (the brief's reference: file size changes, so metadata too).
+    AppendFsync,
+    /// Append 128 bytes, fdatasync (size still changes).
+    AppendFdatasync,
+    /// Overwrite 128 bytes inside a preallocated, already-synced file, fdatasync (what a log
+    /// with preallocated segments pays).
+    OverwriteFdatasync,
+}
+
+/// Write + sync of a small record, in `dir`.
+fn fsync_probe(dir: &Path, n: usize, kind: Probe) -> anyhow::Result<Samples> {
+    use std::os::unix::fs::FileExt as _;
+    let p = dir.join("fsync-probe");
+    let _ = fs::remove_file(&p);
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(kind != Probe::OverwriteFdatasync)
+        .write(true)
+        .open(&p)?;
     let buf = [0x5au8; 128];
+    if kind == Probe::OverwriteFdatasync {
+        f.write_all(&vec![0u8; n * 128])?;
+        f.sync_all()?;
+    }
     let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let t = Instant::now();
-        f.write_all(&buf)?;
-        if data_only {
-            f.sync_data()?;
-        } else {
-            f.sync_all()?;
+        match kind {
+            Probe::AppendFsync => {
+                f.write_all(&buf)?;
+                f.sync_all()?;
+            }
+            Probe::AppendFdatasync => {
+                f.write_all(&buf)?;
+                f.sync_data()?;
+            }
+            Probe::OverwriteFdatasync => {
+                f.write_all_at(&buf, (i * 128) as u64)?;
+                f.sync_data()?;
+            }
         }
         v.push(t.elapsed().as_nanos() as u64);
     }
@@ -948,24 +1057,110 @@ fn fsync_probe(dir: &Path, n: usize, data_only: bool) -> anyhow::Result<Samples>
     Ok(Samples::new(v))
 }
 
+/// The durable-commit cost below gRPC: `SledEngine::commit` of batches of `b` new allocations,
+/// as shipped (sled's `flush`) and followed by an `fdatasync` of sled's log file.
+fn bench_engine(sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    println!(
+        "Engine commit in process (`SledEngine::commit` = `apply_batch` + `Db::flush`), {} samples per row, \
+         each a batch of b new allocations; \"+fdatasync\" adds `File::sync_data` on sled's log file `<dir>/db`. \
+         CPU = all threads of the process (sled's I/O pool included), from /proc/self/task/*/schedstat:",
+        sz.fsyncs
+    );
+    println!();
+    println!(
+        "| b (allocs/batch) | commit p50 ms | commit p99 ms | CPU µs/commit | +fdatasync p50 ms | +fdatasync p99 ms | CPU µs/commit |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let dir = work.join("engine-data");
+    let engine = SledEngine::open(&dir, 32 << 20)?;
+    let log = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))?;
+    let mut st = State::new(0);
+    let (_, ops, _) = st.upsert_network(network_def("10.0.0.0/8", Some(0)), None, false, NOW_MS)?;
+    engine.commit(&ops, 1)?;
+    st.seq = 1;
+    let mut id = 0u64;
+    let mut batch = |st: &mut State, b: usize| -> anyhow::Result<Vec<cairn_ipam::ledger::Op>> {
+        let mut ops = Vec::new();
+        for _ in 0..b {
+            let seq = st.seq + 1;
+            let (_, o, _) = st.allocate(alloc_req(id, Family::V4), seq, NOW_MS)?;
+            id += 1;
+            st.seq = seq;
+            ops.extend(o);
+        }
+        Ok(ops)
+    };
+    for b in [1usize, 16, 64] {
+        let mut row = Vec::new();
+        for sync in [false, true] {
+            let mut v = Vec::with_capacity(sz.fsyncs);
+            let mut cpu = 0u64;
+            for _ in 0..sz.fsyncs {
+                let ops = batch(&mut st, b)?;
+                let c = threads_cpu_ns("self");
+                let t = Instant::now();
+                engine.commit(&ops, st.seq)?;
+                if sync {
+                    log.sync_data()?;
+                }
+                v.push(t.elapsed().as_nanos() as u64);
+                cpu += threads_cpu_ns("self").saturating_sub(c);
+            }
+            let v = Samples::new(v);
+            row.push(format!(
+                "{} | {} | {:.0}",
+                ms(v.pct(50.0)),
+                ms(v.pct(99.0)),
+                cpu as f64 / 1e3 / sz.fsyncs as f64
+            ));
+        }
+        println!("| {b} | {} | {} |", row[0], row[1]);
+    }
+    println!();
+    drop(engine);
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
     println!("## 2. gRPC Allocate with durable ack (loopback, real `cairn-ipam serve` child)");
     println!();
     let data = work.join("grpc-data");
     fs::create_dir_all(&data)?;
-    let fs_all = fsync_probe(work, sz.fsyncs, false)?;
-    let fs_data = fsync_probe(work, sz.fsyncs, true)?;
     println!(
-        "Disk, same directory, {} samples of a 128-byte append: write+fsync p50 {} ms, p99 {} ms, mean {:.2} ms; \
-         write+fdatasync p50 {} ms, p99 {} ms.",
-        sz.fsyncs,
-        ms(fs_all.pct(50.0)),
-        ms(fs_all.pct(99.0)),
-        fs_all.mean() / 1e6,
-        ms(fs_data.pct(50.0)),
-        ms(fs_data.pct(99.0)),
+        "Disk, same directory, {} samples each of a 128-byte write + sync, in ms:",
+        sz.fsyncs
     );
     println!();
+    println!("| probe | p50 | p99 | mean | max |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut fs_all = None;
+    for (name, kind) in [
+        ("append + fsync", Probe::AppendFsync),
+        ("append + fdatasync", Probe::AppendFdatasync),
+        ("overwrite in place + fdatasync", Probe::OverwriteFdatasync),
+    ] {
+        let r = fsync_probe(work, sz.fsyncs, kind)?;
+        println!(
+            "| {name} | {} | {} | {:.2} | {} |",
+            ms(r.pct(50.0)),
+            ms(r.pct(99.0)),
+            r.mean() / 1e6,
+            ms(r.max())
+        );
+        fs_all.get_or_insert(r);
+    }
+    let fs_all = fs_all.context("no probe")?;
+    println!();
+    if args.want("engine") {
+        bench_engine(sz, work)?;
+    }
+    if !args.want("grpc") {
+        return Ok(());
+    }
     let mut srv = Server::start(args, &data, &work.join("grpc-server.log"))?;
     let tck = clk_tck();
     let me = std::process::id().to_string();
@@ -983,22 +1178,30 @@ async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> 
     );
     println!();
     println!(
-        "| in flight | conns | allocs/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | batch mean | batch p50 | commit mean ms | bound allocs/s | server CPU | client CPU |"
+        "| in flight | conns | allocs/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | batch mean | batch p50 | commit mean ms | bound allocs/s | server CPU | client CPU | other CPU |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for inflight in [1usize, 16, 64] {
         let conns = inflight.min(4);
         let m0 = srv.scrape().await?;
-        let (s0, c0) = (cpu_secs(&srv.pid, tck), cpu_secs(&me, tck));
+        let (s0, c0, b0) = (
+            cpu_secs(&srv.pid, tck),
+            cpu_secs(&me, tck),
+            machine_busy_secs(tck),
+        );
         let t0 = Instant::now();
         let r = load(&clients[..conns], inflight, next.clone(), None, warm, dur).await;
         let wall = t0.elapsed().as_secs_f64();
-        let (s1, c1) = (cpu_secs(&srv.pid, tck), cpu_secs(&me, tck));
+        let (s1, c1, b1) = (
+            cpu_secs(&srv.pid, tck),
+            cpu_secs(&me, tck),
+            machine_busy_secs(tck),
+        );
         let m1 = srv.scrape().await?;
         let (batch, commit, batch_p50) = m1.since(&m0);
         let bound = inflight as f64 / (fs_all.pct(50.0) as f64 / 1e9);
         println!(
-            "| {inflight} | {conns} | {:.0} | {} | {} | {} | {} | {} | {batch:.1} | {batch_p50} | {commit:.2} | {bound:.0} | {:.0}% | {:.0}% |",
+            "| {inflight} | {conns} | {:.0} | {} | {} | {} | {} | {} | {batch:.1} | {batch_p50} | {commit:.2} | {bound:.0} | {:.0}% | {:.0}% | {:.0}% |",
             r.done as f64 / r.elapsed.as_secs_f64(),
             ms(r.lat.pct(50.0)),
             ms(r.lat.pct(99.0)),
@@ -1007,11 +1210,12 @@ async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> 
             r.errors,
             (s1 - s0) / wall * 100.0,
             (c1 - c0) / wall * 100.0,
+            ((b1 - b0) - (s1 - s0) - (c1 - c0)).max(0.0) / wall * 100.0,
         );
     }
     println!();
     println!(
-        "(CPU: 100% = one core, over the whole row including warm-up; the client shares the machine's cores with the server. \
+        "(CPU: 100% = one core, over the whole row including warm-up; the client shares the machine's cores with the server; other = the rest of the machine (other builds), which competes with both. \
          Batch = requests acknowledged by one commit, from `cairn_ipam_commit_batch_requests`; \
          commit = apply + fsync of one batch, from `cairn_ipam_commit_duration_seconds`.)"
     );
@@ -1092,6 +1296,158 @@ async fn bench_rss(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
     println!();
     println!("Data dir on disk: {} MiB for {n} allocations.", mib(disk / 1024));
     println!();
+    rss_breakdown(sz, work, args.cache_mib.unwrap_or(32))?;
+    Ok(())
+}
+
+/// Child mode `--mem-probe KIND N DIR`: builds one component alone in a fresh process and
+/// prints `name=KiB` lines (VmRSS at each step), so the parent can attribute memory.
+fn mem_probe(kind: &str, n: u64, dir: &Path, cache_mib: u64) -> anyhow::Result<()> {
+    let cache = cache_mib << 20;
+    let rss = |step: &str| println!("{step}={}", proc_status_kib("self", "VmRSS").unwrap_or(0));
+    rss("start");
+    match kind {
+        "state" => {
+            let mut b = Bench::new("10.0.0.0/8", Family::V4, None)?;
+            b.fill(n)?;
+            rss("end");
+            drop(b);
+        }
+        "sled-write" => {
+            // Records made directly (no `State`, whose freed memory would stay in RSS).
+            let engine = SledEngine::open(dir, cache)?;
+            let mut ops = vec![Op::PutNetwork(NetworkRecord {
+                def: network_def("10.0.0.0/8", Some(0)),
+                version: 1,
+                created_ms: NOW_MS,
+                updated_ms: NOW_MS,
+            })];
+            for i in 0..n {
+                ops.push(Op::PutAlloc(Allocation {
+                    network: "bench".into(),
+                    pool: "vip".into(),
+                    owner: owner(i),
+                    addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0A00_0001 + i as u32))],
+                    sharing_key: String::new(),
+                    ports: vec![],
+                    created_ms: NOW_MS,
+                    updated_ms: NOW_MS,
+                    revision: i + 2,
+                }));
+                if ops.len() >= 16 {
+                    engine.commit(&ops, i + 2)?;
+                    ops.clear();
+                }
+            }
+            engine.commit(&ops, n + 2)?;
+            rss("end");
+        }
+        "sled-load" => {
+            let engine = SledEngine::open(dir, cache)?;
+            rss("open");
+            let snap = engine.load()?;
+            rss("loaded");
+            drop(snap);
+            rss("end");
+        }
+        "ledger" => {
+            let engine = Arc::new(SledEngine::open(dir, cache)?);
+            let ledger = Ledger::open(engine, 0, Arc::new(NoObserver))?;
+            rss("end");
+            drop(ledger);
+        }
+        "load-phases" => {
+            // What `Ledger::open` does, timed step by step (microseconds).
+            let t = Instant::now();
+            let engine = SledEngine::open(dir, cache)?;
+            println!("open_us={}", t.elapsed().as_micros());
+            let t = Instant::now();
+            let snap = engine.load()?;
+            println!("scan_us={}", t.elapsed().as_micros());
+            rss("loaded");
+            let t = Instant::now();
+            let st = State::load(snap, 0, NOW_MS, false)?;
+            println!("state_us={}", t.elapsed().as_micros());
+            rss("end");
+            drop(st);
+        }
+        other => bail!("unknown --mem-probe kind {other:?}"),
+    }
+    println!("hwm={}", proc_status_kib("self", "VmHWM").unwrap_or(0));
+    Ok(())
+}
+
+/// Runs `mem_probe` in a child process; returns its `name=KiB` lines.
+fn run_probe(
+    kind: &str,
+    n: u64,
+    dir: &Path,
+    cache_mib: u64,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["--mem-probe", kind, &n.to_string()])
+        .arg(dir)
+        .arg(cache_mib.to_string())
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("--mem-probe {kind} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        })
+        .collect())
+}
+
+/// Where the server's memory goes: each component alone, in its own process.
+fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> {
+    let n = sz.rss_allocs;
+    let built = work.join("probe-built");
+    build_store(&built, n)?;
+    println!(
+        "Components alone, each in a fresh process (the bench binary re-run with `--mem-probe`), {n} allocations:"
+    );
+    println!();
+    println!("| component | VmRSS MiB over process start | VmHWM MiB | B per allocation |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, m: &std::collections::BTreeMap<String, u64>, step: &str| {
+        let d = m
+            .get(step)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(m.get("start").copied().unwrap_or(0));
+        println!(
+            "| {name} | {} | {} | {:.0} |",
+            mib(d),
+            mib(m.get("hwm").copied().unwrap_or(0)),
+            (d * 1024) as f64 / n as f64
+        );
+    };
+    row(
+        "`State` (in-memory ledger: maps + free-range sets)",
+        &run_probe("state", n, work, cache_mib)?,
+        "end",
+    );
+    row(
+        "sled, after writing them (`SledEngine::commit`, 16 records per batch)",
+        &run_probe("sled-write", n, &work.join("probe-write"), cache_mib)?,
+        "end",
+    );
+    let m = run_probe("sled-load", n, &built, cache_mib)?;
+    row("sled, opened", &m, "open");
+    row("sled, opened + `load()` snapshot held", &m, "loaded");
+    row("sled, opened + snapshot loaded and dropped", &m, "end");
+    row(
+        "`Ledger::open` (sled + `State`, what `serve` does)",
+        &run_probe("ledger", n, &built, cache_mib)?,
+        "end",
+    );
+    println!();
+    let _ = fs::remove_dir_all(work.join("probe-write"));
+    let _ = fs::remove_dir_all(&built);
     Ok(())
 }
 
@@ -1104,6 +1460,13 @@ async fn bench_rss(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
 fn build_store(dir: &Path, n: u64) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let engine = SledEngine::open(dir, 32 << 20)?;
+    write_allocs(&engine, n, 10_000)?;
+    drop(engine);
+    Ok(t.elapsed())
+}
+
+/// Commits one network and `n` allocations to `engine`, `ops_per_commit` ops at a time.
+fn write_allocs(engine: &SledEngine, n: u64, ops_per_commit: usize) -> anyhow::Result<()> {
     let mut st = State::new(0);
     let (_, mut ops, _) = st.upsert_network(network_def("10.0.0.0/8", Some(0)), None, false, NOW_MS)?;
     st.seq = 1;
@@ -1112,14 +1475,13 @@ fn build_store(dir: &Path, n: u64) -> anyhow::Result<Duration> {
         let (_, o, _) = st.allocate(alloc_req(i, Family::V4), seq, NOW_MS)?;
         st.seq = seq;
         ops.extend(o);
-        if ops.len() >= 10_000 {
+        if ops.len() >= ops_per_commit {
             engine.commit(&ops, st.seq)?;
             ops.clear();
         }
     }
     engine.commit(&ops, st.seq)?;
-    drop(engine);
-    Ok(t.elapsed())
+    Ok(())
 }
 
 async fn bench_restart(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
@@ -1181,12 +1543,32 @@ async fn bench_restart(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<(
     );
     srv.stop()?;
     println!();
+    let m = run_probe("load-phases", n, &data, args.cache_mib.unwrap_or(32))?;
+    let secs = |k: &str| m.get(k).map_or(0.0, |v| *v as f64 / 1e6);
+    println!(
+        "Load phases, in a fresh process on the same data dir: `SledEngine::open` {:.2} s, \
+         `Engine::load` (scan + decode into a `Snapshot`) {:.2} s, `State::load` (rebuild maps and free sets) {:.2} s; \
+         VmRSS {} MiB with the snapshot, {} MiB after `State::load`, peak {} MiB.",
+        secs("open_us"),
+        secs("scan_us"),
+        secs("state_us"),
+        mib(m.get("loaded").copied().unwrap_or(0)),
+        mib(m.get("end").copied().unwrap_or(0)),
+        mib(m.get("hwm").copied().unwrap_or(0)),
+    );
+    println!();
     Ok(())
 }
 
 // ============================================================================================
 
 fn main() -> anyhow::Result<()> {
+    {
+        let a: Vec<String> = std::env::args().collect();
+        if a.len() == 6 && a[1] == "--mem-probe" {
+            return mem_probe(&a[2], a[3].parse()?, Path::new(&a[4]), a[5].parse()?);
+        }
+    }
     let args = Args::parse()?;
     let sz = Sizes::of(args.quick);
     let work = match &args.dir {
@@ -1205,22 +1587,27 @@ fn main() -> anyhow::Result<()> {
         Some(work)
     };
     print_env(&work_path, &args);
+    println!("{}\n", loadavg());
     let started = Instant::now();
     if args.want("alloc") {
         bench_alloc(&sz)?;
+        println!("{}\n", loadavg());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
         .build()?;
-    if args.want("grpc") {
+    if args.want("grpc") || args.want("engine") {
         rt.block_on(bench_grpc(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
     }
     if args.want("rss") {
         rt.block_on(bench_rss(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
     }
     if args.want("restart") {
         rt.block_on(bench_restart(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());
     Ok(())
