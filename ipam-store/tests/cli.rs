@@ -312,6 +312,29 @@ async fn cli_apply_list_alloc_usage_export_import() {
         "{nodes}"
     );
 
+    // alloc get.
+    let j = cli(
+        &srv,
+        &[
+            "alloc",
+            "get",
+            "--network",
+            "net-a",
+            "--cluster",
+            "beta",
+            "--kind",
+            "node",
+            "--name",
+            "node-1",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(j["addresses"][0], "10.20.2.10", "{j}");
+
     // alloc release, idempotent.
     let rel = [
         "alloc",
@@ -353,6 +376,21 @@ async fn cli_apply_list_alloc_usage_export_import() {
     exported.as_object_mut().unwrap().remove("exportedAt");
     again.as_object_mut().unwrap().remove("exportedAt");
     assert_eq!(again, exported, "export → import → export differs");
+    // network delete: refused with allocations, done with --force.
+    let r = cli(&fresh, &["network", "delete", "net-a"]).await;
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("FailedPrecondition") && r.stderr.contains("net-a"),
+        "{}",
+        r.stderr
+    );
+    let r = cli(&fresh, &["network", "delete", "net-a", "--force"]).await.ok();
+    assert!(
+        r.stdout
+            .contains("network/net-a deleted (2 allocation(s) released)"),
+        "{}",
+        r.stdout
+    );
     // A second import into the now non-empty store is refused.
     let r = cli(&fresh, &["import", "-f", backup.to_str().unwrap()]).await;
     assert_ne!(r.code, 0);
@@ -441,4 +479,28 @@ async fn cli_bad_input_fails_naming_the_field() {
     let r = cli_at(&endpoint, &["network", "list"]).await;
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("connecting to the store"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn cli_apply_reads_standard_input() {
+    use tokio::io::AsyncWriteExt as _;
+    let srv = Server::start().await;
+    let mut child = tokio::process::Command::new(bin())
+        .args(["--endpoint", &srv.endpoint(), "network", "apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(NETWORKS.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("network/net-b created"), "{stdout}");
 }

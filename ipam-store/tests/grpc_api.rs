@@ -2400,3 +2400,140 @@ async fn huge_pools_are_normal_and_counted_exactly() {
         [1 << 127, 1, (1 << 127) - 1, 0, 0]
     );
 }
+
+#[tokio::test]
+async fn a_grace_period_that_ends_while_the_server_is_down_frees_the_address() {
+    let mut srv = Server::start().await;
+    let mut c = srv.client().await;
+    let grace = Duration::from_secs(2);
+    let mut n = network(
+        "net-g",
+        &["10.40.0.0/24"],
+        vec![pool("vip", pb::PoolPurpose::Vip, &["10.40.0.5"])],
+    );
+    n.reuse_grace_seconds = Some(2);
+    upsert(&mut c, n).await;
+    allocate(&mut c, alloc_req("net-g", svc("a", "first"))).await;
+    let t0 = Instant::now();
+    c.release(pb::ReleaseRequest {
+        network: "net-g".into(),
+        owner: Some(svc("a", "first")),
+    })
+    .await
+    .unwrap();
+    // Crash inside the grace period; the quarantine entry must survive it...
+    srv.kill();
+    srv.restart().await;
+    let mut c = srv.client().await;
+    let mut refusals = 0;
+    let (got, at) = loop {
+        match c.allocate(alloc_req("net-g", svc("b", "second"))).await {
+            Ok(r) => break (r.into_inner().allocation.unwrap(), t0.elapsed()),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                assert!(s.message().contains("reuse grace"), "{}", s.message());
+                refusals += 1;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never handed out after the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        at >= grace,
+        "handed out {at:?} after release, inside the {grace:?} grace (after a crash)"
+    );
+    assert_eq!(got.addresses, vec!["10.40.0.5"]);
+    assert!(
+        refusals > 0,
+        "no refusal was observed after the restart, inside the grace"
+    );
+    // ...and, once expired, it is not resurrected by the next restart.
+    srv.kill();
+    srv.restart().await;
+    let mut c = srv.client().await;
+    let u = usage(&mut c, "net-g").await;
+    assert_eq!(
+        counts(usage_of(&u, "net-g", "vip", pb::IpFamily::Ipv4)),
+        [1, 1, 0, 0, 0]
+    );
+    let e = export(&mut c).await;
+    assert!(e.quarantined.is_empty(), "{:?}", e.quarantined);
+    assert_eq!(e.allocations.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_address_have_exactly_one_winner() {
+    let srv = Server::start().await;
+    let mut c = srv.client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    // 24 owners in 3 clusters race for 10.20.1.99, on 4 connections.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(srv.client().await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let mut c = clients[i % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let cluster = ["a", "b", "c"][i % 3];
+            let mut r = alloc_req("net-a", svc(cluster, &format!("race-{i}")));
+            r.requested_addresses = vec!["10.20.1.99".into()];
+            c.allocate(r).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => winners.push(r.into_inner().allocation.unwrap()),
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message()),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let held = list_all(
+        &mut c,
+        pb::ListAllocationsRequest {
+            address: "10.20.1.99".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(held, winners);
+
+    // Concurrent sharers of one cluster and key, disjoint ports: all on one address; another
+    // cluster's sharers with the same key racing alongside never join it.
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let mut c = clients[i as usize % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let cluster = if i % 2 == 0 { "a" } else { "b" };
+            let mut r = alloc_req("net-a", svc(cluster, &format!("share-{i}")));
+            r.sharing_key = "web".into();
+            r.ports = vec![tcp(1000 + i)];
+            (
+                cluster,
+                c.allocate(r).await.unwrap().into_inner().allocation.unwrap(),
+            )
+        }));
+    }
+    let mut by_cluster: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for t in tasks {
+        let (cl, a) = t.await.unwrap();
+        by_cluster.entry(cl).or_default().insert(a.addresses[0].clone());
+    }
+    assert_eq!(
+        by_cluster["a"].len(),
+        1,
+        "cluster a's sharers got {:?}",
+        by_cluster["a"]
+    );
+    assert_eq!(
+        by_cluster["b"].len(),
+        1,
+        "cluster b's sharers got {:?}",
+        by_cluster["b"]
+    );
+    assert_ne!(by_cluster["a"], by_cluster["b"], "two clusters share an address");
+}
