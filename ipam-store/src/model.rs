@@ -332,7 +332,7 @@ pub fn check_ports(field: &str, ports: &[(Protocol, u32)]) -> Result<Vec<Port>> 
         if !seen.insert(p) {
             return Err(Error::invalid(
                 format!("{field}[{i}]"),
-                format!("duplicate port {:?}/{port}", protocol),
+                format!("duplicate port {protocol:?}/{port}"),
             ));
         }
     }

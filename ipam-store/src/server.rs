@@ -84,8 +84,8 @@ pub async fn serve(
         .build_v1alpha()?;
     // Set when shutdown begins, so open watch streams end and the graceful drain can finish.
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
-    let svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs)
-        .with_shutdown(stopping_rx);
+    let svc =
+        IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs).with_shutdown(stopping_rx);
 
     let listener = TcpListener::bind(opts.listen)
         .await
