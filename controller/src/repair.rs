@@ -14,6 +14,7 @@ use std::{
 use cairn_proto::v1 as pb;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{ResourceExt, runtime::reflector::Store};
+use tokio::sync::watch;
 
 use crate::{Result, context::Context, service::wants_lb};
 
@@ -98,14 +99,16 @@ impl Repair {
 /// Runs passes every `interval` until the task is dropped.
 pub async fn run(
     ctx: Arc<Context>,
-    services: Store<Service>,
-    nodes: Store<Node>,
+    (services, mut services_ready): (Store<Service>, watch::Receiver<bool>),
+    (nodes, mut nodes_ready): (Store<Node>, watch::Receiver<bool>),
     interval: Duration,
     grace: Duration,
 ) {
     let mut repair = Repair::default();
-    let _ = services.wait_until_ready().await;
-    let _ = nodes.wait_until_ready().await;
+    // An empty cache would make every allocation look orphaned.
+    if services_ready.wait_for(|r| *r).await.is_err() || nodes_ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;

@@ -15,7 +15,12 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{Controller, controller::Config as ControllerConfig, reflector::Store, watcher},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Config as ControllerConfig,
+        reflector::{self, Store},
+        watcher,
+    },
 };
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::mpsc;
@@ -165,6 +170,56 @@ async fn store_watch(ctx: Arc<Context>) {
     }
 }
 
+/// A reflector over `api`: its store, the object stream for `Controller::for_stream`, and a
+/// signal that turns true once the initial list is in the store.
+fn reflect<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    tokio::sync::watch::Receiver<bool>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stream = watcher(api, cfg)
+        .default_backoff()
+        .reflect(writer)
+        // After `reflect`, so the store already holds the initial list when waiters wake.
+        .inspect(move |ev| {
+            if matches!(ev, Ok(watcher::Event::InitDone)) {
+                let _ = tx.send(true);
+            }
+        })
+        .applied_objects();
+    (reader, stream, rx)
+}
+
+/// Logs what a controller stream yields besides successful reconciles (watch failures,
+/// queue errors); reconcile errors themselves are logged by each `error_policy`.
+fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(
+    controller: &'static str,
+) -> impl FnMut(std::result::Result<T, kube::runtime::controller::Error<crate::Error, E>>) -> std::future::Ready<()>
+{
+    move |r| {
+        match r {
+            Ok(obj) => tracing::debug!(controller, object = ?obj, "reconciled"),
+            Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+            Err(e) => tracing::warn!(controller, error = %e, "controller stream error"),
+        }
+        std::future::ready(())
+    }
+}
+
 /// Runs the controllers until `shutdown` resolves (or the lease is lost).
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let cluster_id = args.cluster_id.clone().context("--cluster-id is required")?;
@@ -230,12 +285,22 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     }
     metrics.leader.set(1);
 
-    // ClusterNetworks, cached for the Service and Node reconcilers.
-    let cn_ctl = Controller::new(
+    // Each resource gets its own reflector with a readiness signal any number of tasks can
+    // wait on. (kube-runtime's `Store::wait_until_ready` wakes only the last of several
+    // concurrent waiters, so reconcilers must not call it.)
+    let cfg = ControllerConfig::default().concurrency(args.concurrency);
+    let (cn_store, cn_stream, mut cn_ready) = reflect(
         Api::<ClusterNetwork>::all(client.clone()),
         watcher::Config::default(),
     );
-    let cn_reader: Store<ClusterNetwork> = cn_ctl.store();
+    let (svc_store, svc_stream, svc_ready) = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let (node_store, node_stream, node_ready) = reflect(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
     let (retrigger_tx, retrigger_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -243,64 +308,45 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         cluster_id.clone(),
         args.load_balancer_class.clone(),
         metrics.clone(),
-        cn_reader.clone(),
+        cn_store.clone(),
         retrigger_tx,
     ));
-    let cfg = ControllerConfig::default().concurrency(args.concurrency);
 
-    let networks = cn_ctl
-        .with_config(cfg.clone())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(network::reconcile, network::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    let svc_ctl = Controller::new(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(cfg.clone())
-    .reconcile_on(UnboundedReceiverStream::new(retrigger_rx));
-    let svc_store: Store<Service> = svc_ctl.store();
-    let cn_ready = cn_reader.clone();
-    let services = svc_ctl
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(
-            move |s, c| {
-                let cn_ready = cn_ready.clone();
-                async move {
-                    // Deciding a Service's network needs the ClusterNetworks loaded.
-                    let _ = cn_ready.wait_until_ready().await;
-                    service::reconcile(s, c).await
-                }
-            },
-            service::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| async {});
-    let node_ctl = Controller::new(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(cfg);
-    let node_store: Store<Node> = node_ctl.store();
-    let cn_ready = cn_reader.clone();
-    let nodes = node_ctl
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(
-            move |n, c| {
-                let cn_ready = cn_ready.clone();
-                async move {
-                    let _ = cn_ready.wait_until_ready().await;
-                    node::reconcile(n, c).await
-                }
-            },
-            node::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| async {});
+    let networks = tokio::spawn(
+        Controller::for_stream(cn_stream, cn_store)
+            .with_config(cfg.clone())
+            .graceful_shutdown_on(stopped(stop_rx.clone()))
+            .run(network::reconcile, network::error_policy, ctx.clone())
+            .for_each(log_result("clusternetwork")),
+    );
+    // Services and Nodes are placed on networks: load the ClusterNetworks first.
+    tokio::select! {
+        r = cn_ready.wait_for(|r| *r) => { r.context("ClusterNetwork watch ended")?; }
+        () = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            let _ = http.await;
+            return Ok(());
+        }
+    }
+    let services = tokio::spawn(
+        Controller::for_stream(svc_stream, svc_store.clone())
+            .with_config(cfg.clone())
+            .reconcile_on(UnboundedReceiverStream::new(retrigger_rx))
+            .graceful_shutdown_on(stopped(stop_rx.clone()))
+            .run(service::reconcile, service::error_policy, ctx.clone())
+            .for_each(log_result("service")),
+    );
+    let nodes = tokio::spawn(
+        Controller::for_stream(node_stream, node_store.clone())
+            .with_config(cfg)
+            .graceful_shutdown_on(stopped(stop_rx.clone()))
+            .run(node::reconcile, node::error_policy, ctx.clone())
+            .for_each(log_result("node")),
+    );
     let repair = tokio::spawn(repair::run(
         ctx.clone(),
-        svc_store,
-        node_store,
+        (svc_store, svc_ready),
+        (node_store, node_ready),
         Duration::from_secs(args.repair_interval),
         Duration::from_secs(args.orphan_grace),
     ));
@@ -317,7 +363,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     let _ = ready_tx.send(true);
 
     let controllers = async {
-        tokio::join!(networks, services, nodes);
+        let _ = tokio::join!(networks, services, nodes);
     };
     tokio::pin!(controllers);
     let mut result = Ok(());

@@ -41,7 +41,9 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
             .expect("run cargo build");
         assert!(st.success(), "cargo build -p {package} --bin {bin} failed");
     });
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
     target.join("debug").join(bin)
 }
 
@@ -55,7 +57,11 @@ pub struct Store {
 impl Store {
     pub async fn start() -> Store {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Store { child: None, dir, endpoint: String::new() };
+        let mut s = Store {
+            child: None,
+            dir,
+            endpoint: String::new(),
+        };
         s.spawn().await;
         s
     }
@@ -65,7 +71,14 @@ impl Store {
         let _ = std::fs::remove_file(&addr);
         let log = std::fs::File::create(self.dir.path().join("ipam.log")).expect("log");
         let child = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--default-reuse-grace", "0s", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--default-reuse-grace",
+                "0s",
+                "--data-dir",
+            ])
             .arg(self.dir.path().join("data"))
             .arg("--addr-file")
             .arg(&addr)
@@ -80,7 +93,10 @@ impl Store {
         })
         .await
         .expect("cairn-ipam did not start");
-        let grpc = text.lines().find_map(|l| l.strip_prefix("grpc=")).expect("grpc= line");
+        let grpc = text
+            .lines()
+            .find_map(|l| l.strip_prefix("grpc="))
+            .expect("grpc= line");
         self.endpoint = format!("http://{grpc}");
     }
 
@@ -89,8 +105,12 @@ impl Store {
     }
 
     /// The store's own view, through its CLI-facing gRPC API.
-    pub async fn client(&self) -> cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel> {
-        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoint.clone()).await.expect("connect store")
+    pub async fn client(
+        &self,
+    ) -> cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel> {
+        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoint.clone())
+            .await
+            .expect("connect store")
     }
 
     /// Every allocation of a cluster.
@@ -126,30 +146,53 @@ pub fn start_ccm(cp: &ControlPlane, name: &str, cluster: &str, store: &str, extr
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-ccm"));
     cmd.arg("--kubeconfig")
         .arg(cp.kubeconfig_path())
-        .args(["--cluster-id", cluster, "--ipam-endpoint", store, "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--cluster-id",
+            cluster,
+            "--ipam-endpoint",
+            store,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--lease-namespace", "default", "--identity", name])
         .args(extra)
-        .env("RUST_LOG", "info,cairn_ccm=debug");
+        .env(
+            "RUST_LOG",
+            std::env::var("CAIRN_CCM_LOG").unwrap_or_else(|_| "info,cairn_ccm=debug".into()),
+        );
     cp.spawn(name, &cmd).expect("spawn cairn-ccm")
 }
 
 /// Installs the committed CRD and waits until it is served.
 pub async fn install_crd(client: &Client) {
-    let path: &Path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds/clusternetworks.cairn.dev.yaml"));
-    let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("crd file")).expect("crd yaml");
+    let path: &Path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/crds/clusternetworks.cairn.dev.yaml"
+    ));
+    let crd: CustomResourceDefinition =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("crd file")).expect("crd yaml");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.create(&PostParams::default(), &crd).await.expect("create CRD");
+    api.create(&PostParams::default(), &crd)
+        .await
+        .expect("create CRD");
     eventually("CRD established", ACT, || {
         let api = api.clone();
         async move {
-            let c = api.get("clusternetworks.cairn.dev").await.map_err(|e| e.to_string())?;
+            let c = api
+                .get("clusternetworks.cairn.dev")
+                .await
+                .map_err(|e| e.to_string())?;
             let ok = c
                 .status
                 .and_then(|s| s.conditions)
                 .unwrap_or_default()
                 .iter()
                 .any(|c| c.type_ == "Established" && c.status == "True");
-            if ok { Ok(()) } else { Err("not established yet".to_string()) }
+            if ok {
+                Ok(())
+            } else {
+                Err("not established yet".to_string())
+            }
         }
     })
     .await
@@ -174,7 +217,9 @@ pub async fn create_network(client: &Client, name: &str, spec: serde_json::Value
         "spec": spec,
     }))
     .expect("ClusterNetwork json");
-    api.create(&PostParams::default(), &obj).await.expect("create ClusterNetwork")
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create ClusterNetwork")
 }
 
 /// A simple single-VIP-pool network spec.
@@ -190,7 +235,13 @@ pub fn vip_network(network: &str, vip_range: &str, node_range: &str) -> serde_js
 }
 
 /// A `type: LoadBalancer` Service.
-pub async fn create_lb(client: &Client, ns: &str, name: &str, port: i32, extra: serde_json::Value) -> Service {
+pub async fn create_lb(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    port: i32,
+    extra: serde_json::Value,
+) -> Service {
     let api: Api<Service> = Api::namespaced(client.clone(), ns);
     let mut v = json!({
         "apiVersion": "v1",
@@ -200,7 +251,9 @@ pub async fn create_lb(client: &Client, ns: &str, name: &str, port: i32, extra: 
     });
     merge(&mut v, extra);
     let svc: Service = serde_json::from_value(v).expect("service json");
-    api.create(&PostParams::default(), &svc).await.expect("create service")
+    api.create(&PostParams::default(), &svc)
+        .await
+        .expect("create service")
 }
 
 /// JSON merge (objects merge, everything else replaces).
@@ -228,7 +281,11 @@ pub async fn wait_ingress(client: &Client, ns: &str, name: &str, n: usize) -> Ve
         async move {
             let s = api.get(name).await.map_err(|e| e.to_string())?;
             let ips = ingress(&s);
-            if ips.len() == n { Ok(ips) } else { Err(format!("ingress {ips:?}")) }
+            if ips.len() == n {
+                Ok(ips)
+            } else {
+                Err(format!("ingress {ips:?}"))
+            }
         }
     })
     .await
@@ -238,8 +295,15 @@ pub async fn wait_ingress(client: &Client, ns: &str, name: &str, n: usize) -> Ve
 /// Events about an object (by involved name), newest last.
 pub async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(client.clone(), ns);
-    let list = api.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.expect("events");
-    let mut evs: Vec<_> = list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect();
+    let list = api
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("events");
+    let mut evs: Vec<_> = list
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect();
     // events.k8s.io objects written by the Recorder show up as core Events too.
     evs.dedup();
     evs
@@ -247,13 +311,17 @@ pub async fn events(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
 
 /// Waits for an event with `reason` whose message contains `needle`.
 pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, needle: &str) -> String {
-    eventually(&format!("event {reason} ({needle}) on {ns}/{name}"), ACT, || async move {
-        let evs = events(client, ns, name).await;
-        evs.iter()
-            .find(|(r, m)| r == reason && m.contains(needle))
-            .map(|(_, m)| m.clone())
-            .ok_or_else(|| format!("events so far: {evs:?}"))
-    })
+    eventually(
+        &format!("event {reason} ({needle}) on {ns}/{name}"),
+        ACT,
+        || async move {
+            let evs = events(client, ns, name).await;
+            evs.iter()
+                .find(|(r, m)| r == reason && m.contains(needle))
+                .map(|(_, m)| m.clone())
+                .ok_or_else(|| format!("events so far: {evs:?}"))
+        },
+    )
     .await
     .expect("event")
 }
@@ -286,7 +354,9 @@ pub async fn create_node(client: &Client, name: &str, labels: BTreeMap<String, S
         "spec": { "taints": [ { "key": "node.cloudprovider.kubernetes.io/uninitialized", "value": "true", "effect": "NoSchedule" } ] },
     }))
     .expect("node json");
-    api.create(&PostParams::default(), &node).await.expect("create node")
+    api.create(&PostParams::default(), &node)
+        .await
+        .expect("create node")
 }
 
 /// `namespace/name` of a Service.
