@@ -248,13 +248,13 @@ impl ControlPlane {
         let dir = &self.dir_path;
 
         let mut cmd = Command::new(etcd);
-        cmd.arg("--name=default")
+        cmd.arg("--name=cairn-e2e")
             .arg(format!("--data-dir={}", dir.join("etcd").display()))
             .arg(format!("--listen-client-urls={}", self.etcd_url))
             .arg(format!("--advertise-client-urls={}", self.etcd_url))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=default={peer_url}"))
+            .arg(format!("--initial-cluster=cairn-e2e={peer_url}"))
             .arg("--initial-cluster-state=new")
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn");
@@ -613,6 +613,34 @@ impl ControlPlane {
     /// harness for a failing test).
     pub fn dump_logs(&self) {
         eprintln!("{}", self.log_tails(LOG_TAIL_LINES));
+    }
+
+    /// Awaits `body`; if it returns an error, prints the component log tails before passing
+    /// the error on. (A panic prints them anyway, from `Drop`.) For tests that fail with `?`:
+    ///
+    /// ```no_run
+    /// # async fn t() -> anyhow::Result<()> {
+    /// let cp = cairn_e2e::ControlPlane::start().await?;
+    /// cp.logs_on_error(async {
+    ///     let _client = cp.client()?;
+    ///     anyhow::Ok(())
+    /// })
+    /// .await
+    /// # }
+    /// ```
+    pub async fn logs_on_error<T, E, Fut>(&self, body: Fut) -> std::result::Result<T, E>
+    where
+        Fut: Future<Output = std::result::Result<T, E>>,
+    {
+        let result = body.await;
+        if result.is_err() {
+            eprintln!(
+                "control plane {}: the test body failed; component logs follow",
+                self.name
+            );
+            self.dump_logs();
+        }
+        result
     }
 
     /// The processes this plane owns, with their memory use.

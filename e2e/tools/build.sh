@@ -22,6 +22,26 @@ export GOCACHE=${GOCACHE:-$cache/gocache}
 
 log() { printf '[tools] %s\n' "$*" >&2; }
 
+command -v go >/dev/null || { log "Go is required (go.dev/dl): k8s v1.36 and etcd v3.6.16 declare go 1.26.0"; exit 1; }
+
+# One build at a time per cache: `make test` and a developer's shell may both call this, and
+# two `go build -o X.tmp` into the same file would clobber each other. A second caller waits
+# and then finds the binaries already built.
+if command -v flock >/dev/null; then
+  exec 9>"$cache/.build.lock"
+  flock 9
+fi
+
+# A built binary must run and report the pinned version before it is published.
+check_version() { # $1 = expected version string ("" = must just run), $2... = command
+  local want=$1 got; shift
+  got=$("$@" 2>&1) || { log "'$*' failed: $got"; exit 1; }
+  case $got in
+    *"$want"*) ;;
+    *) log "'$*' reports '$got', expected $want"; exit 1 ;;
+  esac
+}
+
 build_etcd() {
   local out=$bin/etcd-v$ETCD_VERSION
   [ -x "$out" ] && return 0
@@ -33,6 +53,7 @@ build_etcd() {
   # requires it works (replaces of a dependency are ignored; api/pkg are published modules).
   go get go.etcd.io/etcd/server/v3@v$ETCD_VERSION
   go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3
+  check_version "$ETCD_VERSION" "$out.tmp" --version
   mv "$out.tmp" "$out"
 }
 
@@ -68,6 +89,11 @@ build_k8s() { # $1 = command name
     -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION \
     -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
     "k8s.io/kubernetes/cmd/$name"
+  if [ "$name" = kubectl ]; then
+    check_version "v$K8S_VERSION" "$out.tmp" version --client
+  else
+    check_version "v$K8S_VERSION" "$out.tmp" --version
+  fi
   mv "$out.tmp" "$out"
 }
 
@@ -76,6 +102,8 @@ build_grpcurl() {
   [ -x "$out" ] && return 0
   log "building grpcurl v$GRPCURL_VERSION"
   GOBIN=$work/grpcurl-bin go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@v$GRPCURL_VERSION"
+  # `go install` leaves grpcurl's version string unset ("dev build"); just check it runs.
+  check_version "" "$work/grpcurl-bin/grpcurl" --version
   mv "$work/grpcurl-bin/grpcurl" "$out"
 }
 
