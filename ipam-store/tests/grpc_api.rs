@@ -360,7 +360,15 @@ async fn malformed_networks_are_invalid_argument_naming_the_field() {
             // Found by this suite: 2^128 addresses overflowed the pool's u128 count (a panic in
             // the request handler of a debug build; wrong usage counts in release).
             "a pool of all IPv6",
-            network("net-a", &[], vec![pool("vip", pb::PoolPurpose::Vip, &["::/0"])]),
+            network(
+                "net-a",
+                &[],
+                vec![pool(
+                    "vip",
+                    pb::PoolPurpose::Vip,
+                    &["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"],
+                )],
+            ),
             &["network.pools[0].ranges[0]", "2^128"],
         ),
         (
@@ -371,7 +379,11 @@ async fn malformed_networks_are_invalid_argument_naming_the_field() {
                 vec![pool(
                     "vip",
                     pb::PoolPurpose::Vip,
-                    &["10.0.0.0/8", "::/1", "8000::/1"],
+                    &[
+                        "10.0.0.0/8",
+                        "::-7fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                        "8000::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                    ],
                 )],
             ),
             &["network.pools[0].ranges[2]", "2^128"],
@@ -1501,7 +1513,7 @@ async fn get_usage_counts_per_pool_and_family() {
     );
     assert_eq!(
         counts(usage_of(&u, "net-a", "vip", pb::IpFamily::Ipv6)),
-        [65536, 0, 65536, 0, 0]
+        [65535, 0, 65535, 0, 0] // a /112 less its subnet-router anycast address
     );
     assert_eq!(
         usage_of(&u, "net-a", "nodes", pb::IpFamily::Ipv4).purpose,
@@ -1523,7 +1535,7 @@ async fn get_usage_counts_per_pool_and_family() {
     );
     assert_eq!(
         counts(usage_of(&u, "net-a", "vip", pb::IpFamily::Ipv6)),
-        [65536, 1, 65535, 0, 0]
+        [65535, 1, 65534, 0, 0]
     );
     assert_eq!(
         counts(usage_of(&u, "net-a", "nodes", pb::IpFamily::Ipv4)),
@@ -2393,11 +2405,12 @@ async fn huge_pools_are_normal_and_counted_exactly() {
     );
     assert_eq!(
         counts(usage_of(&u, "big", "vip", pb::IpFamily::Ipv6)),
-        [1 << 64, 50, (1 << 64) - 50, 0, 0]
+        // The subnet-router anycast address (the first) is left out.
+        [(1 << 64) - 1, 50, (1 << 64) - 51, 0, 0]
     );
     assert_eq!(
         counts(usage_of(&u, "big", "half", pb::IpFamily::Ipv6)),
-        [1 << 127, 1, (1 << 127) - 1, 0, 0]
+        [(1 << 127) - 1, 1, (1 << 127) - 2, 0, 0]
     );
 }
 

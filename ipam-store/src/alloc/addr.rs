@@ -196,6 +196,10 @@ pub fn parse_range(s: &str, skip_net_bcast: bool) -> Result<AddrRange, RangeErro
             start += 1;
             end -= 1;
         }
+        // The Subnet-Router anycast address (RFC 4291 §2.6.1) is not a host address either.
+        if skip_net_bcast && family == Family::V6 && net.prefix_len() <= 126 {
+            start += 1;
+        }
         return Ok(AddrRange { family, start, end });
     }
     let ip: IpAddr = t.parse().map_err(|_| RangeError::Syntax(s.to_string()))?;
@@ -224,7 +228,12 @@ mod tests {
         let r = parse_range("10.0.0.5 - 10.0.0.9", true).unwrap();
         assert_eq!(r.len(), 5);
         let r = parse_range("fd00::/64", true).unwrap();
-        assert_eq!(r.len(), 1u128 << 64);
+        assert_eq!(
+            r.len(),
+            (1u128 << 64) - 1,
+            "the subnet-router anycast address is left out"
+        );
+        assert_eq!(r.to_string(), "fd00::1-fd00::ffff:ffff:ffff:ffff");
         assert_eq!(parse_range("10.0.0.7", true).unwrap().len(), 1);
     }
 

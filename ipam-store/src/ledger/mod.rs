@@ -142,7 +142,12 @@ impl Ledger {
             let mut st = self.lock();
             self.healthy()?;
             let seq = st.seq + 1;
-            let (out, mut ops, changes) = f(&mut st, seq, now_ms())?;
+            let (out, mut ops, changes) = match f(&mut st, seq, now_ms()) {
+                Ok((out, ops, changes)) => (Ok(out), ops, changes),
+                // A refusal is an answer about the state too: it must not be sent before
+                // the state it describes is durable.
+                Err(e) => (Err(e), vec![], vec![]),
+            };
             if ops.is_empty() {
                 (out, st.seq)
             } else {
@@ -159,7 +164,7 @@ impl Ledger {
         };
         let (out, seq) = wait_for;
         self.wait_durable(seq).await?;
-        Ok(out)
+        out
     }
 
     /// Runs a read and waits until the state it saw is durable.
@@ -167,10 +172,11 @@ impl Ledger {
         let (out, seq) = {
             let mut st = self.lock();
             self.healthy()?;
-            (f(&mut st)?, st.seq)
+            (f(&mut st), st.seq)
         };
+        // Refusals too describe state: sent only once it is durable.
         self.wait_durable(seq).await?;
-        Ok(out)
+        out
     }
 
     /// See `State::upsert_network`.
@@ -275,6 +281,9 @@ impl Ledger {
         let (snap, seq, rx) = {
             let st = self.lock();
             self.healthy()?;
+            if let Some(n) = &f.network {
+                st.network(n)?;
+            }
             // Subscribed under the lock: no batch after `seq` can be missed.
             (st.matching(f), st.seq, self.events.subscribe())
         };

@@ -926,7 +926,15 @@ impl State {
 
     /// Drops `key` as a holder of `ip`; the last holder leaving sends the address to
     /// quarantine (grace > 0) or back to free. Returns the ops.
-    fn unhold(&mut self, network: &str, key: &str, ip: &IpAddr, owner: &Owner, now_ms: u64) -> Vec<Op> {
+    fn unhold(
+        &mut self,
+        network: &str,
+        pool: &str,
+        key: &str,
+        ip: &IpAddr,
+        owner: &Owner,
+        now_ms: u64,
+    ) -> Vec<Op> {
         let grace_default = self.default_grace_secs;
         let Some(net) = self.networks.get_mut(network) else {
             return vec![];
@@ -941,16 +949,21 @@ impl State {
         net.holders.remove(ip);
         net.out_of_range.remove(ip);
         let grace = net.grace_ms(grace_default);
-        let Some(pi) = net.pool_spanning(ip) else {
-            return vec![];
-        };
         if grace == 0 {
-            net.pools[pi].give_back(ip);
+            // Back to whichever pool spans it now (none, if a shrink left it out of range).
+            for p in &mut net.pools {
+                p.give_back(ip);
+            }
             return vec![];
         }
+        // Quarantined whether or not a pool spans it now: a pool grown back over it later
+        // must still wait out the grace (ARP caches know nothing of pool edits).
+        let pool = net
+            .pool_spanning(ip)
+            .map_or_else(|| pool.to_string(), |pi| net.pools[pi].name.clone());
         let q = Quarantined {
             network: network.to_string(),
-            pool: net.pools[pi].name.clone(),
+            pool,
             address: *ip,
             until_ms: now_ms + grace,
             previous_owner: owner.clone(),
@@ -1060,7 +1073,7 @@ impl State {
         }
         let mut ops = Vec::new();
         for ip in &dropped {
-            ops.extend(self.unhold(&a.network.clone(), &key, ip, owner, now_ms));
+            ops.extend(self.unhold(&a.network.clone(), &a.pool.clone(), &key, ip, owner, now_ms));
         }
         ops.extend(self.hold(&a.network.clone(), pi, &key, &added));
         a.addresses.retain(|ip| !dropped.contains(ip));
@@ -1110,7 +1123,7 @@ impl State {
         };
         let mut ops = Vec::new();
         for ip in &a.addresses {
-            ops.extend(self.unhold(network, &key, ip, &a.owner, now_ms));
+            ops.extend(self.unhold(network, &a.pool, &key, ip, &a.owner, now_ms));
         }
         if let Some(net) = self.networks.get_mut(network)
             && let Some(pi) = net.pool(&a.pool)

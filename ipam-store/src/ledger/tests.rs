@@ -665,3 +665,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn inv5_out_of_range_releases_still_wait_out_the_grace() {
+    let mut st = State::new(0);
+    let mut n = net("n", vec![pool("vip", Purpose::Vip, &["10.0.1.0/24"])]);
+    n.reuse_grace_secs = Some(600);
+    st.upsert_network(n.clone(), None, false, 0).unwrap();
+    let mut r = req("n", svc("a", "old"));
+    r.requested = vec![ip("10.0.1.200")];
+    alloc(&mut st, r, 0).unwrap();
+    let mut shrunk = n.clone();
+    shrunk.pools[0].ranges = vec!["10.0.1.0/25".into()];
+    st.upsert_network(shrunk, None, false, 0).unwrap();
+    let (_, ops, _) = st.release("n", &svc("a", "old"), 1_000).unwrap();
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, Op::PutQuarantine(q) if q.address == ip("10.0.1.200")))
+    );
+    st.upsert_network(n, None, false, 2_000).unwrap();
+    let mut r = req("n", svc("b", "new"));
+    r.requested = vec![ip("10.0.1.200")];
+    assert!(matches!(alloc(&mut st, r.clone(), 3_000), Err(Error::Conflict(m)) if m.contains("reuse grace")));
+    assert!(alloc(&mut st, r, 601_001).is_ok(), "after the grace, anyone");
+}
