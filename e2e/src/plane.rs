@@ -20,6 +20,7 @@ use crate::limit;
 use crate::pki::{self, Pki};
 use crate::ports::free_port;
 use crate::process::{self, Component};
+use crate::wait::{Attempt, poll};
 
 /// Default dual-stack Service CIDRs (IPv4 first, so IPv4 is the primary family).
 pub const DEFAULT_SERVICE_CIDRS: [&str; 2] = ["10.96.0.0/16", "fd00:10:96::/112"];
@@ -343,31 +344,33 @@ impl ControlPlane {
         Fut: Future<Output = std::result::Result<(), E>>,
         E: std::fmt::Display,
     {
-        let start = tokio::time::Instant::now();
-        let deadline = start + timeout;
-        let mut delay = Duration::from_millis(50);
-        let mut last;
-        loop {
-            self.check_running()?;
-            // One attempt may not take longer than 5 s, nor run past the deadline.
-            let cutoff = (tokio::time::Instant::now() + Duration::from_secs(5)).min(deadline);
-            match tokio::time::timeout_at(cutoff, check()).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "attempt timed out".to_owned(),
+        // One attempt may not take longer than 5 s (nor run past the deadline).
+        let result = poll(what, timeout, Duration::from_secs(5), || {
+            let alive = self.check_running();
+            let attempt = check();
+            async move {
+                if let Err(e) = alive {
+                    return Attempt::Fail(e);
+                }
+                match attempt.await {
+                    Ok(()) => Attempt::Done(()),
+                    Err(e) => Attempt::Retry(e.to_string()),
+                }
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
+        })
+        .await;
+        match result {
+            Err(Error::Timeout { waited, last, .. }) => {
+                // A component that died in the last interval is the better explanation.
                 self.check_running()?;
-                return Err(Error::StartTimeout {
+                Err(Error::StartTimeout {
                     name: self.name.clone(),
-                    waited: now - start,
+                    waited,
                     last: format!("{what}: {last}"),
                     logs: self.log_tails(LOG_TAIL_LINES),
-                });
+                })
             }
-            tokio::time::sleep_until((now + delay).min(deadline)).await;
-            delay = (delay * 3 / 2).min(Duration::from_millis(500));
+            other => other,
         }
     }
 

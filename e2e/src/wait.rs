@@ -20,15 +20,49 @@ where
     Fut: Future<Output = std::result::Result<T, E>>,
     E: Display,
 {
+    poll(what, timeout, timeout, || {
+        let attempt = check();
+        async move {
+            match attempt.await {
+                Ok(value) => Attempt::Done(value),
+                Err(e) => Attempt::Retry(e.to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// One attempt's verdict for [`poll`].
+pub(crate) enum Attempt<T> {
+    Done(T),
+    Retry(String),
+    Fail(Error),
+}
+
+/// The loop behind [`eventually`] and the start-up waits: back off from 50 ms to 500 ms between
+/// attempts, cut each attempt off after `attempt_cap` and at the deadline, stop at the first
+/// `Done` or `Fail`, and return [`Error::Timeout`] with the last `Retry` reason at the deadline.
+pub(crate) async fn poll<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    attempt_cap: Duration,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
     let start = Instant::now();
     let deadline = start + timeout;
     let mut delay = FIRST_DELAY;
     let mut last = String::from("(no attempt finished)");
     loop {
-        match tokio::time::timeout_at(deadline, check()).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = format!("attempt still running at the deadline; before: {last}"),
+        let cutoff = (Instant::now() + attempt_cap).min(deadline);
+        match tokio::time::timeout_at(cutoff, attempt()).await {
+            Ok(Attempt::Done(value)) => return Ok(value),
+            Ok(Attempt::Retry(why)) => last = why,
+            Ok(Attempt::Fail(e)) => return Err(e),
+            Err(_) => last = format!("attempt still running when cut off; before: {last}"),
         }
         let now = Instant::now();
         if now >= deadline {

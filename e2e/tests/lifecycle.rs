@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use cairn_e2e::{ControlPlane, eventually, process_alive};
+use cairn_e2e::{ControlPlane, Error, Options, eventually, process_alive};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
@@ -226,5 +226,52 @@ async fn missing_binaries_name_the_build_script() -> anyhow::Result<()> {
         stderr.contains("e2e/tools/build.sh"),
         "stderr does not say how to build: {stderr}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_component_dying_at_start_fails_fast_with_its_log() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let result = ControlPlane::start_with(Options::default().apiserver_arg("--no-such-flag")).await;
+    match result {
+        Err(Error::ComponentExited {
+            component, log_tail, ..
+        }) => {
+            ensure!(component == "kube-apiserver", "blamed {component}");
+            ensure!(
+                log_tail.contains("no-such-flag"),
+                "log tail does not explain: {log_tail}"
+            );
+        }
+        other => bail!(
+            "expected ComponentExited, got {:?}",
+            other.map(|cp| cp.server_url().to_owned())
+        ),
+    }
+    // Not the 120 s start-up deadline: the exit is noticed at the next poll.
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missed_start_deadline_reports_the_component_logs() -> anyhow::Result<()> {
+    let options = Options::default().start_timeout(Duration::from_millis(200));
+    match ControlPlane::start_with(options).await {
+        Err(Error::StartTimeout { last, logs, .. }) => {
+            ensure!(!last.is_empty(), "no last observation");
+            ensure!(
+                logs.contains("----- plane-") && logs.contains("etcd"),
+                "logs: {logs}"
+            );
+        }
+        other => bail!(
+            "expected StartTimeout, got {:?}",
+            other.map(|cp| cp.server_url().to_owned())
+        ),
+    }
     Ok(())
 }
