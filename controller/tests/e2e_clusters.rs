@@ -2,6 +2,8 @@
 //! one network never get the same VIP; a controller killed with SIGKILL mid-burst loses and
 //! changes nothing; two replicas hand over leadership.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

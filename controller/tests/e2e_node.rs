@@ -1,6 +1,8 @@
 //! Cloud node initialisation on a real apiserver: node-pool address, providerID, addresses,
 //! taint removal; release on deletion.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,8 @@
 //! LoadBalancer Services and ClusterNetworks on a real kube-apiserver + etcd, with a real
 //! `cairn-ipam` and `cairn-ccm` process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use cairn_e2e::{ControlPlane, eventually};

@@ -633,6 +633,7 @@ impl State {
 
     /// An address of `family` in pool `pi` that `owner` can share: one already held by an
     /// allocation of the same cluster with the same sharing key and disjoint ports.
+    #[allow(clippy::too_many_arguments)]
     fn shareable(
         &self,
         net: &NetState,
