@@ -69,12 +69,22 @@ impl Store {
     async fn spawn(&mut self) {
         let addr = self.dir.path().join("addr");
         let _ = std::fs::remove_file(&addr);
-        let log = std::fs::File::create(self.dir.path().join("ipam.log")).expect("log");
+        // A restart listens where the first start did, so clients keep their endpoint.
+        let listen = self
+            .endpoint
+            .strip_prefix("http://")
+            .unwrap_or("127.0.0.1:0")
+            .to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ipam.log"))
+            .expect("log");
         let child = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                &listen,
                 "--default-reuse-grace",
                 "0s",
                 "--data-dir",
@@ -98,6 +108,20 @@ impl Store {
             .find_map(|l| l.strip_prefix("grpc="))
             .expect("grpc= line");
         self.endpoint = format!("http://{grpc}");
+    }
+
+    /// SIGKILLs the store.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the store again on the same data and address.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,185 @@
+//! Repair of orphaned allocations, and a store outage: retries with backoff, a `Degraded`
+//! condition, no crash and no lost finalizer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use cairn_e2e::{ControlPlane, eventually};
+use cairn_proto::v1 as pb;
+use common::*;
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, api::DeleteParams};
+use serde_json::json;
+
+fn owner(cluster: &str, name: &str) -> pb::Owner {
+    pb::Owner {
+        cluster_id: cluster.into(),
+        kind: pb::OwnerKind::Service as i32,
+        namespace: "default".into(),
+        name: name.into(),
+        uid: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client().unwrap();
+    install_crd(&client).await;
+    let store = Store::start().await;
+    create_network(
+        &client,
+        "net-r",
+        vip_network("net-r", "10.95.1.0/28", "10.95.2.0/24"),
+    )
+    .await;
+    // The network must exist in the store before the stray allocations are made.
+    let mut c = store.client().await;
+    c.upsert_network(pb::UpsertNetworkRequest {
+        network: Some(pb::Network {
+            name: "net-r".into(),
+            managed_by: "cluster/cluster-r".into(),
+            reuse_grace_seconds: Some(0),
+            pools: vec![
+                pb::Pool {
+                    name: "vip".into(),
+                    purpose: pb::PoolPurpose::Vip as i32,
+                    ranges: vec!["10.95.1.0/28".into()],
+                    ..Default::default()
+                },
+                pb::Pool {
+                    name: "nodes".into(),
+                    purpose: pb::PoolPurpose::Node as i32,
+                    ranges: vec!["10.95.2.0/24".into()],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for o in [owner("cluster-r", "ghost"), owner("cluster-other", "ghost")] {
+        c.allocate(pb::AllocateRequest {
+            network: "net-r".into(),
+            owner: Some(o),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let started = std::time::Instant::now();
+    start_ccm(
+        &cp,
+        "ccm",
+        "cluster-r",
+        &store.endpoint,
+        &["--repair-interval", "1", "--orphan-grace", "3"],
+    );
+    create_lb(&client, "default", "alive", 80, json!({})).await;
+    wait_ingress(&client, "default", "alive", 1).await;
+    eventually("ghost released", ACT, || async {
+        let held = store.allocations("cluster-r").await;
+        if held.iter().any(|a| a.owner.as_ref().unwrap().name == "ghost") {
+            Err("still held")
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed().as_secs() >= 3,
+        "released before the orphan grace"
+    );
+    // Live owners and other clusters are never touched.
+    assert!(
+        store
+            .allocations("cluster-r")
+            .await
+            .iter()
+            .any(|a| a.owner.as_ref().unwrap().name == "alive")
+    );
+    assert_eq!(store.allocations("cluster-other").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_outage_degrades_and_keeps_finalizers() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client().unwrap();
+    install_crd(&client).await;
+    let mut store = Store::start().await;
+    create_network(
+        &client,
+        "net-o",
+        vip_network("net-o", "10.96.200.0/28", "10.96.201.0/24"),
+    )
+    .await;
+    start_ccm(&cp, "ccm", "cluster-o", &store.endpoint, &[]);
+    create_lb(&client, "default", "web", 80, json!({})).await;
+    let ip = wait_ingress(&client, "default", "web", 1).await;
+
+    store.kill();
+    let nets: Api<ClusterNetwork> = Api::all(client.clone());
+    let cond = |t: &'static str, want: &'static str| {
+        let nets = nets.clone();
+        async move {
+            let cn = nets.get("net-o").await.map_err(|e| e.to_string())?;
+            let conds = cn.status.unwrap_or_default().conditions;
+            if conds.iter().any(|c| c.type_ == t && c.status == want) {
+                Ok(())
+            } else {
+                Err(format!("{conds:?}"))
+            }
+        }
+    };
+    eventually("Degraded=True while the store is down", ACT, || {
+        cond("Degraded", "True")
+    })
+    .await
+    .unwrap();
+    // Deleting a Service now cannot release its VIP: the finalizer holds it.
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    svcs.delete("web", &DeleteParams::default()).await.unwrap();
+    let s = svcs.get("web").await.unwrap();
+    assert!(s.metadata.deletion_timestamp.is_some());
+    assert!(
+        s.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"cairn.dev/vip-release".to_string())
+    );
+    assert!(
+        cp.is_running("ccm"),
+        "the controller must not crash while the store is down"
+    );
+
+    store.restart().await;
+    delete_and_wait_gone_already_deleting(&svcs, "web").await;
+    assert!(
+        store
+            .allocations("cluster-o")
+            .await
+            .iter()
+            .all(|a| a.addresses != ip),
+        "released after the outage"
+    );
+    eventually("Degraded=False once the store is back", ACT, || {
+        cond("Degraded", "False")
+    })
+    .await
+    .unwrap();
+}
+
+async fn delete_and_wait_gone_already_deleting(svcs: &Api<Service>, name: &str) {
+    eventually(&format!("{name} gone"), ACT, || async {
+        match svcs.get_opt(name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(s) => Err(format!("finalizers {:?}", s.metadata.finalizers)),
+        }
+    })
+    .await
+    .unwrap();
+}
