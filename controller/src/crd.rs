@@ -36,10 +36,12 @@ pub struct PoolSpec {
     pub purpose: PoolPurpose,
     /// CIDRs (`10.20.1.0/24`, `fd00::/64`) or inclusive ranges (`10.20.1.10-10.20.1.99`).
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 100)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(r, isCIDR(r) || isIP(r) || (r.split('-').size() == 2 && isIP(r.split('-')[0].trim()) && isIP(r.split('-')[1].trim())))", "message": "each range must be a CIDR, an address, or FIRST-LAST addresses"}]))]
     pub ranges: Vec<String>,
     /// Addresses or ranges never handed out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 100)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(r, isCIDR(r) || isIP(r) || (r.split('-').size() == 2 && isIP(r.split('-')[0].trim()) && isIP(r.split('-')[1].trim())))", "message": "each exclusion must be a CIDR, an address, or FIRST-LAST addresses"}]))]
     pub exclusions: Vec<String>,
     /// Used without being named by `cairn.dev/pool`. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,6 +59,7 @@ pub struct ApiServerVipSpec {
     /// A specific address (e.g. the one the cloud service already allocated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 45))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "isIP(self)", "message": "address must be an IP address"}]))]
     pub address: Option<String>,
     /// Pool to draw from (default: the first auto-assign VIP pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,14 +99,17 @@ pub struct ClusterNetworkSpec {
     /// Subnets, at most one per family.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 2), inner(length(min = 2, max = 50)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(p, isCIDR(p))", "message": "each prefix must be a CIDR such as 10.20.0.0/16"}]))]
     pub prefixes: Vec<String>,
     /// Default gateways, at most one per family.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 2), inner(length(min = 2, max = 45)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(g, isIP(g))", "message": "each gateway must be an IP address"}]))]
     pub gateways: Vec<String>,
     /// DNS servers for nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 6), inner(length(min = 2, max = 45)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(d, isIP(d))", "message": "each DNS server must be an IP address"}]))]
     pub dns_servers: Vec<String>,
     /// 802.1Q VLAN id; 0 = untagged.
     #[serde(default)]
