@@ -138,6 +138,7 @@ async fn serve_http(
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics-listen {addr}"))?;
+    tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz, /readyz");
     axum::serve(l, app).with_graceful_shutdown(stop).await?;
     Ok(())
 }
