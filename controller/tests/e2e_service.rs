@@ -115,6 +115,18 @@ async fn network_status_and_service_lifecycle() {
     .await
     .unwrap();
 
+    // Operation endpoints.
+    let addr = ccm_metrics_addr(&cp, "ccm").await;
+    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(&addr, "/readyz").await.unwrap().0, 200);
+    let (code, metrics) = http_get(&addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(r#"cairn_ccm_reconciles_total{controller="service",result="ok"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cairn_ccm_leader 1"), "{metrics}");
+
     // Delete → Release → finalizer removed → the store no longer holds it.
     delete_and_wait_gone(&client, "default", "web").await;
     let held = store.allocations("cluster-a").await;

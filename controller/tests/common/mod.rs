@@ -387,3 +387,41 @@ pub async fn create_node(client: &Client, name: &str, labels: BTreeMap<String, S
 pub fn key(s: &Service) -> String {
     format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
 }
+
+/// A plain HTTP/1.0 GET on loopback: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The metrics address a `cairn-ccm` component logged.
+pub async fn ccm_metrics_addr(cp: &ControlPlane, name: &str) -> String {
+    let log = cp.log_path(name);
+    eventually("cairn-ccm metrics address in its log", ACT, || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+            text.lines()
+                .find(|l| l.contains("serving /metrics"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+                .ok_or_else(|| "not yet".to_string())
+        }
+    })
+    .await
+    .expect("metrics address")
+}
