@@ -1,49 +1,142 @@
 #!/usr/bin/env bash
-# `make demo`: the store on loopback with an embedded sled ledger, a shared network applied
-# from YAML, and the seed's scenario played through the admin CLI: two clusters draw VIPs
-# from one pool and never get the same address. It grows with the controller (see README).
+# `make demo`: Cairn's main job on one machine, on loopback only.
+#
+#   a real control plane (etcd + kube-apiserver)  ─┐
+#   cairn-ipam (embedded sled store)               ├─ a ClusterNetwork with a VIP pool in
+#   cairn-ccm (the controller)                     │  127.0.100.0/28 and a node pool in
+#   cairn-ccm haproxy-agent + haproxy              ─┘  127.0.101.0/28
+#
+# A Node registers tainted "uninitialized" and gets its address from the node pool; a
+# LoadBalancer Service gets a VIP; HAProxy forwards VIP:80 to the node's nodePort, where a
+# small HTTP server answers. The script prints what each step did and the answer through the
+# VIP, then tears everything down (DEMO_HOLD=1 keeps it running until Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/debug
+root=$PWD
+bin=$root/target/debug
+tools=${CAIRN_BIN_DIR:-$root/.cache/bin}
 work=$(mktemp -d -t cairn-demo.XXXXXX)
-cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+pids=()
+cleanup() {
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
+say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+wait_for() { # what, seconds, command...
+  local what=$1 secs=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= end)); then echo "timed out waiting for $what" >&2; tail -n 30 "$work"/*.log >&2 || true; exit 1; fi
+    sleep 0.2
+  done
+}
+for b in "$bin/cairn-ipam" "$bin/cairn-ccm" "$bin/cairn-e2e-cluster" "$tools/kubectl" "$tools/kube-apiserver" "$tools/etcd"; do
+  [ -x "$b" ] || { echo "missing $b: run 'make demo' (it builds everything)" >&2; exit 1; }
+done
+command -v haproxy >/dev/null || { echo "haproxy is not installed (apt-get install haproxy)" >&2; exit 1; }
+kubectl() { "$tools/kubectl" --kubeconfig "$work/demo.kubeconfig" "$@"; }
 
-"$bin/cairn-ipam" serve --listen 127.0.0.1:0 --data-dir "$work/data" --addr-file "$work/addr" \
-  --metrics-listen 127.0.0.1:0 --default-reuse-grace 0s 2>"$work/ipam.log" &
-pid=$!
-for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
-[ -s "$work/addr" ] || { echo "cairn-ipam did not start:"; cat "$work/ipam.log"; exit 1; }
-export CAIRN_IPAM_ENDPOINT="http://$(sed -n 's/^grpc=//p' "$work/addr")"
-ipam() { echo "+ cairn-ipam $*" >&2; "$bin/cairn-ipam" "$@"; }
+say "control plane: etcd + kube-apiserver on loopback"
+"$bin/cairn-e2e-cluster" --name demo --kubeconfig-dir "$work" --ready-file "$work/plane.json" \
+  >"$work/plane.out" 2>"$work/plane.log" &
+pids+=($!)
+wait_for "the control plane" 120 test -s "$work/plane.json"
+kubectl version 2>/dev/null | sed 's/^/  /' >&2 || true
 
-cat > "$work/net-a.yaml" <<'YAML'
-name: net-a
-prefixes: [10.20.0.0/16]
-gateways: [10.20.0.1]
-dnsServers: [10.20.0.2]
-vlan: 20
-pools:
-  - name: vip
-    purpose: VIP
-    ranges: [10.20.1.0-10.20.1.3]
-  - name: nodes
-    purpose: NODE
-    ranges: [10.20.2.0/24]
+say "cairn-ipam: the store (sled in $work/ipam)"
+"$bin/cairn-ipam" serve --listen 127.0.0.1:0 --data-dir "$work/ipam" --addr-file "$work/ipam.addr" \
+  --default-reuse-grace 0s 2>"$work/ipam.log" &
+pids+=($!)
+wait_for "cairn-ipam" 30 test -s "$work/ipam.addr"
+store="http://$(sed -n 's/^grpc=//p' "$work/ipam.addr")"
+echo "  serving on $store" >&2
+
+say "the ClusterNetwork CRD and a shared network"
+kubectl apply -f manifests/crds/clusternetworks.cairn.dev.yaml
+kubectl wait --for=condition=Established --timeout=60s crd/clusternetworks.cairn.dev
+kubectl apply -f - <<'YAML'
+apiVersion: cairn.dev/v1alpha1
+kind: ClusterNetwork
+metadata:
+  name: demo-net
+spec:
+  network: demo-net
+  reuseGraceSeconds: 0
+  pools:
+    - { name: vip, purpose: VIP, ranges: [127.0.100.1-127.0.100.14] }
+    - { name: nodes, purpose: NODE, ranges: [127.0.101.1-127.0.101.14] }
+  apiServerVIP: {}
 YAML
-ipam network apply -f "$work/net-a.yaml"
-ipam network list
-ipam alloc create --network net-a --cluster cluster-a --kind api-server --name kube-apiserver
-ipam alloc create --network net-a --cluster cluster-b --kind api-server --name kube-apiserver
-ipam alloc create --network net-a --cluster cluster-a --kind service --namespace default --name web --port tcp/80
-ipam alloc create --network net-a --cluster cluster-b --kind service --namespace default --name web --port tcp/8080
-ipam alloc create --network net-a --cluster cluster-a --kind node --name a-node-1
-echo "+ cluster-b asks for cluster-a's VIP (refused: one owner cluster per address)" >&2
-ipam alloc create --network net-a --cluster cluster-b --kind service --namespace default --name steal --ip 10.20.1.2 || true
-echo "+ the pool is full (4 VIPs): the next request is refused with RESOURCE_EXHAUSTED" >&2
-ipam alloc create --network net-a --cluster cluster-b --kind service --namespace default --name late || true
-ipam alloc release --network net-a --cluster cluster-a --kind service --namespace default --name web
-ipam alloc create --network net-a --cluster cluster-b --kind service --namespace default --name late
-ipam alloc list --network net-a
-ipam usage
-echo "demo finished; store log: kept until exit" >&2
+
+say "cairn-ccm: the controller for cluster 'demo'"
+"$bin/cairn-ccm" --kubeconfig "$work/demo.kubeconfig" --cluster-id demo --ipam-endpoint "$store" \
+  --leader-elect false --metrics-listen 127.0.0.1:0 2>"$work/ccm.log" &
+pids+=($!)
+wait_for "the network to be Ready" 60 kubectl wait --for=condition=Ready --timeout=2s clusternetwork/demo-net
+kubectl get clusternetworks >&2
+
+say "a Node registers with the cloud taint; cairn-ccm gives it a node-pool address"
+kubectl apply -f - <<'YAML'
+apiVersion: v1
+kind: Node
+metadata:
+  name: demo-node-1
+spec:
+  taints: [ { key: node.cloudprovider.kubernetes.io/uninitialized, value: "true", effect: NoSchedule } ]
+YAML
+node_ip() { kubectl get node demo-node-1 -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}'; }
+wait_for "the node's address" 60 test -n "$(node_ip)"
+nip=$(node_ip)
+echo "  demo-node-1: InternalIP $nip, providerID $(kubectl get node demo-node-1 -o jsonpath='{.spec.providerID}')" >&2
+# No kubelet runs here: report the node Ready, as a kubelet would.
+now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+kubectl patch node demo-node-1 --subresource=status --type=merge -p \
+  "{\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",\"message\":\"demo\",\"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null
+
+say "a LoadBalancer Service gets a VIP"
+kubectl apply -f - <<'YAML'
+apiVersion: v1
+kind: Service
+metadata:
+  name: hello
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector: { app: hello }
+  ports: [ { name: http, port: 80, protocol: TCP } ]
+YAML
+vip() { kubectl get svc hello -o jsonpath='{.status.loadBalancer.ingress[0].ip}'; }
+wait_for "the Service's VIP" 60 test -n "$(vip)"
+vip=$(vip)
+nodeport=$(kubectl get svc hello -o jsonpath='{.spec.ports[0].nodePort}')
+kubectl get svc hello >&2
+echo "  VIP $vip; the node answers on $nip:$nodeport" >&2
+
+say "the workload: an HTTP server on the node's address and nodePort"
+mkdir -p "$work/www" && echo "hello from demo-node-1 ($nip:$nodeport) through $vip:80" >"$work/www/index.html"
+python3 -m http.server --bind "$nip" --directory "$work/www" "$nodeport" >"$work/www.log" 2>&1 &
+pids+=($!)
+wait_for "the backend" 20 bash -c "exec 3<>/dev/tcp/$nip/$nodeport"
+
+say "cairn-ccm haproxy-agent: renders, validates and (re)loads haproxy"
+"$bin/cairn-ccm" haproxy-agent --kubeconfig "$work/demo.kubeconfig" --config "$work/haproxy.cfg" \
+  --manage-haproxy --metrics-listen 127.0.0.1:0 2>"$work/agent.log" &
+pids+=($!)
+wait_for "traffic through HAProxy" 60 curl -fsS --max-time 2 "http://$vip:80/"
+sed 's/^/  /' "$work/haproxy.cfg" >&2
+
+say "curl http://$vip/"
+curl -fsS --max-time 2 "http://$vip:80/"
+
+say "who holds what (the store's view)"
+CAIRN_IPAM_ENDPOINT=$store "$bin/cairn-ipam" alloc list
+CAIRN_IPAM_ENDPOINT=$store "$bin/cairn-ipam" usage
+
+if [ "${DEMO_HOLD:-0}" = 1 ]; then
+  say "running; KUBECONFIG=$work/demo.kubeconfig — Ctrl-C to stop"
+  wait
+fi
+say "demo finished"
