@@ -132,16 +132,8 @@ async fn two_clusters_on_one_network_never_share_a_vip() {
 /// Service is assigned, nothing assigned before the kill changed, nothing leaked.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_burst_changes_and_leaks_nothing() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-k",
-        vip_network("net-k", "10.80.0.0/23", "10.80.2.0/24"),
-    )
-    .await;
+    let Env { cp, client, store } =
+        Env::start("net-k", vip_network("net-k", "10.80.0.0/23", "10.80.2.0/24")).await;
     let args = ["--leader-elect", "false", "--concurrency", "8"];
     start_ccm(&cp, "ccm", "cluster-k", &store.endpoint, &args);
 
@@ -208,16 +200,8 @@ async fn kill_9_mid_burst_changes_and_leaks_nothing() {
 /// Two replicas: one leads (holds the Lease); SIGKILL it and the other takes over.
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_hand_over_between_two_replicas() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-l",
-        vip_network("net-l", "10.90.1.0/28", "10.90.2.0/24"),
-    )
-    .await;
+    let Env { cp, client, store } =
+        Env::start("net-l", vip_network("net-l", "10.90.1.0/28", "10.90.2.0/24")).await;
     let args = ["--lease-duration", "4"];
     start_ccm(&cp, "ccm-1", "cluster-l", &store.endpoint, &args);
     start_ccm(&cp, "ccm-2", "cluster-l", &store.endpoint, &args);

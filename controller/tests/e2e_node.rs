@@ -7,19 +7,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use cairn_e2e::{ControlPlane, eventually};
+use cairn_e2e::eventually;
 use common::*;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, api::DeleteParams};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tainted_nodes_are_initialised_and_released_on_delete() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
+    let Env { cp, client, store } = Env::start(
         "net-n",
         vip_network("net-n", "10.70.1.0/28", "10.70.2.10-10.70.2.20"),
     )

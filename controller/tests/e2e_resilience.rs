@@ -5,7 +5,7 @@
 
 mod common;
 
-use cairn_e2e::{ControlPlane, eventually};
+use cairn_e2e::eventually;
 use cairn_proto::v1 as pb;
 use common::*;
 use k8s_openapi::api::core::v1::Service;
@@ -24,16 +24,8 @@ fn owner(cluster: &str, name: &str) -> pb::Owner {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-r",
-        vip_network("net-r", "10.95.1.0/28", "10.95.2.0/24"),
-    )
-    .await;
+    let Env { cp, client, store } =
+        Env::start("net-r", vip_network("net-r", "10.95.1.0/28", "10.95.2.0/24")).await;
     // The network must exist in the store before the stray allocations are made.
     let mut c = store.client().await;
     c.upsert_network(pb::UpsertNetworkRequest {
@@ -107,16 +99,11 @@ async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn store_outage_degrades_and_keeps_finalizers() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let mut store = Store::start().await;
-    create_network(
-        &client,
-        "net-o",
-        vip_network("net-o", "10.96.200.0/28", "10.96.201.0/24"),
-    )
-    .await;
+    let Env {
+        cp,
+        client,
+        mut store,
+    } = Env::start("net-o", vip_network("net-o", "10.96.200.0/28", "10.96.201.0/24")).await;
     start_ccm(&cp, "ccm", "cluster-o", &store.endpoint, &[]);
     create_lb(&client, "default", "web", 80, json!({})).await;
     let ip = wait_ingress(&client, "default", "web", 1).await;

@@ -187,23 +187,14 @@ async fn has_finalizer(client: &kube::Client, name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requested_ips_pools_classes_and_sharing() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-b",
-        json!({
+    let Env { cp, client, store } = Env::start("net-b", json!({
             "network": "net-b",
             "reuseGraceSeconds": 0,
             "pools": [
                 { "name": "vip", "purpose": "VIP", "ranges": ["10.30.1.0/28"] },
                 { "name": "special", "purpose": "VIP", "ranges": ["10.30.9.0-10.30.9.7"], "autoAssign": false },
             ],
-        }),
-    )
-    .await;
+        })).await;
     // A Service of another class exists before the controller starts.
     create_lb(
         &client,
@@ -320,20 +311,11 @@ async fn requested_ips_pools_classes_and_sharing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dual_stack_services_follow_family_policy() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-ds",
-        json!({
+    let Env { cp, client, store } = Env::start("net-ds", json!({
             "network": "net-ds",
             "reuseGraceSeconds": 0,
             "pools": [ { "name": "vip", "purpose": "VIP", "ranges": ["10.60.1.0/28", "fd00:60::10-fd00:60::1f"] } ],
-        }),
-    )
-    .await;
+        })).await;
     start_ccm(&cp, "ccm", "cluster-a", &store.endpoint, &[]);
     create_lb(&client, "default", "v4", 80, json!({})).await;
     let v4 = wait_ingress(&client, "default", "v4", 1).await;
@@ -374,12 +356,7 @@ async fn dual_stack_services_follow_family_policy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exhausted_pool_leaves_services_pending_until_an_address_is_freed() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
+    let Env { cp, client, store } = Env::start(
         "net-x",
         vip_network("net-x", "10.40.1.1-10.40.1.2", "10.40.2.0/24"),
     )
@@ -399,16 +376,8 @@ async fn exhausted_pool_leaves_services_pending_until_an_address_is_freed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn existing_ingress_ips_are_adopted_on_first_start() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    install_crd(&client).await;
-    let store = Store::start().await;
-    create_network(
-        &client,
-        "net-m",
-        vip_network("net-m", "10.50.1.0/28", "10.50.2.0/24"),
-    )
-    .await;
+    let Env { cp, client, store } =
+        Env::start("net-m", vip_network("net-m", "10.50.1.0/28", "10.50.2.0/24")).await;
     // Services a previous LB implementation served: one inside the pool, one outside.
     for (name, ip) in [("legacy", "10.50.1.7"), ("stray", "192.0.2.9")] {
         create_lb(&client, "default", name, 80, json!({})).await;

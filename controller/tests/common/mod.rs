@@ -187,6 +187,25 @@ pub fn start_ccm(cp: &ControlPlane, name: &str, cluster: &str, store: &str, extr
     cp.spawn(name, &cmd).expect("spawn cairn-ccm")
 }
 
+/// The usual ground of a test: a control plane with the CRD installed, a store, and one
+/// ClusterNetwork.
+pub struct Env {
+    pub cp: ControlPlane,
+    pub client: Client,
+    pub store: Store,
+}
+
+impl Env {
+    pub async fn start(network: &str, spec: serde_json::Value) -> Env {
+        let cp = ControlPlane::start().await.expect("control plane");
+        let client = cp.client().expect("client");
+        install_crd(&client).await;
+        let store = Store::start().await;
+        create_network(&client, network, spec).await;
+        Env { cp, client, store }
+    }
+}
+
 /// Installs the committed CRD and waits until it is served.
 pub async fn install_crd(client: &Client) {
     let path: &Path = Path::new(concat!(
