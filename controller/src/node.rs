@@ -92,17 +92,7 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
 
     let cn = match ctx.network_for(node, PoolPurpose::Node) {
         Ok(cn) => cn,
-        Err(e) => {
-            ctx.event(
-                node,
-                EventType::Warning,
-                "AllocationFailed",
-                "Allocate",
-                e.to_string(),
-            )
-            .await;
-            return Err(e);
-        }
+        Err(e) => return Err(allocation_failed(ctx, node, e).await),
     };
     let req = pb::AllocateRequest {
         network: cn.spec.network.clone(),
@@ -114,17 +104,7 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
     };
     let a = match ctx.ipam.allocate(req).await {
         Ok(r) => r.allocation.ok_or(Error::MissingObjectKey("allocation"))?,
-        Err(e @ Error::Store { .. }) => {
-            ctx.event(
-                node,
-                EventType::Warning,
-                "AllocationFailed",
-                "Allocate",
-                e.to_string(),
-            )
-            .await;
-            return Err(e);
-        }
+        Err(e @ Error::Store { .. }) => return Err(allocation_failed(ctx, node, e).await),
         Err(e) => return Err(e),
     };
 
@@ -214,6 +194,19 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
         .await;
     }
     Ok(Action::await_change())
+}
+
+/// Tells the Node's readers why it stays uninitialised; returns the error for the retry.
+async fn allocation_failed(ctx: &Context, node: &Node, e: Error) -> Error {
+    ctx.event(
+        node,
+        EventType::Warning,
+        "AllocationFailed",
+        "Allocate",
+        e.to_string(),
+    )
+    .await;
+    e
 }
 
 /// Retries with backoff.
