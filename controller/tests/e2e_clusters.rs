@@ -238,3 +238,76 @@ async fn leader_hand_over_between_two_replicas() {
         "hand-over moved nothing"
     );
 }
+
+/// A second cluster applying a different definition of a network the first one manages gets
+/// `Conflict=True` and changes nothing in the store; so does a network overlapping another.
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_definitions_are_reported_not_applied() {
+    let planes = ControlPlane::start_many(2).await.expect("two control planes");
+    let store = Store::start().await;
+    let clients: Vec<Client> = planes.iter().map(|p| p.client().unwrap()).collect();
+    for (i, (cp, c)) in planes.iter().zip(&clients).enumerate() {
+        install_crd(c).await;
+        start_ccm(
+            cp,
+            "ccm",
+            &format!("cluster-{}", ["a", "b"][i]),
+            &store.endpoint,
+            &[],
+        );
+    }
+    create_network(
+        &clients[0],
+        "net-c",
+        vip_network("net-c", "10.21.1.0/28", "10.21.2.0/24"),
+    )
+    .await;
+    let cond = |c: Client, name: &'static str, t: &'static str, want: &'static str| async move {
+        let api: Api<ClusterNetwork> = Api::all(c);
+        eventually(&format!("{name}: {t}={want}"), ACT, || {
+            let api = api.clone();
+            async move {
+                let cn = api.get(name).await.map_err(|e| e.to_string())?;
+                let conds = cn.status.unwrap_or_default().conditions;
+                conds
+                    .iter()
+                    .find(|c| c.type_ == t && c.status == want)
+                    .map(|c| c.message.clone())
+                    .ok_or_else(|| format!("{conds:?}"))
+            }
+        })
+        .await
+        .unwrap()
+    };
+    cond(clients[0].clone(), "net-c", "Ready", "True").await;
+    // B: same network name, another pool.
+    create_network(
+        &clients[1],
+        "net-c",
+        vip_network("net-c", "10.21.1.0/27", "10.21.2.0/24"),
+    )
+    .await;
+    let msg = cond(clients[1].clone(), "net-c", "Conflict", "True").await;
+    assert!(msg.contains("cluster/cluster-a"), "{msg}");
+    cond(clients[1].clone(), "net-c", "Ready", "False").await;
+    let mut c = store.client().await;
+    let stored = c
+        .get_network(cairn_proto::v1::GetNetworkRequest { name: "net-c".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stored.pools[0].ranges,
+        vec!["10.21.1.0/28"],
+        "A's definition stands"
+    );
+    // B: another network overlapping net-c.
+    create_network(
+        &clients[1],
+        "net-d",
+        vip_network("net-d", "10.21.1.8/29", "10.22.2.0/24"),
+    )
+    .await;
+    let msg = cond(clients[1].clone(), "net-d", "Conflict", "True").await;
+    assert!(msg.contains("net-c") && msg.contains("net-d"), "{msg}");
+}
