@@ -14,7 +14,7 @@
 //! migrating from another LB implementation) asks for exactly those IPs, so it keeps them when
 //! no other owner holds them.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use cairn_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Service;
@@ -467,19 +467,6 @@ async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error)
 pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
     Action::requeue(err.backoff(1))
-}
-
-/// Labels for tests and the agent: which Services are ours, by `namespace/name`.
-pub fn index(svcs: &[Arc<Service>], class: Option<&str>) -> BTreeMap<String, Arc<Service>> {
-    svcs.iter()
-        .filter(|s| wants_lb(s, class))
-        .map(|s| {
-            (
-                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
-                s.clone(),
-            )
-        })
-        .collect()
 }
 
 #[cfg(test)]
