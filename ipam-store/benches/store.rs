@@ -16,7 +16,9 @@
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
-//! (passed to the server), `--client-threads N`, `--keep` (keep the work dir).
+//! (passed to the server), `--client-threads N`, `--keep` (keep the work dir), `--wait-quiet S`
+//! (before each timed gRPC row and restart, wait up to S seconds until the rest of the machine
+//! uses < 0.3 cores; default 120, 0 with --quick).
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -56,6 +58,8 @@ struct Args {
     cache_mib: Option<u64>,
     client_threads: usize,
     keep: bool,
+    /// Longest wait for a quiet machine before each timed gRPC row and restart.
+    quiet: Duration,
 }
 
 impl Args {
@@ -69,6 +73,7 @@ impl Args {
             cache_mib: None,
             client_threads: 1,
             keep: false,
+            quiet: Duration::MAX,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -82,6 +87,7 @@ impl Args {
                 "--cache-mib" => a.cache_mib = Some(val()?.parse()?),
                 "--client-threads" => a.client_threads = val()?.parse()?,
                 "--keep" => a.keep = true,
+                "--wait-quiet" => a.quiet = Duration::from_secs_f64(val()?.parse()?),
                 // Passed by `cargo bench`.
                 "--bench" => {}
                 "-h" | "--help" => {
@@ -97,6 +103,13 @@ impl Args {
                 }
                 other => bail!("unknown argument {other:?} (see --help)"),
             }
+        }
+        if a.quiet == Duration::MAX {
+            a.quiet = if a.quick {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(120)
+            };
         }
         if a.secs == 0.0 {
             a.secs = if a.quick { 1.0 } else { 10.0 };
@@ -247,6 +260,33 @@ fn threads_cpu_ns(pid: &str) -> u64 {
         .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
         .sum()
+}
+
+/// Waits (at most `max`) until the rest of the machine uses under 0.3 cores over 2 s, so other
+/// work (concurrent builds) skews a measurement less. Returns a note for the output.
+fn wait_quiet(max: Duration) -> String {
+    if max.is_zero() {
+        return String::new();
+    }
+    let tck = clk_tck();
+    let t = Instant::now();
+    loop {
+        let b0 = machine_busy_secs(tck);
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = (machine_busy_secs(tck) - b0) / 2.0;
+        if busy < 0.3 {
+            return format!(
+                "(waited {:.0} s for a quiet machine: {busy:.2} cores busy)",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if t.elapsed() >= max {
+            return format!(
+                "(machine not quiet after {:.0} s: {busy:.2} cores busy by others; measuring anyway)",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// CPU seconds the whole machine has been busy (all cores; not idle, not iowait).
@@ -675,6 +715,8 @@ struct Server {
     log: PathBuf,
     /// Spawn to addr file.
     ready: Duration,
+    /// Cores the rest of the machine kept busy while the server started.
+    others: f64,
 }
 
 impl Server {
@@ -701,6 +743,8 @@ impl Server {
         if let Some(c) = args.cache_mib {
             cmd.args(["--cache-mib", &c.to_string()]);
         }
+        let tck = clk_tck();
+        let busy0 = machine_busy_secs(tck);
         let t = Instant::now();
         let mut child = cmd
             .spawn()
@@ -719,6 +763,8 @@ impl Server {
             std::thread::sleep(Duration::from_micros(500));
         };
         let ready = t.elapsed();
+        let own = cpu_secs(&child.id().to_string(), tck);
+        let others = ((machine_busy_secs(tck) - busy0 - own) / ready.as_secs_f64()).max(0.0);
         let get = |k: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(k).map(str::to_string))
@@ -731,6 +777,7 @@ impl Server {
             metrics: get("metrics="),
             log: log.to_path_buf(),
             ready,
+            others,
         })
     }
 
@@ -954,6 +1001,8 @@ async fn load(
     let stop_at = measure_from + dur;
     let limit = count.map(|c| next.load(Ordering::Relaxed) + c);
     let errors = Arc::new(AtomicU64::new(0));
+    // CAIRN_BENCH_STALLS=1: print every request slower than 10 ms (to find periodic stalls).
+    let stalls = std::env::var_os("CAIRN_BENCH_STALLS").is_some();
     let mut tasks = Vec::with_capacity(inflight);
     for w in 0..inflight {
         let mut c = clients[w % clients.len()].clone();
@@ -973,6 +1022,13 @@ async fn load(
                 let t = Instant::now();
                 let r = c.allocate(pb_alloc(i)).await;
                 let end = Instant::now();
+                if stalls && end - t > Duration::from_millis(10) {
+                    eprintln!(
+                        "stall: worker {w} request started at +{:.3} s took {:.1} ms",
+                        (t - start).as_secs_f64(),
+                        (end - t).as_secs_f64() * 1e3
+                    );
+                }
                 match r {
                     Ok(_) if count.is_some() || t >= measure_from => lat.push((end - t).as_nanos() as u64),
                     Ok(_) => {}
@@ -1181,7 +1237,9 @@ async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> 
         "| in flight | conns | allocs/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | batch mean | batch p50 | commit mean ms | bound allocs/s | server CPU | client CPU | other CPU |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut notes = Vec::new();
     for inflight in [1usize, 16, 64] {
+        notes.push(format!("{inflight} in flight: {}", wait_quiet(args.quiet)));
         let conns = inflight.min(4);
         let m0 = srv.scrape().await?;
         let (s0, c0, b0) = (
@@ -1212,6 +1270,10 @@ async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> 
             (c1 - c0) / wall * 100.0,
             ((b1 - b0) - (s1 - s0) - (c1 - c0)).max(0.0) / wall * 100.0,
         );
+    }
+    println!();
+    for n in notes.iter().filter(|n| !n.ends_with(": ")) {
+        println!("- {n}");
     }
     println!();
     println!(
@@ -1504,20 +1566,25 @@ async fn bench_restart(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<(
         mib(du_bytes(&data) / 1024)
     );
     println!();
-    println!("| start | previous stop | ready s | load s | VmRSS MiB after | VmHWM MiB |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!(
+        "| start | previous stop | ready s | load s | VmRSS MiB after | VmHWM MiB | others' cores during start |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    let mut notes = Vec::new();
     let log = work.join("restart-server.log");
     let mut prev = "(built by library)".to_string();
     for i in 0..sz.restarts {
+        notes.push(format!("start {}: {}", i + 1, wait_quiet(args.quiet)));
         let mut srv = Server::start(args, &data, &log)?;
         println!(
-            "| {} | {prev} | {:.2} | {} | {} | {} |",
+            "| {} | {prev} | {:.2} | {} | {} | {} | {:.2} |",
             i + 1,
             srv.ready.as_secs_f64(),
             srv.load_ms()
                 .map_or("?".into(), |v| format!("{:.2}", v as f64 / 1e3)),
             mib(srv.rss_kib()),
             mib(srv.hwm_kib()),
+            srv.others,
         );
         srv.stop()?;
         prev = "SIGTERM".into();
@@ -1531,17 +1598,23 @@ async fn bench_restart(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<(
         drop(clients);
         srv.kill9()?;
     }
+    notes.push(format!("start {}: {}", sz.restarts + 1, wait_quiet(args.quiet)));
     let mut srv = Server::start(args, &data, &log)?;
     println!(
-        "| {} | SIGKILL after 1,000 more Allocates | {:.2} | {} | {} | {} |",
+        "| {} | SIGKILL after 1,000 more Allocates | {:.2} | {} | {} | {} | {:.2} |",
         sz.restarts + 1,
         srv.ready.as_secs_f64(),
         srv.load_ms()
             .map_or("?".into(), |v| format!("{:.2}", v as f64 / 1e3)),
         mib(srv.rss_kib()),
         mib(srv.hwm_kib()),
+        srv.others,
     );
     srv.stop()?;
+    println!();
+    for n in notes.iter().filter(|n| !n.ends_with(": ")) {
+        println!("- {n}");
+    }
     println!();
     let m = run_probe("load-phases", n, &data, args.cache_mib.unwrap_or(32))?;
     let secs = |k: &str| m.get(k).map_or(0.0, |v| *v as f64 / 1e6);
