@@ -11,6 +11,7 @@
 
 pub mod context;
 pub mod crd;
+pub mod haproxy;
 pub mod ipam;
 pub mod metrics;
 pub mod network;

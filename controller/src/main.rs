@@ -1,4 +1,5 @@
-//! `cairn-ccm`: runs the controller; `cairn-ccm crd` prints the ClusterNetwork CRD.
+//! `cairn-ccm`: runs the controller; `cairn-ccm crd` prints the ClusterNetwork CRD;
+//! `cairn-ccm haproxy-agent` keeps a cluster's HAProxy configured.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -30,9 +31,12 @@ enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Print the ClusterNetwork CRD (YAML).
     Crd,
+    /// Keep this cluster's HAProxy configured (run on the load-balancer host).
+    HaproxyAgent(cairn_ccm::haproxy::AgentArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -74,6 +78,10 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        Some(Cmd::HaproxyAgent(args)) => {
+            init_logs(cli.log_format);
+            cairn_ccm::haproxy::run(args, shutdown_signal()).await
+        }
         None => {
             init_logs(cli.log_format);
             run(cli.run, shutdown_signal()).await

@@ -1,0 +1,647 @@
+//! What HAProxy should serve, computed from the cluster's objects. Pure: no I/O, no clock;
+//! the same objects give the same [`LbConfig`], whatever order they come in.
+//!
+//! - One proxy (frontend + backend) per Service port: `VIP:port` for every ingress VIP of a
+//!   LoadBalancer Service this agent serves ([`crate::service::wants_lb`]), to
+//!   `nodeIP:nodePort` of the eligible nodes. Only TCP ports: UDP and SCTP ports are skipped
+//!   with a [`Warning`].
+//! - Eligible node: `Ready=True`, schedulable, not being deleted, initialised (no
+//!   `node.cloudprovider.kubernetes.io/uninitialized` taint), not labelled
+//!   `node.kubernetes.io/exclude-from-external-load-balancers`, with an `InternalIP`.
+//! - `externalTrafficPolicy: Local`: only eligible nodes that run a ready endpoint of the
+//!   Service (EndpointSlices, `nodeName`), health-checked with HTTP on `healthCheckNodePort`.
+//!   `Cluster`: every eligible node, with a TCP check on the nodePort.
+//! - The API-server VIP(s) `:6443` → nodes labelled `node-role.kubernetes.io/control-plane`
+//!   (Ready, not being deleted) `:6443`, checked with HTTPS `GET /readyz`.
+//! - Two proxies never bind the same `VIP:port`: the API server wins, then the older Service;
+//!   the loser is skipped with a [`Warning`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::ResourceExt;
+
+use crate::{UNINITIALIZED_TAINT, service};
+
+/// Nodes with this label never receive load-balancer traffic.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// Nodes with this label run an API server.
+pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Name of the API-server proxy.
+pub const API_SERVER_PROXY: &str = "api-server";
+
+/// A Service, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How HAProxy checks a backend server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// TCP connect to the server's address.
+    Tcp,
+    /// Plain HTTP `GET path` on another port of the server (kube-proxy's per-Service health
+    /// server on `healthCheckNodePort`).
+    Http {
+        /// Request path.
+        path: &'static str,
+        /// Port.
+        port: u16,
+    },
+    /// HTTPS `GET path` on the server's own port, certificate not verified (the API server).
+    Https {
+        /// Request path.
+        path: &'static str,
+    },
+}
+
+/// One backend server: a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// The node's name.
+    pub name: String,
+    /// `nodeIP:nodePort`.
+    pub addr: SocketAddr,
+}
+
+/// A frontend and its backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// `api-server`, or `svc:<namespace>:<name>:<port>`.
+    pub name: String,
+    /// The Service it serves (none for the API server).
+    pub owner: Option<ServiceRef>,
+    /// `VIP:port` addresses to listen on.
+    pub binds: Vec<SocketAddr>,
+    /// Health check of the servers.
+    pub check: Check,
+    /// Servers, sorted by name. May be empty (connections are then refused after accept).
+    pub servers: Vec<Server>,
+}
+
+/// Settings that come from flags, not from the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The stats/health frontend (`/stats`, `/healthz`), normally on loopback.
+    pub stats: Option<SocketAddr>,
+    /// How long old workers may keep serving established connections after a reload.
+    pub hard_stop_after: Duration,
+    /// Global connection limit.
+    pub maxconn: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            stats: None,
+            hard_stop_after: Duration::from_secs(1800),
+            maxconn: 50_000,
+        }
+    }
+}
+
+/// Everything HAProxy should serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Flags.
+    pub settings: Settings,
+    /// Proxies: the API server's first, then by Service and port.
+    pub proxies: Vec<Proxy>,
+}
+
+impl LbConfig {
+    /// Number of backend servers over all proxies.
+    pub fn servers(&self) -> usize {
+        self.proxies.iter().map(|p| p.servers.len()).sum()
+    }
+}
+
+/// Something the agent could not serve as asked, for an Event (on `owner`) or a log line.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Warning {
+    /// The Service concerned, if any.
+    pub owner: Option<ServiceRef>,
+    /// Event reason (`UnsupportedProtocol`, `NoNodePort`, `VIPConflict`, `InvalidIngressIP`).
+    pub reason: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// The API-server frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiServer {
+    /// VIPs (from `--api-server-vip` or the ClusterNetworks' `status.apiServerVIP`).
+    pub vips: Vec<IpAddr>,
+    /// Frontend port (6443).
+    pub port: u16,
+    /// Port of the API server on the control-plane nodes (6443).
+    pub backend_port: u16,
+}
+
+/// The objects the configuration is computed from.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// All Services (any type; the ones not served are skipped).
+    pub services: &'a [Arc<Service>],
+    /// All Nodes.
+    pub nodes: &'a [Arc<Node>],
+    /// All EndpointSlices (only those of `Local` Services are read).
+    pub slices: &'a [Arc<EndpointSlice>],
+    /// `--load-balancer-class`.
+    pub class: Option<&'a str>,
+    /// The API-server frontend.
+    pub api_server: &'a ApiServer,
+}
+
+fn condition_true(node: &Node, type_: &str) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+fn has_label(node: &Node, key: &str) -> bool {
+    node.labels().contains_key(key)
+}
+
+/// A node that may take Service traffic.
+pub fn lb_eligible(node: &Node) -> bool {
+    let spec = node.spec.as_ref();
+    node.metadata.deletion_timestamp.is_none()
+        && condition_true(node, "Ready")
+        && !spec.and_then(|s| s.unschedulable).unwrap_or(false)
+        && !spec
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == UNINITIALIZED_TAINT))
+        && !has_label(node, EXCLUDE_LABEL)
+}
+
+/// A node that serves the API server.
+pub fn api_server_eligible(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_none()
+        && condition_true(node, "Ready")
+        && has_label(node, CONTROL_PLANE_LABEL)
+}
+
+/// The node's `InternalIP` of the wanted family, else its first `InternalIP`.
+pub fn node_ip(node: &Node, prefer_v4: bool) -> Option<IpAddr> {
+    let ips: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.trim().parse().ok())
+        .collect();
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == prefer_v4)
+        .or_else(|| ips.first())
+        .copied()
+}
+
+/// Nodes running a ready endpoint of `ns/name`.
+fn endpoint_nodes(slices: &[Arc<EndpointSlice>], ns: &str, name: &str) -> BTreeSet<String> {
+    slices
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(ns)
+                && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
+        })
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.node_name.clone())
+        .collect()
+}
+
+/// Servers for a proxy whose first VIP is `vip`: `nodes` (already filtered) at `port`.
+fn servers<'n>(nodes: impl Iterator<Item = &'n Arc<Node>>, vip: IpAddr, port: u16) -> Vec<Server> {
+    let mut out: Vec<Server> = nodes
+        .filter_map(|n| {
+            node_ip(n, vip.is_ipv4()).map(|ip| Server {
+                name: n.name_any(),
+                addr: SocketAddr::new(ip, port),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup_by(|a, b| a.name == b.name);
+    out
+}
+
+/// Computes the configuration; also returns what could not be served.
+pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>) {
+    let mut proxies = Vec::new();
+    let mut warnings = Vec::new();
+    // Bound `VIP:port` → the proxy that holds it.
+    let mut taken: BTreeMap<SocketAddr, String> = BTreeMap::new();
+
+    // The API server first: it wins any clash.
+    let api = inputs.api_server;
+    let mut api_vips = api.vips.clone();
+    api_vips.sort();
+    api_vips.dedup();
+    if let Some(first) = api_vips.first() {
+        let binds: Vec<SocketAddr> = api_vips.iter().map(|ip| SocketAddr::new(*ip, api.port)).collect();
+        for b in &binds {
+            taken.insert(*b, API_SERVER_PROXY.to_string());
+        }
+        proxies.push(Proxy {
+            name: API_SERVER_PROXY.to_string(),
+            owner: None,
+            binds,
+            check: Check::Https { path: "/readyz" },
+            servers: servers(
+                inputs.nodes.iter().filter(|n| api_server_eligible(n)),
+                *first,
+                api.backend_port,
+            ),
+        });
+    }
+
+    // Services, oldest first (the older one keeps a contested VIP:port).
+    let mut svcs: Vec<&Arc<Service>> = inputs
+        .services
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && service::wants_lb(s, inputs.class))
+        .collect();
+    svcs.sort_by(|a, b| {
+        (a.creation_timestamp(), a.namespace(), a.name_any()).cmp(&(
+            b.creation_timestamp(),
+            b.namespace(),
+            b.name_any(),
+        ))
+    });
+    for svc in svcs {
+        let owner = ServiceRef {
+            namespace: svc.namespace().unwrap_or_default(),
+            name: svc.name_any(),
+        };
+        let warn = |warnings: &mut Vec<Warning>, reason: &'static str, message: String| {
+            warnings.push(Warning {
+                owner: Some(owner.clone()),
+                reason,
+                message,
+            });
+        };
+        let mut vips: Vec<IpAddr> = Vec::new();
+        for s in service::ingress_ips(svc) {
+            match s.trim().parse::<IpAddr>() {
+                Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+                Ok(_) => {}
+                Err(_) => warn(
+                    &mut warnings,
+                    "InvalidIngressIP",
+                    format!("ingress IP {s:?} is not an IP address; skipped"),
+                ),
+            }
+        }
+        if vips.is_empty() {
+            continue;
+        }
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let local_nodes = if local {
+            endpoint_nodes(inputs.slices, &owner.namespace, &owner.name)
+        } else {
+            BTreeSet::new()
+        };
+        let check = match spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) {
+            Some(port) if local && port > 0 => Check::Http {
+                path: "/healthz",
+                port,
+            },
+            _ => Check::Tcp,
+        };
+        for p in spec.ports.iter().flatten() {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
+            if proto != "TCP" {
+                warn(
+                    &mut warnings,
+                    "UnsupportedProtocol",
+                    format!("port {port}/{proto} skipped: the HAProxy load balancer serves TCP only"),
+                );
+                continue;
+            }
+            let Some(node_port) = p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) else {
+                warn(
+                    &mut warnings,
+                    "NoNodePort",
+                    format!(
+                        "port {port}/TCP skipped: it has no nodePort (allocateLoadBalancerNodePorts: false?)"
+                    ),
+                );
+                continue;
+            };
+            let name = format!("svc:{}:{}:{port}", owner.namespace, owner.name);
+            let mut binds = Vec::new();
+            for ip in &vips {
+                let addr = SocketAddr::new(*ip, port);
+                match taken.get(&addr) {
+                    Some(holder) => warn(
+                        &mut warnings,
+                        "VIPConflict",
+                        format!("{addr} is already served by {holder}; not bound for this Service"),
+                    ),
+                    None => {
+                        taken.insert(addr, name.clone());
+                        binds.push(addr);
+                    }
+                }
+            }
+            if binds.is_empty() {
+                continue;
+            }
+            let nodes = inputs
+                .nodes
+                .iter()
+                .filter(|n| lb_eligible(n) && (!local || local_nodes.contains(&n.name_any())));
+            let family = binds[0].ip();
+            proxies.push(Proxy {
+                name,
+                owner: Some(owner.clone()),
+                binds,
+                check: check.clone(),
+                servers: servers(nodes, family, node_port),
+            });
+        }
+    }
+    // The API server first, then by Service and port.
+    proxies.sort_by_key(|p| (p.owner.clone(), p.binds.first().map(SocketAddr::port)));
+    warnings.sort();
+    warnings.dedup();
+    (LbConfig { settings, proxies }, warnings)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn node(name: &str, ip: &str, ready: bool, labels: serde_json::Value) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": name, "labels": labels },
+                "spec": {},
+                "status": {
+                    "addresses": [ { "type": "Hostname", "address": name }, { "type": "InternalIP", "address": ip } ],
+                    "conditions": [ { "type": "Ready", "status": if ready { "True" } else { "False" } } ],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    pub(crate) fn lb(
+        ns: &str,
+        name: &str,
+        created: &str,
+        ips: &[&str],
+        ports: serde_json::Value,
+        extra: serde_json::Value,
+    ) -> Arc<Service> {
+        let mut v = json!({
+            "metadata": { "name": name, "namespace": ns, "creationTimestamp": created },
+            "spec": { "type": "LoadBalancer", "ports": ports },
+            "status": { "loadBalancer": { "ingress": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>() } },
+        });
+        if let (Some(spec), Some(e)) = (v["spec"].as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                spec.insert(k.clone(), x.clone());
+            }
+        }
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    pub(crate) fn slice(ns: &str, svc: &str, eps: &[(&str, Option<bool>)]) -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": format!("{svc}-x"), "namespace": ns, "labels": { SERVICE_NAME_LABEL: svc } },
+                "addressType": "IPv4",
+                "endpoints": eps.iter().map(|(n, ready)| json!({
+                    "addresses": ["10.244.0.9"],
+                    "nodeName": n,
+                    "conditions": { "ready": ready },
+                })).collect::<Vec<_>>(),
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn run(
+        services: &[Arc<Service>],
+        nodes: &[Arc<Node>],
+        slices: &[Arc<EndpointSlice>],
+        api: &ApiServer,
+    ) -> (LbConfig, Vec<Warning>) {
+        build(
+            &Inputs {
+                services,
+                nodes,
+                slices,
+                class: None,
+                api_server: api,
+            },
+            Settings::default(),
+        )
+    }
+
+    fn no_api() -> ApiServer {
+        ApiServer {
+            vips: vec![],
+            port: 6443,
+            backend_port: 6443,
+        }
+    }
+
+    #[test]
+    fn node_eligibility() {
+        assert!(lb_eligible(&node("a", "10.0.0.1", true, json!({}))));
+        assert!(!lb_eligible(&node("a", "10.0.0.1", false, json!({}))));
+        assert!(!lb_eligible(&node(
+            "a",
+            "10.0.0.1",
+            true,
+            json!({ EXCLUDE_LABEL: "" })
+        )));
+        let mut n = (*node("a", "10.0.0.1", true, json!({}))).clone();
+        n.spec.as_mut().unwrap().unschedulable = Some(true);
+        assert!(!lb_eligible(&n));
+        let mut n = (*node("a", "10.0.0.1", true, json!({}))).clone();
+        n.spec.as_mut().unwrap().taints = Some(vec![k8s_openapi::api::core::v1::Taint {
+            key: UNINITIALIZED_TAINT.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }]);
+        assert!(!lb_eligible(&n));
+        assert!(api_server_eligible(&node(
+            "cp",
+            "10.0.0.1",
+            true,
+            json!({ CONTROL_PLANE_LABEL: "" })
+        )));
+        assert!(!api_server_eligible(&node("w", "10.0.0.1", true, json!({}))));
+    }
+
+    #[test]
+    fn ports_protocols_and_conflicts() {
+        let services = vec![
+            lb(
+                "default",
+                "web",
+                "2024-01-01T00:00:00Z",
+                &["10.20.1.2"],
+                json!([
+                    { "port": 80, "protocol": "TCP", "nodePort": 30080 },
+                    { "port": 53, "protocol": "UDP", "nodePort": 30053 },
+                    { "port": 81, "protocol": "TCP" },
+                ]),
+                json!({}),
+            ),
+            // Younger, same VIP:port (a stale status): loses.
+            lb(
+                "default",
+                "copy",
+                "2024-02-01T00:00:00Z",
+                &["10.20.1.2"],
+                json!([{ "port": 80, "nodePort": 30081 }]),
+                json!({}),
+            ),
+            // Another class: not ours.
+            lb(
+                "default",
+                "other",
+                "2024-01-01T00:00:00Z",
+                &["10.20.1.9"],
+                json!([{ "port": 80, "nodePort": 30082 }]),
+                json!({ "loadBalancerClass": "x" }),
+            ),
+        ];
+        let nodes = vec![node("n1", "10.20.2.1", true, json!({}))];
+        let (cfg, warnings) = run(&services, &nodes, &[], &no_api());
+        let names: Vec<_> = cfg.proxies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["svc:default:web:80"]);
+        let reasons: Vec<_> = warnings
+            .iter()
+            .map(|w| (w.owner.as_ref().unwrap().name.as_str(), w.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("copy", "VIPConflict"),
+                ("web", "NoNodePort"),
+                ("web", "UnsupportedProtocol")
+            ]
+        );
+    }
+
+    #[test]
+    fn local_policy_follows_ready_endpoints() {
+        let services = vec![lb(
+            "default",
+            "loc",
+            "2024-01-01T00:00:00Z",
+            &["10.20.1.3"],
+            json!([{ "port": 80, "nodePort": 30080 }]),
+            json!({ "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000 }),
+        )];
+        let nodes = vec![
+            node("n1", "10.20.2.1", true, json!({})),
+            node("n2", "10.20.2.2", true, json!({})),
+            node("n3", "10.20.2.3", false, json!({})),
+        ];
+        let slices = vec![slice(
+            "default",
+            "loc",
+            &[("n2", Some(true)), ("n1", Some(false)), ("n3", None)],
+        )];
+        let (cfg, _) = run(&services, &nodes, &slices, &no_api());
+        let p = &cfg.proxies[0];
+        assert_eq!(
+            p.check,
+            Check::Http {
+                path: "/healthz",
+                port: 32000
+            }
+        );
+        let names: Vec<_> = p.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["n2"], "n1 not ready endpoint, n3 node not ready");
+    }
+
+    #[test]
+    fn api_server_wins_and_family_is_preferred() {
+        let api = ApiServer {
+            vips: vec!["10.20.1.1".parse().unwrap()],
+            port: 6443,
+            backend_port: 6443,
+        };
+        let services = vec![lb(
+            "default",
+            "grab",
+            "2024-01-01T00:00:00Z",
+            &["10.20.1.1", "fd00::1"],
+            json!([{ "port": 6443, "nodePort": 30443 }]),
+            json!({}),
+        )];
+        let mut dual = (*node("cp", "10.20.2.9", true, json!({ CONTROL_PLANE_LABEL: "" }))).clone();
+        dual.status.as_mut().unwrap().addresses.as_mut().unwrap().push(
+            k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "fd00:2::9".into(),
+            },
+        );
+        let nodes = vec![Arc::new(dual)];
+        let (cfg, warnings) = run(&services, &nodes, &[], &api);
+        assert_eq!(cfg.proxies[0].name, API_SERVER_PROXY);
+        assert_eq!(cfg.proxies[0].servers[0].addr, "10.20.2.9:6443".parse().unwrap());
+        // The Service keeps only its IPv6 VIP, which picks the node's IPv6 address.
+        let svc = &cfg.proxies[1];
+        assert_eq!(svc.binds, vec!["[fd00::1]:6443".parse().unwrap()]);
+        assert_eq!(svc.servers[0].addr, "[fd00:2::9]:30443".parse().unwrap());
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].reason, "VIPConflict");
+    }
+
+    #[test]
+    fn deleting_services_are_dropped() {
+        let mut s = (*lb(
+            "default",
+            "bye",
+            "2024-01-01T00:00:00Z",
+            &["10.20.1.4"],
+            json!([{ "port": 80, "nodePort": 30080 }]),
+            json!({}),
+        ))
+        .clone();
+        s.metadata.deletion_timestamp = s.metadata.creation_timestamp.clone();
+        let (cfg, _) = run(&[Arc::new(s)], &[], &[], &no_api());
+        assert!(cfg.proxies.is_empty());
+    }
+}
