@@ -4,7 +4,13 @@
 #![forbid(unsafe_code)]
 
 /// `cairn.ipam.v1`.
-#[allow(clippy::all, clippy::uninlined_format_args, unreachable_pub, missing_docs, rust_2018_idioms)]
+#[allow(
+    clippy::all,
+    clippy::uninlined_format_args,
+    unreachable_pub,
+    missing_docs,
+    rust_2018_idioms
+)]
 pub mod v1 {
     tonic::include_proto!("cairn.ipam.v1");
     include!(concat!(env!("OUT_DIR"), "/cairn.ipam.v1.serde.rs"));
