@@ -135,9 +135,11 @@ pub struct AgentArgs {
     /// How often to read server states from HAProxy (for `backends_up`).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
-    /// HAProxy's global connection limit.
-    #[arg(long, default_value_t = 50_000)]
-    pub maxconn: u32,
+    /// HAProxy's global connection limit (default: HAProxy derives it from its file-descriptor
+    /// limit, e.g. systemd's `LimitNOFILE`; a value HAProxy cannot get descriptors for makes it
+    /// refuse to start).
+    #[arg(long)]
+    pub maxconn: Option<u32>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -434,8 +436,12 @@ impl Agent {
             .collect();
         owners.sort();
         owners.dedup();
-        tracing::error!(error = %e, services = ?owners.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "configuration not applied; the previous one keeps running");
+        let services: Vec<String> = owners.iter().map(ToString::to_string).collect();
+        if self.running.is_some() {
+            tracing::error!(error = %e, ?services, "configuration not applied; the previous one keeps running");
+        } else {
+            tracing::error!(error = %e, ?services, "configuration not applied; HAProxy is not running");
+        }
         let reason = match e {
             ApplyError::Rejected { .. } => "ConfigRejected",
             _ => "ReloadFailed",

@@ -310,7 +310,7 @@ impl Haproxy {
             let lines = self.log.since(seq);
             let done = lines
                 .iter()
-                .any(|l| l.contains("Loading failure") || l.contains("Exiting"));
+                .any(|l| l.contains("Loading failure") || l.contains("Exiting") || l.contains("exit("));
             if done || tokio::time::Instant::now() >= deadline {
                 let alerts: Vec<String> = lines.into_iter().filter(|l| l.contains("[ALERT]")).collect();
                 return if alerts.is_empty() {
@@ -341,6 +341,7 @@ impl Haproxy {
             .kill_on_drop(true)
             .spawn()
             .map_err(io(format!("start {}", self.bin.display())))?;
+        let mut readers = Vec::new();
         for out in [
             child
                 .stdout
@@ -355,7 +356,7 @@ impl Haproxy {
         .flatten()
         {
             let log = self.log.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.contains("[ALERT]") {
@@ -367,7 +368,7 @@ impl Haproxy {
                     }
                     log.push(line);
                 }
-            });
+            }));
         }
         let pid = child.id();
         tracing::info!(pid, config = %self.config.display(), "started haproxy");
@@ -375,6 +376,9 @@ impl Haproxy {
         let deadline = tokio::time::Instant::now() + self.reload_timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                // Its output is complete once the readers reach the end of the pipes.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(readers)).await;
                 let message = self.alerts_since(seq, true).await;
                 return Err(ApplyError::ReloadFailed {
                     message: format!("haproxy exited ({status}): {message}"),

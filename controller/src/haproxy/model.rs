@@ -106,8 +106,8 @@ pub struct Settings {
     pub stats: Option<SocketAddr>,
     /// How long old workers may keep serving established connections after a reload.
     pub hard_stop_after: Duration,
-    /// Global connection limit.
-    pub maxconn: u32,
+    /// Global connection limit (none: HAProxy derives it from its file-descriptor limit).
+    pub maxconn: Option<u32>,
 }
 
 impl Default for Settings {
@@ -115,7 +115,7 @@ impl Default for Settings {
         Settings {
             stats: None,
             hard_stop_after: Duration::from_secs(1800),
-            maxconn: 50_000,
+            maxconn: None,
         }
     }
 }

@@ -93,12 +93,13 @@ fn proxy(out: &mut String, p: &Proxy) {
 pub fn render(cfg: &LbConfig) -> Rendered {
     let s = &cfg.settings;
     let mut out = String::from(HEADER);
+    out.push_str("\nglobal\n");
+    if let Some(m) = s.maxconn {
+        let _ = writeln!(out, "    maxconn {m}");
+    }
     let _ = write!(
         out,
-        "
-global
-    maxconn {maxconn}
-    # Old workers finish established connections for at most this long after a reload.
+        "    # Old workers finish established connections for at most this long after a reload.
     hard-stop-after {hard_stop}
     mworker-max-reloads 50
 
@@ -111,7 +112,6 @@ defaults
     timeout check 3s
     default-server inter 2s fall 2 rise 2
 ",
-        maxconn = s.maxconn,
         hard_stop = secs(s.hard_stop_after),
     );
     if let Some(addr) = s.stats {
