@@ -4,6 +4,7 @@
 //! renders — and `cairn-ccm` runs as a process authenticated as the manifests'
 //! ServiceAccount, with the Deployment's own args and config, against a `cairn-ipam` started
 //! with the StatefulSet's args, and does its job under exactly that RBAC (and nothing more).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -24,7 +25,10 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+        PostParams,
+    },
     discovery::{self, Scope},
 };
 use serde_json::{Value, json};
@@ -42,12 +46,14 @@ fn manifests() -> PathBuf {
 
 /// Runs the built kubectl against `kubeconfig`; returns (success, stdout, stderr).
 async fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(cairn_e2e::binary_path("kubectl").expect("kubectl (e2e/tools/build.sh)"))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args(args)
-        .output()
-        .await
-        .expect("run kubectl");
+    let out = tokio::process::Command::new(
+        cairn_e2e::binary_path("kubectl").expect("kubectl (e2e/tools/build.sh)"),
+    )
+    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+    .args(args)
+    .output()
+    .await
+    .expect("run kubectl");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -67,8 +73,24 @@ async fn render(kubeconfig: &Path, dir: &Path) -> Vec<Value> {
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name))
+        })
         .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+}
+
+/// Apiserver warnings in kubectl's stderr, except the known one about the generated CRD:
+/// schemars writes `format: uint32`/`uint64` for unsigned fields, which the apiserver accepts
+/// but warns is an unrecognized format (it then validates only type and min/max).
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("Warning:"))
+        .filter(|l| !l.starts_with("Warning: unrecognized format \"uint"))
+        .collect()
 }
 
 /// The server-side dry-run of `-k dir`, then the real apply; both must succeed without warnings.
@@ -80,14 +102,14 @@ async fn apply_k(cp: &ControlPlane, dir: &Path) -> String {
     )
     .await;
     assert!(ok, "server-side dry-run of {k} failed:\n{out}\n{err}");
-    assert!(!err.contains("Warning"), "dry-run of {k} warned:\n{err}");
+    assert!(warnings(&err).is_empty(), "dry-run of {k} warned:\n{err}");
     assert!(
         out.lines().all(|l| l.ends_with("(server dry run)")),
         "not all objects dry-run: {out}"
     );
     let (ok, out, err) = kubectl(cp.kubeconfig_path(), &["apply", "--server-side", "-k", &k]).await;
     assert!(ok, "apply of {k} failed:\n{out}\n{err}");
-    assert!(!err.contains("Warning"), "apply of {k} warned:\n{err}");
+    assert!(warnings(&err).is_empty(), "apply of {k} warned:\n{err}");
     out
 }
 
@@ -98,7 +120,11 @@ async fn install(cp: &ControlPlane, client: &Client) -> Vec<Value> {
     apply_k(cp, &manifests().join("crds")).await;
     let out = apply_k(cp, &manifests()).await;
     let docs = render(cp.kubeconfig_path(), &manifests()).await;
-    assert_eq!(out.lines().count(), docs.len(), "one apply line per object:\n{out}");
+    assert_eq!(
+        out.lines().count(),
+        docs.len(),
+        "one apply line per object:\n{out}"
+    );
     // The CRD is established and served (kubectl does not wait for that).
     let cn: Api<ClusterNetwork> = Api::all(client.clone());
     eventually("ClusterNetwork served", ACT, || {
@@ -125,19 +151,25 @@ async fn api_for(client: &Client, doc: &Value) -> Api<DynamicObject> {
     }
 }
 
-/// The yaml code block of README.md that contains `needle`.
-fn readme_yaml(needle: &str) -> String {
+/// The yaml code blocks of README.md that contain `needle`.
+fn readme_yamls(needle: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
-    readme
+    let blocks: Vec<String> = readme
         .split("```yaml\n")
         .skip(1)
         .filter_map(|b| b.split_once("```").map(|(y, _)| y.to_string()))
-        .find(|y| y.contains(needle))
-        .unwrap_or_else(|| panic!("README.md has no yaml block with {needle:?}"))
+        .filter(|y| y.contains(needle))
+        .collect();
+    assert!(!blocks.is_empty(), "README.md has no yaml block with {needle:?}");
+    blocks
 }
 
-fn readme_network() -> Value {
-    serde_yaml_ng::from_str(&readme_yaml("kind: ClusterNetwork")).expect("README ClusterNetwork")
+/// The README's ClusterNetwork examples.
+fn readme_networks() -> Vec<Value> {
+    readme_yamls("kind: ClusterNetwork")
+        .iter()
+        .map(|y| serde_yaml_ng::from_str(y).expect("README ClusterNetwork"))
+        .collect()
 }
 
 fn cn_api(client: &Client) -> Api<DynamicObject> {
@@ -189,7 +221,10 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     let (mut referenced, mut files) = (BTreeSet::new(), BTreeSet::new());
     collect_yaml(&manifests(), &mut referenced, &mut files);
     let orphans: Vec<_> = files.difference(&referenced).collect();
-    assert!(orphans.is_empty(), "YAML files no kustomization.yaml lists: {orphans:?}");
+    assert!(
+        orphans.is_empty(),
+        "YAML files no kustomization.yaml lists: {orphans:?}"
+    );
 
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client().unwrap();
@@ -198,9 +233,11 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     // Every rendered object exists as rendered (spot-check: labels and, for workloads, the spec).
     for doc in &docs {
         let name = doc["metadata"]["name"].as_str().unwrap();
-        let live = api_for(&client, doc).await.get(name).await.unwrap_or_else(|e| {
-            panic!("{} {name} missing after apply: {e}", doc["kind"])
-        });
+        let live = api_for(&client, doc)
+            .await
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{} {name} missing after apply: {e}", doc["kind"]));
         assert_eq!(
             live.labels().get("app.kubernetes.io/part-of").map(String::as_str),
             Some("cairn"),
@@ -208,9 +245,15 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
             doc["kind"]
         );
     }
-    let dep: Deployment = Api::namespaced(client.clone(), NS).get("cairn-ccm").await.unwrap();
+    let dep: Deployment = Api::namespaced(client.clone(), NS)
+        .get("cairn-ccm")
+        .await
+        .unwrap();
     assert_eq!(dep.spec.as_ref().unwrap().replicas, Some(2));
-    let sts: StatefulSet = Api::namespaced(client.clone(), NS).get("cairn-ipam").await.unwrap();
+    let sts: StatefulSet = Api::namespaced(client.clone(), NS)
+        .get("cairn-ipam")
+        .await
+        .unwrap();
     let sts_spec = sts.spec.as_ref().unwrap();
     assert_eq!(sts_spec.replicas, Some(1), "sled is single-process");
     let claim = &sts_spec.volume_claim_templates.as_ref().unwrap()[0];
@@ -230,7 +273,8 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     ] {
         let mut spec = doc["spec"]["template"]["spec"].clone();
         if doc["kind"] == "StatefulSet" {
-            spec["volumes"] = json!([{ "name": "data", "persistentVolumeClaim": { "claimName": "data-cairn-ipam-0" } }]);
+            spec["volumes"] =
+                json!([{ "name": "data", "persistentVolumeClaim": { "claimName": "data-cairn-ipam-0" } }]);
         }
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -255,12 +299,25 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         forbidden("PodSecurity restricted", pods.create(&dry, &bad).await);
     }
 
-    // The README's ClusterNetwork is accepted as written.
-    let example = readme_network();
+    // The README's ClusterNetworks are accepted as written (server-side dry-run: they may
+    // share a name), the first one for real.
     let cns = cn_api(&client);
-    cns.create(&PostParams::default(), &serde_json::from_value(example.clone()).unwrap())
-        .await
-        .expect("README ClusterNetwork accepted");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for example in readme_networks() {
+        cns.create(&dry, &serde_json::from_value(example).unwrap())
+            .await
+            .expect("README ClusterNetwork accepted");
+    }
+    let example = readme_networks().remove(0);
+    cns.create(
+        &PostParams::default(),
+        &serde_json::from_value(example.clone()).unwrap(),
+    )
+    .await
+    .expect("README ClusterNetwork accepted");
     // Malformed ones are refused by the apiserver, naming the field or rule.
     let with = |name: &str, f: &dyn Fn(&mut Value)| {
         let mut v = example.clone();
@@ -271,8 +328,15 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     rejected(
         &client,
         "bad pool purpose",
-        with("bad-purpose", &|v| v["spec"]["pools"][0]["purpose"] = json!("LOADBALANCER")),
-        &["spec.pools[0].purpose", "Unsupported value", "\"VIP\"", "\"NODE\""],
+        with("bad-purpose", &|v| {
+            v["spec"]["pools"][0]["purpose"] = json!("LOADBALANCER")
+        }),
+        &[
+            "spec.pools[0].purpose",
+            "Unsupported value",
+            "\"VIP\"",
+            "\"NODE\"",
+        ],
     )
     .await;
     rejected(
@@ -331,7 +395,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     std::fs::create_dir(tmp.path().join("my-cluster")).unwrap();
     std::fs::write(
         tmp.path().join("my-cluster/kustomization.yaml"),
-        readme_yaml("kind: Kustomization"),
+        readme_yamls("kind: Kustomization").remove(0),
     )
     .unwrap();
     let overlay = render(cp.kubeconfig_path(), &tmp.path().join("my-cluster")).await;
@@ -364,7 +428,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         ],
     )
     .await;
-    assert!(ok && !err.contains("Warning"), "overlay dry-run:\n{out}\n{err}");
+    assert!(ok && warnings(&err).is_empty(), "overlay dry-run:\n{out}\n{err}");
     eprintln!("manifests test: {:?}", t0.elapsed());
 }
 
@@ -389,29 +453,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A plain HTTP/1.0 GET on loopback: (status, body).
-async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
 fn container(spec: &k8s_openapi::api::core::v1::PodSpec) -> &Container {
     &spec.containers[0]
 }
 
-/// A Pod's probe paths on its metrics port answer 200.
-async fn probes_pass(c: &Container, port: u16) {
+/// A Pod's probe paths on its metrics port answer 200 (fails at once if a process exited).
+async fn probes_pass(cp: &ControlPlane, c: &Container, port: u16) {
     for probe in [&c.liveness_probe, &c.readiness_probe] {
         let path = probe
             .as_ref()
@@ -420,8 +467,9 @@ async fn probes_pass(c: &Container, port: u16) {
             .expect("http probe");
         eventually(&format!("GET {path}"), ACT, || {
             let path = path.clone();
+            cp.check_running().expect("cairn-ccm running");
             async move {
-                match http_get(port, &path).await {
+                match http_get(&format!("127.0.0.1:{port}"), &path).await {
                     Ok((200, _)) => Ok(()),
                     other => Err(format!("{other:?}")),
                 }
@@ -433,7 +481,7 @@ async fn probes_pass(c: &Container, port: u16) {
 }
 
 async fn metric(port: u16, name: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics").await.ok()?;
+    let (_, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics").await.ok()?;
     body.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
@@ -441,9 +489,18 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
 
 /// `cairn-ccm` as the Deployment runs it: its args (with --metrics-listen on loopback), its
 /// env (downward API filled in, ConfigMap values from `config`), authenticated by `kubeconfig`.
-fn ccm_command(dep: &Deployment, config: &BTreeMap<String, String>, kubeconfig: &Path, pod: &str, port: u16) -> Command {
+fn ccm_command(
+    dep: &Deployment,
+    config: &BTreeMap<String, String>,
+    kubeconfig: &Path,
+    pod: &str,
+    port: u16,
+) -> Command {
     let c = container(dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap());
-    assert_eq!(c.command.as_deref(), Some(&["/usr/local/bin/cairn-ccm".to_string()][..]));
+    assert_eq!(
+        c.command.as_deref(),
+        Some(&["/usr/local/bin/cairn-ccm".to_string()][..])
+    );
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-ccm"));
     for a in c.args.iter().flatten() {
         if a.starts_with("--metrics-listen") {
@@ -469,13 +526,21 @@ fn ccm_command(dep: &Deployment, config: &BTreeMap<String, String>, kubeconfig: 
     cmd
 }
 
-/// Exit status and output of a finished process, with a deadline.
-async fn run_to_end(cmd: Command) -> (bool, String) {
-    let out = tokio::time::timeout(Duration::from_secs(30), tokio::process::Command::from(cmd).output())
-    .await
-    .expect("exits")
-    .expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+/// Exit status, stdout and stderr of a process that must exit within 30 s (it is killed
+/// otherwise: e.g. the agent waiting for a list its identity may not make).
+async fn run_to_end(cmd: Command) -> (bool, String, String) {
+    let what = format!("{cmd:?}");
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not exit within 30s"))
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 async fn lease_holder(client: &Client) -> Option<String> {
@@ -483,16 +548,21 @@ async fn lease_holder(client: &Client) -> Option<String> {
     leases.get_opt("cairn-ccm").await.ok()??.spec?.holder_identity
 }
 
-async fn wait_leader(client: &Client, who: &str, port: u16) {
-    eventually(&format!("{who} holds the Lease {NS}/cairn-ccm"), ACT, || async move {
-        let h = lease_holder(client).await;
-        let m = metric(port, "cairn_ccm_leader").await;
-        if h.as_deref() == Some(who) && m == Some(1.0) {
-            Ok(())
-        } else {
-            Err(format!("holder {h:?}, {who}'s cairn_ccm_leader {m:?}"))
-        }
-    })
+async fn wait_leader(cp: &ControlPlane, client: &Client, who: &str, port: u16) {
+    eventually(
+        &format!("{who} holds the Lease {NS}/cairn-ccm"),
+        ACT,
+        || async move {
+            cp.check_running().expect("cairn-ccm running");
+            let h = lease_holder(client).await;
+            let m = metric(port, "cairn_ccm_leader").await;
+            if h.as_deref() == Some(who) && m == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("holder {h:?}, {who}'s cairn_ccm_leader {m:?}"))
+            }
+        },
+    )
     .await
     .expect("leader");
 }
@@ -508,7 +578,11 @@ fn no_forbidden(cp: &ControlPlane, name: &str) {
             l.contains("forbidden") || l.contains("403") || l.contains("could not publish event")
         })
         .collect();
-    assert!(bad.is_empty(), "{name} hit missing permissions:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{name} hit missing permissions:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -518,7 +592,10 @@ async fn ccm_runs_under_the_manifests_service_account() {
     let admin = cp.client().unwrap();
     let docs = install(&cp, &admin).await;
     let dep: Deployment = Api::namespaced(admin.clone(), NS).get("cairn-ccm").await.unwrap();
-    let sts: StatefulSet = Api::namespaced(admin.clone(), NS).get("cairn-ipam").await.unwrap();
+    let sts: StatefulSet = Api::namespaced(admin.clone(), NS)
+        .get("cairn-ipam")
+        .await
+        .unwrap();
     let pod_spec = dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod_spec.service_account_name.as_deref(), Some("cairn-ccm"));
 
@@ -542,9 +619,17 @@ async fn ccm_runs_under_the_manifests_service_account() {
     })
     .await
     .unwrap();
-    let grpc = addrs.lines().find_map(|l| l.strip_prefix("grpc=")).unwrap().to_string();
+    let grpc = addrs
+        .lines()
+        .find_map(|l| l.strip_prefix("grpc="))
+        .unwrap()
+        .to_string();
     // Its probes: grpc.health.v1 Check of the probe's service answers SERVING.
-    let probe = store_c.readiness_probe.as_ref().and_then(|p| p.grpc.as_ref()).expect("grpc probe");
+    let probe = store_c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .expect("grpc probe");
     let out = Command::new(cairn_e2e::binary_path("grpcurl").unwrap())
         .args(["-plaintext", "-d"])
         .arg(json!({ "service": probe.service.clone().unwrap_or_default() }).to_string())
@@ -574,8 +659,10 @@ async fn ccm_runs_under_the_manifests_service_account() {
     );
     assert_eq!(shipped["CAIRN_CLUSTER_ID"], "");
     let ccm_token = cp.service_account_token(NS, "cairn-ccm").await.unwrap();
-    let kubeconfig = cp.write_kubeconfig_for_token("cairn-ccm.kubeconfig", &ccm_token).unwrap();
-    let (ok, err) = run_to_end(ccm_command(&dep, &shipped, &kubeconfig, "unset", free_port())).await;
+    let kubeconfig = cp
+        .write_kubeconfig_for_token("cairn-ccm.kubeconfig", &ccm_token)
+        .unwrap();
+    let (ok, _, err) = run_to_end(ccm_command(&dep, &shipped, &kubeconfig, "unset", free_port())).await;
     assert!(!ok && err.contains("--cluster-id"), "unset cluster id: {err}");
 
     let mut config = shipped.clone();
@@ -584,19 +671,25 @@ async fn ccm_runs_under_the_manifests_service_account() {
 
     // Replica 0 leads; the Lease is in the manifests' namespace.
     let port0 = free_port();
-    cp.spawn("ccm-0", &ccm_command(&dep, &config, &kubeconfig, "cairn-ccm-0", port0))
-        .unwrap();
-    probes_pass(container(pod_spec), port0).await;
-    wait_leader(&admin, "cairn-ccm-0", port0).await;
+    cp.spawn(
+        "ccm-0",
+        &ccm_command(&dep, &config, &kubeconfig, "cairn-ccm-0", port0),
+    )
+    .unwrap();
+    probes_pass(&cp, container(pod_spec), port0).await;
+    wait_leader(&cp, &admin, "cairn-ccm-0", port0).await;
     // Replica 1 stands by, ready.
     let port1 = free_port();
-    cp.spawn("ccm-1", &ccm_command(&dep, &config, &kubeconfig, "cairn-ccm-1", port1))
-        .unwrap();
-    probes_pass(container(pod_spec), port1).await;
+    cp.spawn(
+        "ccm-1",
+        &ccm_command(&dep, &config, &kubeconfig, "cairn-ccm-1", port1),
+    )
+    .unwrap();
+    probes_pass(&cp, container(pod_spec), port1).await;
     assert_eq!(metric(port1, "cairn_ccm_leader").await, Some(0.0));
 
     // The README's ClusterNetwork becomes Ready, with this cluster's API-server VIP.
-    let example = readme_network();
+    let example = readme_networks().remove(0);
     let net = example["metadata"]["name"].as_str().unwrap().to_string();
     cn_api(&admin)
         .create(&PostParams::default(), &serde_json::from_value(example).unwrap())
@@ -609,7 +702,10 @@ async fn ccm_runs_under_the_manifests_service_account() {
         async move {
             let cn = cns.get(&net).await.map_err(|e| e.to_string())?;
             let st = cn.status.clone().unwrap_or_default();
-            if st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+            if st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
                 && st.observed_generation == cn.metadata.generation
             {
                 Ok(cn)
@@ -620,14 +716,14 @@ async fn ccm_runs_under_the_manifests_service_account() {
     })
     .await
     .unwrap();
-    assert_eq!(cn.status.unwrap().api_server_vip.as_deref(), Some("10.20.1.2"));
+    let api_vip = cn.status.unwrap().api_server_vip.expect("API-server VIP");
 
     // A LoadBalancer Service in a namespace of its own: VIP, Event, finalizer; delete releases.
     cp.ensure_namespace("shop").await.unwrap();
     create_lb(&admin, "shop", "web", 443, json!({})).await;
-    let ips = wait_ingress(&admin, "shop", "web", 1).await;
-    assert_eq!(ips, ["10.20.1.3"]);
-    wait_event(&admin, "shop", "web", "Allocated", "10.20.1.3").await;
+    let web = wait_ingress(&admin, "shop", "web", 1).await.remove(0);
+    assert_ne!(web, api_vip);
+    wait_event(&admin, "shop", "web", "Allocated", &web).await;
     let svc: Service = Api::namespaced(admin.clone(), "shop").get("web").await.unwrap();
     assert!(svc.finalizers().contains(&"cairn.dev/vip-release".to_string()));
     assert!(store_holds(&endpoint, "web").await);
@@ -641,10 +737,16 @@ async fn ccm_runs_under_the_manifests_service_account() {
         let nodes = nodes.clone();
         async move {
             let n = nodes.get("worker-1").await.map_err(|e| e.to_string())?;
-            let tainted = n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| {
-                t.iter().any(|t| t.key == cairn_ccm::UNINITIALIZED_TAINT)
-            });
-            if tainted { Err("still tainted".to_string()) } else { Ok(n) }
+            let tainted = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == cairn_ccm::UNINITIALIZED_TAINT));
+            if tainted {
+                Err("still tainted".to_string())
+            } else {
+                Ok(n)
+            }
         }
     })
     .await
@@ -655,18 +757,47 @@ async fn ccm_runs_under_the_manifests_service_account() {
     );
     let addrs = node.status.unwrap().addresses.unwrap();
     assert!(
-        addrs.iter().any(|a| a.type_ == "InternalIP" && a.address.starts_with("10.20.2.")),
+        addrs
+            .iter()
+            .any(|a| a.type_ == "InternalIP" && a.address.starts_with("10.20.2.")),
         "{addrs:?}"
     );
-    wait_event(&admin, "default", "worker-1", "Allocated", "cairn://cluster-a/worker-1").await;
+    wait_event(
+        &admin,
+        "default",
+        "worker-1",
+        "Allocated",
+        "cairn://cluster-a/worker-1",
+    )
+    .await;
 
     // The leader dies (SIGKILL, no hand-over): the standby takes the Lease once it expires and
     // serves under the same identity.
     cp.kill("ccm-0");
-    wait_leader(&admin, "cairn-ccm-1", port1).await;
+    wait_leader(&cp, &admin, "cairn-ccm-1", port1).await;
     create_lb(&admin, "shop", "api", 8443, json!({})).await;
-    assert_eq!(wait_ingress(&admin, "shop", "api", 1).await, ["10.20.1.4"]);
-    wait_event(&admin, "shop", "api", "Allocated", "10.20.1.4").await;
+    let api = wait_ingress(&admin, "shop", "api", 1).await.remove(0);
+    assert_ne!(api, api_vip);
+    wait_event(&admin, "shop", "api", "Allocated", &api).await;
+
+    // The HAProxy agent as its own ServiceAccount: its --dry-run loads Services, Nodes,
+    // EndpointSlices and ClusterNetworks and prints the haproxy.cfg it would apply.
+    let agent_token = cp.service_account_token(NS, "cairn-haproxy-agent").await.unwrap();
+    let agent_kubeconfig = cp
+        .write_kubeconfig_for_token("cairn-haproxy-agent.kubeconfig", &agent_token)
+        .unwrap();
+    let mut agent_cmd = Command::new(env!("CARGO_BIN_EXE_cairn-ccm"));
+    agent_cmd
+        .args(["haproxy-agent", "--dry-run", "--kubeconfig"])
+        .arg(&agent_kubeconfig)
+        .arg("--config")
+        .arg(data.path().join("haproxy.cfg"))
+        .args(["--metrics-listen", "127.0.0.1:0", "--stats-listen", "127.0.0.1:0"]);
+    let (ok, cfg, err) = run_to_end(agent_cmd).await;
+    assert!(ok, "haproxy-agent --dry-run as cairn-haproxy-agent: {err}");
+    assert!(!err.to_ascii_lowercase().contains("forbidden"), "{err}");
+    assert!(cfg.contains(&format!("bind {api_vip}:6443")), "{cfg}");
+    assert!(cfg.contains("svc:shop:api:8443"), "{cfg}");
 
     // Nothing above needed a permission the manifests do not grant.
     no_forbidden(&cp, "ccm-0");
@@ -674,41 +805,93 @@ async fn ccm_runs_under_the_manifests_service_account() {
 
     // What the controller's identity may NOT do.
     let ccm = cp.client_for_token(&ccm_token).unwrap();
-    forbidden("ccm get secrets", Api::<Secret>::namespaced(ccm.clone(), NS).list(&ListParams::default()).await);
-    forbidden("ccm list secrets cluster-wide", Api::<Secret>::all(ccm.clone()).list(&ListParams::default()).await);
+    forbidden(
+        "ccm get secrets",
+        Api::<Secret>::namespaced(ccm.clone(), NS)
+            .list(&ListParams::default())
+            .await,
+    );
+    forbidden(
+        "ccm list secrets cluster-wide",
+        Api::<Secret>::all(ccm.clone()).list(&ListParams::default()).await,
+    );
     forbidden(
         "ccm delete a Service",
-        Api::<Service>::namespaced(ccm.clone(), "shop").delete("api", &DeleteParams::default()).await,
+        Api::<Service>::namespaced(ccm.clone(), "shop")
+            .delete("api", &DeleteParams::default())
+            .await,
     );
     forbidden(
         "ccm create a Service",
         Api::<Service>::namespaced(ccm.clone(), "shop")
-            .create(&PostParams::default(), &serde_json::from_value(json!({
-                "metadata": { "name": "x" }, "spec": { "ports": [ { "port": 1 } ] } })).unwrap())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                "metadata": { "name": "x" }, "spec": { "ports": [ { "port": 1 } ] } }))
+                .unwrap(),
+            )
             .await,
     );
-    forbidden("ccm delete a Node", Api::<Node>::all(ccm.clone()).delete("worker-1", &DeleteParams::default()).await);
+    forbidden(
+        "ccm delete a Node",
+        Api::<Node>::all(ccm.clone())
+            .delete("worker-1", &DeleteParams::default())
+            .await,
+    );
     forbidden(
         "ccm edit a ClusterNetwork's spec",
         cn_api(&ccm)
-            .patch(&net, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "vlan": 21 } })))
+            .patch(
+                &net,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "vlan": 21 } })),
+            )
             .await,
     );
-    forbidden("ccm read Leases elsewhere", Api::<Lease>::namespaced(ccm.clone(), "kube-system").get("kube-controller-manager").await);
+    forbidden(
+        "ccm read Leases elsewhere",
+        Api::<Lease>::namespaced(ccm.clone(), "kube-system")
+            .get("kube-controller-manager")
+            .await,
+    );
     forbidden(
         "ccm patch another Lease",
         Api::<Lease>::namespaced(ccm.clone(), NS)
-            .patch("other", &PatchParams::default(), &Patch::Merge(json!({ "spec": {} })))
+            .patch(
+                "other",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": {} })),
+            )
             .await,
     );
-    forbidden("ccm list EndpointSlices", Api::<EndpointSlice>::all(ccm.clone()).list(&ListParams::default()).await);
+    forbidden(
+        "ccm list EndpointSlices",
+        Api::<EndpointSlice>::all(ccm.clone())
+            .list(&ListParams::default())
+            .await,
+    );
 
     // The HAProxy agent's identity reads what it renders, may publish Events, writes nothing.
-    let agent = cp.service_account_client(NS, "cairn-haproxy-agent").await.unwrap();
-    Api::<Service>::all(agent.clone()).list(&ListParams::default()).await.expect("agent lists Services");
-    Api::<Node>::all(agent.clone()).list(&ListParams::default()).await.expect("agent lists Nodes");
-    Api::<EndpointSlice>::all(agent.clone()).list(&ListParams::default()).await.expect("agent lists EndpointSlices");
-    Api::<ClusterNetwork>::all(agent.clone()).list(&ListParams::default()).await.expect("agent lists ClusterNetworks");
+    let agent = cp
+        .service_account_client(NS, "cairn-haproxy-agent")
+        .await
+        .unwrap();
+    Api::<Service>::all(agent.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists Services");
+    Api::<Node>::all(agent.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists Nodes");
+    Api::<EndpointSlice>::all(agent.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists EndpointSlices");
+    Api::<ClusterNetwork>::all(agent.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists ClusterNetworks");
     let ev: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
         "metadata": { "name": "agent-reload.1", "namespace": "shop" },
         "eventTime": "2026-01-01T00:00:00.000000Z",
@@ -724,20 +907,36 @@ async fn ccm_runs_under_the_manifests_service_account() {
     forbidden(
         "agent patch a Service",
         Api::<Service>::namespaced(agent.clone(), "shop")
-            .patch("api", &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": { "x": "y" } } })))
+            .patch(
+                "api",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": { "x": "y" } } })),
+            )
             .await,
     );
     forbidden(
         "agent patch Service status",
         Api::<Service>::namespaced(agent.clone(), "shop")
-            .patch_status("api", &PatchParams::default(), &Patch::Merge(json!({ "status": {} })))
+            .patch_status(
+                "api",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": {} })),
+            )
             .await,
     );
-    forbidden("agent read Secrets", Api::<Secret>::all(agent.clone()).list(&ListParams::default()).await);
+    forbidden(
+        "agent read Secrets",
+        Api::<Secret>::all(agent.clone())
+            .list(&ListParams::default())
+            .await,
+    );
 
     // The store's identity has no Kubernetes permissions at all.
     let ipam = cp.service_account_client(NS, "cairn-ipam").await.unwrap();
-    forbidden("store lists Services", Api::<Service>::all(ipam).list(&ListParams::default()).await);
+    forbidden(
+        "store lists Services",
+        Api::<Service>::all(ipam).list(&ListParams::default()).await,
+    );
 
     assert!(docs.iter().any(|d| d["kind"] == "NetworkPolicy"));
     eprintln!("service-account test: {:?}", t0.elapsed());
