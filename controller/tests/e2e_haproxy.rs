@@ -354,12 +354,53 @@ fn agent_command(cp: &ControlPlane, dir: &Path, extra: &[&str]) -> Command {
 /// Starts `cairn-ccm haproxy-agent --manage-haproxy` as a component of `cp` (killed with it,
 /// HAProxy included: same process group).
 async fn start_agent(cp: &ControlPlane, name: &str, extra: &[&str]) -> Agent {
+    launch_agent(cp, name, tempfile::tempdir().unwrap(), true, free_port(), extra).await
+}
+
+/// Runs HAProxy the way a supervisor (systemd) would — `haproxy -W -S … -f …` with a minimal
+/// configuration of its own — and an agent that only rewrites the file and reloads it.
+async fn start_supervised_haproxy_and_agent(cp: &ControlPlane, name: &str, extra: &[&str]) -> Agent {
     let dir = tempfile::tempdir().unwrap();
+    let stats = free_port();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend stats\n    bind 127.0.0.1:{stats}\n    http-request return status 200 if {{ always_true }}\n"
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("master.sock");
+    let mut cmd = Command::new(haproxy_bin());
+    cmd.arg("-W")
+        .arg("-S")
+        .arg(format!("{},mode,600", sock.display()))
+        .arg("-f")
+        .arg(&cfg);
+    cp.spawn(&format!("{name}-haproxy"), &cmd).expect("spawn haproxy");
+    cairn_ccm::haproxy::master::Master::new(&sock, Duration::from_secs(5))
+        .wait_running(ACT)
+        .await
+        .expect("supervised haproxy runs");
+    launch_agent(cp, name, dir, false, stats, extra).await
+}
+
+async fn launch_agent(
+    cp: &ControlPlane,
+    name: &str,
+    dir: tempfile::TempDir,
+    manage: bool,
+    stats: u16,
+    extra: &[&str],
+) -> Agent {
     let addr_file = dir.path().join("addr");
-    let stats = format!("127.0.0.1:{}", free_port());
+    let stats = format!("127.0.0.1:{stats}");
     let mut cmd = agent_command(cp, dir.path(), extra);
-    cmd.arg("--manage-haproxy")
-        .args(["--metrics-listen", "127.0.0.1:0", "--stats-listen", &stats])
+    if manage {
+        cmd.arg("--manage-haproxy");
+    }
+    cmd.args(["--metrics-listen", "127.0.0.1:0", "--stats-listen", &stats])
         .arg("--addr-file")
         .arg(&addr_file)
         .args([
@@ -677,6 +718,47 @@ async fn reloads_drop_no_request() {
     );
     let hits: u64 = backends.iter().map(|b| b.hits.load(Ordering::Relaxed)).sum();
     assert!(hits >= total, "every request reached a backend: {hits} < {total}");
+
+    // The agent dies with SIGKILL: its HAProxy, orphaned, keeps serving. A new agent starts
+    // its own HAProxy and soft-stops the orphan.
+    let sock = agent.dir.path().join("master.sock");
+    let master = cairn_ccm::haproxy::master::Master::new(&sock, Duration::from_secs(5));
+    let orphan = master.show_proc().await.unwrap().master_pid;
+    let agent_pid = cp.pid("agent").unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(agent_pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    eventually("agent gone", ACT, || async {
+        if cairn_e2e::process_alive(agent_pid) {
+            Err("alive")
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(get(steady).await.unwrap().starts_with("h2-"), "the orphan serves");
+    let Agent { dir, .. } = agent;
+    let _agent = launch_agent(&cp, "agent-2", dir, true, free_port(), &[]).await;
+    eventually("the orphaned HAProxy stops", ACT, || async {
+        if cairn_e2e::process_alive(orphan) {
+            Err("alive")
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let now = master.show_proc().await.unwrap();
+    assert_ne!(now.master_pid, orphan);
+    let serving: &[&str] = if c_ready {
+        &["h2-a", "h2-b", "h2-c"]
+    } else {
+        &["h2-a", "h2-b"]
+    };
+    wait_all_answer(steady, serving).await;
 }
 
 /// The seed's scenario with real traffic: two clusters on one shared VIP pool (one store, two
@@ -734,20 +816,66 @@ async fn two_clusters_share_a_pool_and_never_collide() {
         assert!((33..=46).contains(&last), "{v} outside the pool");
     }
 
-    let _agents = [
+    // A runs HAProxy itself; B's HAProxy is run by a supervisor, its agent only reloads it.
+    let agents = [
         start_agent(&planes[0], "agent", &[]).await,
-        start_agent(&planes[1], "agent", &[]).await,
+        start_supervised_haproxy_and_agent(&planes[1], "agent", &[]).await,
     ];
+    let own = |ci: usize| -> Vec<&str> { node_sets[ci].iter().map(|(n, _)| *n).collect() };
     for (ci, vip) in &vips {
-        let names: Vec<&str> = node_sets[*ci].iter().map(|(n, _)| *n).collect();
-        wait_all_answer(*vip, &names).await;
+        wait_all_answer(*vip, &own(*ci)).await;
     }
     // And then some more traffic: never a foreign backend.
     for (ci, vip) in &vips {
-        let own: Vec<&str> = node_sets[*ci].iter().map(|(n, _)| *n).collect();
         for _ in 0..25 {
             let b = get(*vip).await.unwrap();
-            assert!(own.contains(&b.as_str()), "{vip} of cluster {ci} answered by {b}");
+            assert!(
+                own(*ci).contains(&b.as_str()),
+                "{vip} of cluster {ci} answered by {b}"
+            );
         }
     }
+    for a in &agents {
+        assert_eq!(http(a.metrics, "/readyz").await.unwrap().0, 200, "{}", a.name);
+    }
+
+    // A's HAProxy dies (SIGKILL to its master): A's agent starts it again; B never notices.
+    let master = cairn_ccm::haproxy::master::Master::new(
+        agents[0].dir.path().join("master.sock"),
+        Duration::from_secs(5),
+    );
+    let pid = master.show_proc().await.unwrap().master_pid;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let b_vips: Vec<SocketAddr> = vips.iter().filter(|(ci, _)| *ci == 1).map(|(_, v)| *v).collect();
+    let b_traffic = tokio::spawn(async move {
+        let mut failed = Vec::new();
+        for i in 0..300 {
+            let v = b_vips[i % b_vips.len()];
+            match get(v).await {
+                Ok(b) if b.starts_with("b-") => {}
+                other => failed.push(format!("{v}: {other:?}")),
+            }
+        }
+        failed
+    });
+    eventually("A's HAProxy restarted", ACT, || async {
+        match master.show_proc().await {
+            Ok(p) if p.master_pid != pid && !p.workers.is_empty() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    for (ci, vip) in vips.iter().filter(|(ci, _)| *ci == 0) {
+        wait_all_answer(*vip, &own(*ci)).await;
+    }
+    let failed = b_traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "B's traffic failed while A's HAProxy restarted: {failed:?}"
+    );
 }

@@ -252,7 +252,8 @@ async fn serve_http(
         .route(
             "/readyz",
             get(|State(h): State<Http>| async move {
-                if *h.ready.borrow() {
+                // A configuration applied, and HAProxy's master answers.
+                if *h.ready.borrow() && h.metrics.up.get() == 1 {
                     (StatusCode::OK, "ready\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -549,19 +550,25 @@ async fn sleep_until(at: Option<Instant>) {
 async fn poll_stats(master: Master, metrics: Arc<AgentMetrics>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
     loop {
         tick.tick().await;
         match master.show_stat().await {
             Ok(stats) => {
+                failures = 0;
                 metrics
                     .backends_up
                     .set(stats.iter().filter(|s| s.is_up()).count() as i64);
                 metrics.up.set(1);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "reading HAProxy stats");
-                metrics.backends_up.set(0);
-                metrics.up.set(0);
+                // The master CLI is briefly away while the master re-executes on a reload.
+                failures += 1;
+                tracing::debug!(error = %e, failures, "reading HAProxy stats");
+                if failures >= 2 {
+                    metrics.backends_up.set(0);
+                    metrics.up.set(0);
+                }
             }
         }
     }

@@ -325,8 +325,21 @@ impl Haproxy {
 
     /// Starts HAProxy in master-worker mode with the file on disk and waits until a worker
     /// runs. On failure the process is gone and the error carries its alerts.
+    ///
+    /// A master that still answers on the socket — left by an earlier run of the agent that
+    /// was killed without stopping it — is soft-stopped (SIGUSR1: its workers close their
+    /// listeners and finish their connections) once the new one runs, so the two never serve
+    /// different configurations for long.
     pub async fn start(&mut self) -> Result<(), ApplyError> {
         let seq = self.log.seq();
+        let ours = self.child.as_ref().and_then(Child::id);
+        let stale = self
+            .master
+            .show_proc()
+            .await
+            .ok()
+            .map(|p| p.master_pid)
+            .filter(|pid| Some(*pid) != ours);
         let mut master_arg = self.master.path().as_os_str().to_owned();
         master_arg.push(",mode,600");
         let mut child = Command::new(&self.bin)
@@ -397,6 +410,13 @@ impl Haproxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.child = Some(child);
+        if let Some(old) = stale {
+            tracing::warn!(
+                pid = old,
+                "an HAProxy master from an earlier run was still serving; soft-stopping it"
+            );
+            signal(old, rustix::process::Signal::USR1);
+        }
         Ok(())
     }
 
@@ -416,17 +436,21 @@ impl Haproxy {
     /// SIGKILL after `grace`.
     pub async fn stop(&mut self, grace: Duration) {
         let Some(mut c) = self.child.take() else { return };
-        if let Some(pid) = c
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        if let Some(pid) = c.id() {
+            signal(pid, rustix::process::Signal::TERM);
         }
         if tokio::time::timeout(grace, c.wait()).await.is_err() {
             let _ = c.kill().await;
         }
         tracing::info!("stopped haproxy");
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw)
+        && let Err(e) = rustix::process::kill_process(pid, sig)
+    {
+        tracing::warn!(pid = pid.as_raw_nonzero().get(), error = %e, "could not signal HAProxy");
     }
 }
 
