@@ -261,6 +261,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         claim.spec.as_ref().unwrap().access_modes.as_deref(),
         Some(&["ReadWriteOnce".to_string()][..])
     );
+    wiring_is_consistent(&docs);
     // No controller-manager runs here: the workloads exist but get no Pods.
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty());
@@ -430,6 +431,115 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
     .await;
     assert!(ok && warnings(&err).is_empty(), "overlay dry-run:\n{out}\n{err}");
     eprintln!("manifests test: {:?}", t0.elapsed());
+}
+
+/// `selector` (matchLabels or a Service's map) selects pods labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let sel = selector.get("matchLabels").unwrap_or(selector);
+    let sel = sel.as_object().expect("selector labels");
+    !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The names that tie the objects together agree: Services, the PDB and the NetworkPolicy
+/// select the right pods and name ports the containers have; the ServiceAccounts the pods
+/// and bindings use exist; the Lease the Deployment uses is the one the Role grants.
+fn wiring_is_consistent(docs: &[Value]) {
+    let pod = |kind: &str, name: &str| find(docs, kind, name)["spec"]["template"].clone();
+    let (ccm, store) = (pod("Deployment", "cairn-ccm"), pod("StatefulSet", "cairn-ipam"));
+    let (ccm_labels, store_labels) = (&ccm["metadata"]["labels"], &store["metadata"]["labels"]);
+    let ports = |p: &Value| -> Vec<Value> {
+        p["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].clone())
+            .collect()
+    };
+    for (svc, pod_labels, pod_ports) in [
+        ("cairn-ipam", store_labels, ports(&store)),
+        ("cairn-ccm-metrics", ccm_labels, ports(&ccm)),
+    ] {
+        let spec = &find(docs, "Service", svc)["spec"];
+        assert!(
+            selects(&spec["selector"], pod_labels),
+            "Service {svc} selects no pod"
+        );
+        for p in spec["ports"].as_array().unwrap() {
+            assert!(
+                pod_ports.contains(&p["targetPort"]),
+                "Service {svc}: {p} names no container port"
+            );
+        }
+    }
+    assert!(selects(
+        &find(docs, "PodDisruptionBudget", "cairn-ccm")["spec"]["selector"],
+        ccm_labels
+    ));
+    let np = &find(docs, "NetworkPolicy", "cairn-ipam")["spec"];
+    assert!(
+        selects(&np["podSelector"], store_labels),
+        "NetworkPolicy protects no store pod"
+    );
+    let grpc = &np["ingress"][0];
+    assert!(
+        grpc["from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| selects(&f["podSelector"], ccm_labels)),
+        "NetworkPolicy does not admit the controller: {grpc}"
+    );
+    for p in np["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().unwrap())
+    {
+        assert!(
+            ports(&store).contains(&p["port"]),
+            "NetworkPolicy port {p} is not the store's"
+        );
+    }
+    // ServiceAccounts used by pods and bindings exist in the tree.
+    let sa_exists = |name: &Value| {
+        docs.iter()
+            .any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == *name)
+    };
+    for p in [&ccm, &store] {
+        assert!(
+            sa_exists(&p["spec"]["serviceAccountName"]),
+            "{}",
+            p["spec"]["serviceAccountName"]
+        );
+    }
+    for b in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        for s in b["subjects"].as_array().unwrap() {
+            assert!(
+                sa_exists(&s["name"]) && s["namespace"] == NS,
+                "binding subject {s}"
+            );
+        }
+    }
+    // The Lease the controller takes is the one its Role names.
+    let lease = ccm["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("--lease-name="))
+        .expect("--lease-name in the Deployment's args")
+        .to_string();
+    let role = find(docs, "Role", "cairn-ccm-leader-election");
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resourceNames"] == json!([lease])),
+        "the Role does not name Lease {lease}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
