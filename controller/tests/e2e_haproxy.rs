@@ -298,6 +298,34 @@ impl Agent {
     }
 }
 
+impl Agent {
+    fn master(&self) -> cairn_ccm::haproxy::master::Master {
+        cairn_ccm::haproxy::master::Master::new(self.dir.path().join("master.sock"), Duration::from_secs(5))
+    }
+
+    /// Waits until HAProxy's last health check of `proxy`/`server` says `status` (`L7OK`, …).
+    async fn wait_check(&self, proxy: &str, server: &str, status: &str) {
+        let m = self.master();
+        eventually(&format!("{proxy}/{server} check {status}"), ACT, || {
+            let m = m.clone();
+            async move {
+                let stats = m.show_stat().await.map_err(|e| e.to_string())?;
+                let s = stats
+                    .iter()
+                    .find(|s| s.proxy == proxy && s.server == server)
+                    .ok_or_else(|| format!("no {proxy}/{server}"))?;
+                if s.check_status == status && s.is_up() {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
@@ -516,6 +544,9 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     })
     .await
     .unwrap();
+    // HAProxy's own health check of the apiserver (HTTPS GET /readyz) passes.
+    agent.wait_check("api-server", "h1-cp", "L7OK").await;
+    agent.wait_check("svc:default:web:8080", "h1-a", "L4OK").await;
 
     // 3. A node going NotReady leaves the backend set.
     set_ready(&client, "h1-b", "127.0.101.2", false).await;
@@ -544,6 +575,7 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     let _hb = Backend::start("127.0.101.2", hc, "healthy").await;
     endpoint_slice(&client, "loc", "h1-b").await;
     wait_only(loc, "h1-b", 12).await;
+    agent.wait_check("svc:default:loc:8081", "h1-b", "L7OK").await;
     assert!(
         agent.config().contains(&format!("check port {hc}")),
         "{}",

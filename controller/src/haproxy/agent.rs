@@ -140,6 +140,34 @@ pub struct AgentArgs {
     /// refuse to start).
     #[arg(long)]
     pub maxconn: Option<u32>,
+    /// User HAProxy's workers run as (`user` in `global`); the master keeps its own.
+    #[arg(long, value_parser = config_word)]
+    pub haproxy_user: Option<String>,
+    /// Group HAProxy's workers run as.
+    #[arg(long, value_parser = config_word)]
+    pub haproxy_group: Option<String>,
+    /// Traffic log target, rendered as `log <this>` in `global` with `option tcplog`, e.g.
+    /// `/dev/log local0` or `stderr format raw daemon` (default: no traffic logs).
+    #[arg(long, value_parser = config_line)]
+    pub haproxy_log: Option<String>,
+}
+
+/// A value that goes into the configuration as one word.
+fn config_word(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: letters, digits, '-', '_' and '.' only"))
+    }
+}
+
+/// A value that goes into the configuration as the rest of a line.
+fn config_line(s: &str) -> Result<String, String> {
+    if !s.trim().is_empty() && !s.chars().any(|c| c.is_control() || c == '#') {
+        Ok(s.trim().to_string())
+    } else {
+        Err(format!("{s:?}: one line, no '#'"))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -384,6 +412,9 @@ fn desired(
             stats: Some(args.stats_listen),
             hard_stop_after: args.hard_stop_after,
             maxconn: args.maxconn,
+            user: args.haproxy_user.clone(),
+            group: args.haproxy_group.clone(),
+            log: args.haproxy_log.clone(),
         },
     );
     let r = render(&cfg);
@@ -769,6 +800,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn config_values_cannot_inject_lines() {
+        assert!(config_word("haproxy").is_ok());
+        assert!(config_word("hap roxy").is_err());
+        assert!(config_word("x\nlisten").is_err());
+        assert_eq!(config_line(" /dev/log local0 ").unwrap(), "/dev/log local0");
+        assert!(config_line("stderr\nlisten x").is_err());
+        assert!(config_line("stderr # x").is_err());
     }
 
     #[test]

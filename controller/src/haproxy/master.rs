@@ -111,6 +111,9 @@ pub struct ServerStat {
     pub server: String,
     /// `UP`, `DOWN`, `MAINT`, `no check`, `UP 1/2`, …
     pub status: String,
+    /// Result of the last health check: `L4OK`, `L7OK`, `L4CON`, `L7STS`, … (`*` prefix
+    /// while a check runs); empty before the first one.
+    pub check_status: String,
 }
 
 impl ServerStat {
@@ -123,7 +126,7 @@ impl ServerStat {
 
 /// The server rows of `show stat` CSV.
 pub fn parse_stat_csv(text: &str) -> Vec<ServerStat> {
-    let mut cols: Option<(usize, usize, usize)> = None;
+    let mut cols: Option<(usize, usize, usize, Option<usize>)> = None;
     let mut out = Vec::new();
     for line in text.lines() {
         if let Some(h) = line.strip_prefix("# ") {
@@ -132,10 +135,10 @@ pub fn parse_stat_csv(text: &str) -> Vec<ServerStat> {
             cols = at("pxname")
                 .zip(at("svname"))
                 .zip(at("status"))
-                .map(|((a, b), c)| (a, b, c));
+                .map(|((a, b), c)| (a, b, c, at("check_status")));
             continue;
         }
-        let Some((px, sv, st)) = cols else { continue };
+        let Some((px, sv, st, ck)) = cols else { continue };
         let f: Vec<&str> = line.split(',').collect();
         let (Some(px), Some(sv), Some(st)) = (f.get(px), f.get(sv), f.get(st)) else {
             continue;
@@ -147,6 +150,10 @@ pub fn parse_stat_csv(text: &str) -> Vec<ServerStat> {
             proxy: (*px).to_string(),
             server: (*sv).to_string(),
             status: (*st).to_string(),
+            check_status: ck
+                .and_then(|i| f.get(i))
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
         });
     }
     out
@@ -305,16 +312,19 @@ mod tests {
 
     #[test]
     fn stat_csv() {
-        let csv = "# pxname,svname,qcur,status,weight\n\
-                   svc:a:b:80,FRONTEND,,OPEN,\n\
-                   svc:a:b:80,n1,0,UP,1\n\
-                   svc:a:b:80,n2,0,DOWN,1\n\
-                   svc:a:b:80,n3,0,UP 1/2,1\n\
-                   api-server,cp,0,no check,1\n\
-                   svc:a:b:80,BACKEND,0,UP,2\n";
+        let csv = "# pxname,svname,qcur,status,weight,check_status\n\
+                   svc:a:b:80,FRONTEND,,OPEN,,\n\
+                   svc:a:b:80,n1,0,UP,1,L4OK\n\
+                   svc:a:b:80,n2,0,DOWN,1,L4CON\n\
+                   svc:a:b:80,n3,0,UP 1/2,1,L4TOUT\n\
+                   api-server,cp,0,no check,1,\n\
+                   svc:a:b:80,BACKEND,0,UP,2,\n";
         let s = parse_stat_csv(csv);
         assert_eq!(s.len(), 4);
         assert_eq!(s.iter().filter(|s| s.is_up()).count(), 3);
-        assert_eq!(s[1].server, "n2");
+        assert_eq!(
+            (s[1].server.as_str(), s[1].check_status.as_str()),
+            ("n2", "L4CON")
+        );
     }
 }

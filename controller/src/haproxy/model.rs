@@ -108,6 +108,12 @@ pub struct Settings {
     pub hard_stop_after: Duration,
     /// Global connection limit (none: HAProxy derives it from its file-descriptor limit).
     pub maxconn: Option<u32>,
+    /// User and group the workers run as (the master keeps its own).
+    pub user: Option<String>,
+    /// See `user`.
+    pub group: Option<String>,
+    /// A `log` target for traffic logs, e.g. `/dev/log local0` (none: no traffic logs).
+    pub log: Option<String>,
 }
 
 impl Default for Settings {
@@ -116,6 +122,9 @@ impl Default for Settings {
             stats: None,
             hard_stop_after: Duration::from_secs(1800),
             maxconn: None,
+            user: None,
+            group: None,
+            log: None,
         }
     }
 }

@@ -97,6 +97,15 @@ pub fn render(cfg: &LbConfig) -> Rendered {
     if let Some(m) = s.maxconn {
         let _ = writeln!(out, "    maxconn {m}");
     }
+    if let Some(u) = &s.user {
+        let _ = writeln!(out, "    user {u}");
+    }
+    if let Some(g) = &s.group {
+        let _ = writeln!(out, "    group {g}");
+    }
+    if let Some(l) = &s.log {
+        let _ = writeln!(out, "    log {l}");
+    }
     let _ = write!(
         out,
         "    # Old workers finish established connections for at most this long after a reload.
@@ -105,7 +114,7 @@ pub fn render(cfg: &LbConfig) -> Rendered {
 
 defaults
     mode tcp
-    option dontlognull
+{log}    option dontlognull
     timeout connect 5s
     timeout client 1h
     timeout server 1h
@@ -113,6 +122,11 @@ defaults
     default-server inter 2s fall 2 rise 2
 ",
         hard_stop = secs(s.hard_stop_after),
+        log = if s.log.is_some() {
+            "    log global\n    option tcplog\n"
+        } else {
+            ""
+        },
     );
     if let Some(addr) = s.stats {
         let _ = write!(
@@ -235,6 +249,7 @@ mod tests {
         };
         let settings = Settings {
             stats: Some("127.0.0.1:8404".parse::<SocketAddr>().unwrap()),
+            log: Some("stderr format raw daemon".into()),
             ..Settings::default()
         };
         let (cfg, _) = build(
