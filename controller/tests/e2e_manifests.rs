@@ -262,6 +262,32 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         Some(&["ReadWriteOnce".to_string()][..])
     );
     wiring_is_consistent(&docs);
+    // The README's upgrade step "store first" selects exactly the store's objects.
+    let (ok, out, err) = kubectl(
+        cp.kubeconfig_path(),
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-k",
+            &manifests().to_string_lossy(),
+            "-l",
+            "app.kubernetes.io/name=cairn-ipam",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let mut store_objects: Vec<_> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    store_objects.sort_unstable();
+    assert_eq!(
+        store_objects,
+        [
+            "networkpolicy.networking.k8s.io/cairn-ipam",
+            "service/cairn-ipam",
+            "serviceaccount/cairn-ipam",
+            "statefulset.apps/cairn-ipam",
+        ]
+    );
     // No controller-manager runs here: the workloads exist but get no Pods.
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty());
