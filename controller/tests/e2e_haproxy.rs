@@ -473,7 +473,7 @@ fn apiserver_port(cp: &ControlPlane) -> u16 {
 // Tests.
 
 /// Traffic through HAProxy to both nodes; NotReady nodes leave; `Local` follows the endpoints;
-/// UDP ports are refused with an Event; the API-server VIP reaches the real apiserver; a
+/// `loadBalancerSourceRanges` is enforced; UDP ports are refused with an Event; the API-server VIP reaches the real apiserver; a
 /// configuration HAProxy cannot load keeps the previous one serving; a deleted Service's VIP
 /// stops answering; `--dry-run` prints the configuration.
 #[tokio::test(flavor = "multi_thread")]
@@ -583,6 +583,26 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     );
     endpoint_slice(&client, "loc", "h1-a").await;
     wait_only(loc, "h1-a", 12).await;
+
+    // loadBalancerSourceRanges: an allow-list of client networks (the client is 127.0.0.1).
+    let source_ranges = |r: &[&str]| {
+        let client = client.clone();
+        let r: Vec<String> = r.iter().map(|s| s.to_string()).collect();
+        async move {
+            Api::<Service>::namespaced(client, "default")
+                .patch(
+                    "loc",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "loadBalancerSourceRanges": r } })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    source_ranges(&["10.0.0.0/8"]).await;
+    wait_refused(loc).await;
+    source_ranges(&["10.0.0.0/8", "127.0.0.0/8"]).await;
+    wait_only(loc, "h1-a", 3).await;
 
     // 5. UDP ports are not served: an Event says so; the TCP port is.
     create_lb(

@@ -490,7 +490,12 @@ impl Agent {
                 })
                 .collect();
             let note = format!(
-                "HAProxy refused the configuration for this Service; the previous configuration keeps running: {}",
+                "HAProxy refused the configuration for this Service; {}: {}",
+                if self.running.is_some() {
+                    "the previous configuration keeps running"
+                } else {
+                    "HAProxy is not running"
+                },
                 mine.join("; ")
             );
             self.event(o, EventType::Warning, reason, "Reload", &note).await;

@@ -97,6 +97,8 @@ pub struct Proxy {
     pub check: Check,
     /// Servers, sorted by name. May be empty (connections are then refused after accept).
     pub servers: Vec<Server>,
+    /// Client CIDRs allowed (`spec.loadBalancerSourceRanges`); `None`: everyone.
+    pub source_ranges: Option<Vec<String>>,
 }
 
 /// Settings that come from flags, not from the cluster.
@@ -243,6 +245,15 @@ fn endpoint_nodes(slices: &[Arc<EndpointSlice>], ns: &str, name: &str) -> BTreeS
         .collect()
 }
 
+/// `a.b.c.d/n` or `x::y/n` in canonical form (host bits are kept: HAProxy masks them).
+fn cidr(s: &str) -> Option<String> {
+    let (ip, len) = s.trim().split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then(|| format!("{ip}/{len}"))
+}
+
 /// Servers for a proxy whose first VIP is `vip`: `nodes` (already filtered) at `port`.
 fn servers<'n>(nodes: impl Iterator<Item = &'n Arc<Node>>, vip: IpAddr, port: u16) -> Vec<Server> {
     let mut out: Vec<Server> = nodes
@@ -285,6 +296,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
                 *first,
                 api.backend_port,
             ),
+            source_ranges: None,
         });
     }
 
@@ -337,6 +349,28 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
         } else {
             BTreeSet::new()
         };
+        // An allow-list: entries that are not CIDRs are dropped (never widening it); if none
+        // is left, nobody is allowed.
+        let source_ranges = spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|ranges| {
+                let mut ok = Vec::new();
+                for r in ranges {
+                    match cidr(r) {
+                        Some(c) => ok.push(c),
+                        None => warnings.push(Warning {
+                            owner: Some(owner.clone()),
+                            reason: "InvalidSourceRange",
+                            message: format!("loadBalancerSourceRanges entry {r:?} is not a CIDR; ignored"),
+                        }),
+                    }
+                }
+                ok.sort();
+                ok.dedup();
+                ok
+            });
         let check = match spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) {
             Some(port) if local && port > 0 => Check::Http {
                 path: "/healthz",
@@ -397,6 +431,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
                 binds,
                 check: check.clone(),
                 servers: servers(nodes, family, node_port),
+                source_ranges: source_ranges.clone(),
             });
         }
     }
@@ -636,6 +671,35 @@ pub(crate) mod tests {
         assert_eq!(svc.servers[0].addr, "[fd00:2::9]:30443".parse().unwrap());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].reason, "VIPConflict");
+    }
+
+    #[test]
+    fn source_ranges_are_an_allow_list() {
+        let mk = |ranges: serde_json::Value| {
+            let services = vec![lb(
+                "default",
+                "s",
+                "2024-01-01T00:00:00Z",
+                &["10.20.1.4"],
+                json!([{ "port": 80, "nodePort": 30080 }]),
+                json!({ "loadBalancerSourceRanges": ranges }),
+            )];
+            let (cfg, w) = run(&services, &[], &[], &no_api());
+            (cfg.proxies[0].source_ranges.clone(), w.len())
+        };
+        assert_eq!(mk(json!([])), (None, 0));
+        assert_eq!(
+            mk(json!(["192.168.0.0/16", " 10.0.0.0/8", "fd00::/8", "10.0.0.0/8"])),
+            (
+                Some(vec![
+                    "10.0.0.0/8".to_string(),
+                    "192.168.0.0/16".into(),
+                    "fd00::/8".into()
+                ]),
+                0
+            )
+        );
+        assert_eq!(mk(json!(["nope", "10.0.0.0/33"])), (Some(vec![]), 2));
     }
 
     #[test]

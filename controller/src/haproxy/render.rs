@@ -66,6 +66,20 @@ fn proxy(out: &mut String, p: &Proxy) {
     for b in &p.binds {
         let _ = writeln!(out, "    bind {b}");
     }
+    match &p.source_ranges {
+        None => {}
+        Some(r) if r.is_empty() => {
+            let _ = writeln!(out, "    # loadBalancerSourceRanges allows nobody");
+            let _ = writeln!(out, "    tcp-request connection reject");
+        }
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "    tcp-request connection reject unless {{ src {} }}",
+                r.join(" ")
+            );
+        }
+    }
     let _ = writeln!(out, "    default_backend {}", p.name);
     out.push('\n');
     let _ = writeln!(out, "backend {}", p.name);
@@ -230,7 +244,7 @@ mod tests {
                 "2024-01-03T00:00:00Z",
                 &["10.20.1.4"],
                 json!([{ "port": 5432, "nodePort": 31432 }]),
-                json!({}),
+                json!({ "loadBalancerSourceRanges": ["10.0.0.0/8", "192.168.10.0/24"] }),
             ),
         ];
         let nodes = vec![
