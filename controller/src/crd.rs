@@ -113,7 +113,8 @@ pub struct ClusterNetworkSpec {
     pub dns_servers: Vec<String>,
     /// 802.1Q VLAN id; 0 = untagged.
     #[serde(default)]
-    #[schemars(range(min = 0, max = 4094))]
+    // Kubernetes knows int32/int64 formats only; u32's "uint32" would warn on every apply.
+    #[schemars(with = "i32", range(min = 0, max = 4094))]
     pub vlan: u32,
     /// Pools. Names must be unique.
     #[schemars(length(min = 1, max = 32))]
@@ -121,7 +122,7 @@ pub struct ClusterNetworkSpec {
     pub pools: Vec<PoolSpec>,
     /// Seconds a released address waits before another owner may take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 604800))]
+    #[schemars(with = "Option<i32>", range(min = 0, max = 604800))]
     pub reuse_grace_seconds: Option<u32>,
     /// The cluster's API-server VIP.
     #[serde(default, rename = "apiServerVIP", skip_serializing_if = "Option::is_none")]
@@ -174,6 +175,7 @@ pub struct ClusterNetworkStatus {
     pub api_server_vip: Option<String>,
     /// The store's version of the network definition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<i64>")]
     pub store_version: Option<u64>,
 }
 
