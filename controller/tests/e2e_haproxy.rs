@@ -548,10 +548,33 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     agent.wait_check("api-server", "h1-cp", "L7OK").await;
     agent.wait_check("svc:default:web:8080", "h1-a", "L4OK").await;
 
-    // 3. A node going NotReady leaves the backend set.
+    // 3. Changes that do not change the configuration reload nothing; a node going NotReady
+    // leaves the backend set (one reload).
+    let reloads = agent.metric("cairn_ccm_haproxy_reloads_total").await;
+    Api::<Service>::namespaced(client.clone(), "default")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/note": "no-op" } } })),
+        )
+        .await
+        .unwrap();
+    Api::<Node>::all(client.clone())
+        .patch(
+            "h1-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "example.com/rack": "r1" } } })),
+        )
+        .await
+        .unwrap();
     set_ready(&client, "h1-b", "127.0.101.2", false).await;
     wait_only(web, "h1-a", 12).await;
     assert!(!agent.config().contains("server h1-b"), "{}", agent.config());
+    assert_eq!(
+        agent.metric("cairn_ccm_haproxy_reloads_total").await,
+        reloads + 1.0,
+        "only the NotReady node caused a reload"
+    );
     set_ready(&client, "h1-b", "127.0.101.2", true).await;
     wait_all_answer(web, &["h1-a", "h1-b"]).await;
 
