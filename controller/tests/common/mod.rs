@@ -4,10 +4,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::Mutex,
     time::Duration,
 };
 
@@ -30,9 +30,10 @@ pub const ACT: Duration = Duration::from_secs(60);
 /// Path of a workspace binary of another package, built once per test process (cargo builds
 /// only what changed; tests run after the build lock is released).
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
+    static BUILT: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
     let root = cairn_e2e::workspace_root();
-    BUILT.get_or_init(|| {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.insert((package.to_string(), bin.to_string())) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "-q", "-p", package, "--bin", bin])
@@ -40,7 +41,7 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
             .status()
             .expect("run cargo build");
         assert!(st.success(), "cargo build -p {package} --bin {bin} failed");
-    });
+    }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
