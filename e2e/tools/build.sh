@@ -3,6 +3,7 @@
 # keyed by version: .cache/bin/<name>-<version>. A second run finds them and returns at once.
 #
 #   e2e/tools/build.sh [etcd|kube-apiserver|kubectl|grpcurl|all]
+#   e2e/tools/build.sh [metallb|kube-vip-cloud-provider]   # benchmark peers only; not in `all`
 #
 # Versions are pinned here and nowhere else; e2e/README.md explains the choice.
 set -euo pipefail
@@ -10,6 +11,11 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-1.36.3}     # matches k8s-openapi feature v1_36
 ETCD_VERSION=${ETCD_VERSION:-3.6.16}
 GRPCURL_VERSION=${GRPCURL_VERSION:-1.9.3}
+# Peers of the controller benchmark (controller/benches/burst.rs), never needed by the tests.
+# MetalLB 0.16.2 (the newest) does not build here: it requires github.com/metallb/frr-k8s
+# v0.0.27, whose zip this module proxy refuses (403 "This module version is not available").
+METALLB_VERSION=${METALLB_VERSION:-0.16.1}
+KUBEVIP_CCM_VERSION=${KUBEVIP_CCM_VERSION:-0.0.12}
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${CAIRN_CACHE:-$root/.cache}
@@ -107,6 +113,44 @@ build_grpcurl() {
   mv "$work/grpcurl-bin/grpcurl" "$out"
 }
 
+# MetalLB's controller (binary `metallb-controller`) and its CRDs (`metallb-crds-v<version>/`,
+# the module zip's config/crd/bases). Its go.mod has no replace directives, so `go install`
+# builds it straight from the module.
+build_metallb() {
+  local out=$bin/metallb-controller-v$METALLB_VERSION crds=$bin/metallb-crds-v$METALLB_VERSION
+  if [ ! -x "$out" ]; then
+    log "building MetalLB controller v$METALLB_VERSION"
+    GOBIN=$work/metallb-bin go install "go.universe.tf/metallb/controller@v$METALLB_VERSION"
+    check_version "" "$work/metallb-bin/controller" --help
+    mv "$work/metallb-bin/controller" "$out"
+  fi
+  if [ ! -f "$crds/.ready" ]; then
+    local dir
+    dir=$(cd "$work" && go mod download -json "go.universe.tf/metallb@v$METALLB_VERSION" | sed -n 's/.*"Dir": "\([^"]*\)".*/\1/p')
+    [ -n "$dir" ] && [ -d "$dir/config/crd/bases" ] || { log "no config/crd/bases in go.universe.tf/metallb@v$METALLB_VERSION"; exit 1; }
+    rm -rf "$crds" && mkdir -p "$crds"
+    cp "$dir"/config/crd/bases/*.yaml "$crds/"
+    chmod u+w "$crds"/*.yaml
+    touch "$crds/.ready"
+  fi
+}
+
+# kube-vip-cloud-provider (main package at the module root). `go install …@v0.0.12` fails here:
+# it loads the module's deprecation notice from the proxy's version list, which this proxy
+# refuses (403). A module of our own that requires the version needs no list.
+build_kube_vip_ccm() {
+  local out=$bin/kube-vip-cloud-provider-v$KUBEVIP_CCM_VERSION
+  [ -x "$out" ] && return 0
+  log "building kube-vip-cloud-provider v$KUBEVIP_CCM_VERSION"
+  local d=$work/kube-vip-cloud-provider-v$KUBEVIP_CCM_VERSION
+  rm -rf "$d" && mkdir -p "$d" && cd "$d"
+  go mod init local/kube-vip-ccm >/dev/null 2>&1
+  go mod edit "-require=github.com/kube-vip/kube-vip-cloud-provider@v$KUBEVIP_CCM_VERSION"
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp" github.com/kube-vip/kube-vip-cloud-provider
+  check_version "" "$out.tmp" --help
+  mv "$out.tmp" "$out"
+}
+
 link() { ln -sf "$(basename "$2")" "$bin/$1"; }
 
 what=${1:-all}
@@ -114,11 +158,20 @@ case $what in
   etcd) build_etcd; link etcd "$bin/etcd-v$ETCD_VERSION" ;;
   kube-apiserver|kubectl) build_k8s "$what"; link "$what" "$bin/$what-v$K8S_VERSION" ;;
   grpcurl) build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION" ;;
+  metallb)
+    build_metallb
+    link metallb-controller "$bin/metallb-controller-v$METALLB_VERSION"
+    ln -sfn "metallb-crds-v$METALLB_VERSION" "$bin/metallb-crds"
+    ;;
+  kube-vip-cloud-provider)
+    build_kube_vip_ccm
+    link kube-vip-cloud-provider "$bin/kube-vip-cloud-provider-v$KUBEVIP_CCM_VERSION"
+    ;;
   all)
     build_etcd; link etcd "$bin/etcd-v$ETCD_VERSION"
     build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION"
     build_k8s kube-apiserver; link kube-apiserver "$bin/kube-apiserver-v$K8S_VERSION"
     build_k8s kubectl; link kubectl "$bin/kubectl-v$K8S_VERSION"
     ;;
-  *) echo "usage: $0 [etcd|kube-apiserver|kubectl|grpcurl|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kubectl|grpcurl|all|metallb|kube-vip-cloud-provider]" >&2; exit 2 ;;
 esac
