@@ -570,8 +570,8 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
     for r in &rows {
         for (label, n, fragment) in &r.levels {
             let mut b = Bench::new(r.range, r.family, None)?;
-            let rss0 = proc_status_kib("self", "VmRSS").unwrap_or(0);
             let took = b.fill(*n)?;
+            // Memory per allocation: section 3 (a fresh process per component).
             let mut build = if *n > 0 {
                 format!(
                     "{n} allocs in {:.2} s ({:.0} ns/alloc)",
@@ -581,14 +581,6 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
             } else {
                 "-".into()
             };
-            if *n >= 100_000 && !fragment {
-                let rss1 = proc_status_kib("self", "VmRSS").unwrap_or(0);
-                build.push_str(&format!(
-                    "; +{} MiB RSS ({:.0} B/alloc)",
-                    mib(rss1.saturating_sub(rss0)),
-                    (rss1.saturating_sub(rss0) * 1024) as f64 / *n as f64
-                ));
-            }
             if *fragment {
                 // Release the holders of every second address: the free set becomes n/2 holes.
                 let t = Instant::now();
@@ -1470,7 +1462,8 @@ fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> 
     let built = work.join("probe-built");
     build_store(&built, n)?;
     println!(
-        "Components alone, each in a fresh process (the bench binary re-run with `--mem-probe`), {n} allocations:"
+        "Components alone, each in a fresh process (the bench binary re-run with `--mem-probe`), \
+         {n} allocations, sled cache {cache_mib} MiB; VmHWM is the probe process's peak:"
     );
     println!();
     println!("| component | VmRSS MiB over process start | VmHWM MiB | B per allocation |");
@@ -1481,10 +1474,14 @@ fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> 
             .copied()
             .unwrap_or(0)
             .saturating_sub(m.get("start").copied().unwrap_or(0));
+        let hwm = if step == "end" {
+            mib(m.get("hwm").copied().unwrap_or(0))
+        } else {
+            "-".into()
+        };
         println!(
-            "| {name} | {} | {} | {:.0} |",
+            "| {name} | {} | {hwm} | {:.0} |",
             mib(d),
-            mib(m.get("hwm").copied().unwrap_or(0)),
             (d * 1024) as f64 / n as f64
         );
     };
