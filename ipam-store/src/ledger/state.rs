@@ -173,6 +173,68 @@ pub struct Snapshot {
     pub seq: u64,
 }
 
+/// Released addresses in their reuse grace period, indexed by address, by expiry (to reap in
+/// order) and by previous owner (so an owner's own address is found in O(log n), not by a
+/// scan: a busy network can hold tens of thousands).
+#[derive(Clone, Debug, Default)]
+struct Quarantine {
+    by_addr: BTreeMap<IpAddr, Quarantined>,
+    expiry: BTreeSet<(u64, IpAddr)>,
+    by_owner: HashMap<String, BTreeSet<IpAddr>>,
+}
+
+impl Quarantine {
+    fn insert(&mut self, q: Quarantined) {
+        self.remove(&q.address);
+        self.expiry.insert((q.until_ms, q.address));
+        self.by_owner
+            .entry(q.previous_owner.key(&q.network))
+            .or_default()
+            .insert(q.address);
+        self.by_addr.insert(q.address, q);
+    }
+
+    fn remove(&mut self, ip: &IpAddr) -> Option<Quarantined> {
+        let q = self.by_addr.remove(ip)?;
+        self.expiry.remove(&(q.until_ms, *ip));
+        let k = q.previous_owner.key(&q.network);
+        if let Some(set) = self.by_owner.get_mut(&k) {
+            set.remove(ip);
+            if set.is_empty() {
+                self.by_owner.remove(&k);
+            }
+        }
+        Some(q)
+    }
+
+    /// Removes and returns the earliest entry whose grace ended by `now_ms`.
+    fn pop_expired(&mut self, now_ms: u64) -> Option<IpAddr> {
+        let &(until, ip) = self.expiry.first()?;
+        if until > now_ms {
+            return None;
+        }
+        self.remove(&ip);
+        Some(ip)
+    }
+
+    fn get(&self, ip: &IpAddr) -> Option<&Quarantined> {
+        self.by_addr.get(ip)
+    }
+
+    /// Addresses the owner with allocation key `key` released.
+    fn released_by(&self, key: &str) -> impl Iterator<Item = &IpAddr> {
+        self.by_owner.get(key).into_iter().flatten()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &IpAddr> {
+        self.by_addr.keys()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Quarantined> {
+        self.by_addr.values()
+    }
+}
+
 /// One network's runtime state.
 #[derive(Debug)]
 struct NetState {
@@ -180,9 +242,7 @@ struct NetState {
     pools: Vec<PoolState>,
     /// address -> keys of the allocations holding it (more than one only when shared).
     holders: HashMap<IpAddr, Vec<String>>,
-    quarantine: BTreeMap<IpAddr, Quarantined>,
-    /// (until_ms, address), to reap expired entries in order.
-    expiry: BTreeSet<(u64, IpAddr)>,
+    quarantine: Quarantine,
     /// Held addresses outside their pool's span.
     out_of_range: BTreeSet<IpAddr>,
 }
@@ -267,8 +327,7 @@ impl State {
                     rec,
                     pools,
                     holders: HashMap::new(),
-                    quarantine: BTreeMap::new(),
-                    expiry: BTreeSet::new(),
+                    quarantine: Quarantine::default(),
                     out_of_range: BTreeSet::new(),
                 },
             );
@@ -305,8 +364,7 @@ impl State {
                 continue;
             }
             if let Some(net) = st.networks.get_mut(&q.network) {
-                net.expiry.insert((q.until_ms, q.address));
-                net.quarantine.insert(q.address, q);
+                net.quarantine.insert(q);
             }
         }
         for net in st.networks.values_mut() {
@@ -481,7 +539,7 @@ impl State {
             .zip(&parsed)
             .map(|(d, p)| PoolState::new(d, p, &def.gateways))
             .collect();
-        let (holders, quarantine, expiry, created_ms) = match self.networks.get(&def.name) {
+        let (holders, quarantine, created_ms) = match self.networks.get(&def.name) {
             Some(ex) => {
                 for p in &mut pools {
                     p.allocations = ex
@@ -490,12 +548,7 @@ impl State {
                         .find(|o| o.name == p.name)
                         .map_or(0, |o| o.allocations);
                 }
-                (
-                    ex.holders.clone(),
-                    ex.quarantine.clone(),
-                    ex.expiry.clone(),
-                    ex.rec.created_ms,
-                )
+                (ex.holders.clone(), ex.quarantine.clone(), ex.rec.created_ms)
             }
             None => Default::default(),
         };
@@ -509,7 +562,6 @@ impl State {
             pools: std::mem::take(&mut pools),
             holders,
             quarantine,
-            expiry,
             out_of_range: BTreeSet::new(),
         };
         Self::rebuild_free(&mut net, &self.allocs);
@@ -584,12 +636,7 @@ impl State {
         let Some(net) = self.networks.get_mut(network) else {
             return;
         };
-        while let Some(&(until, ip)) = net.expiry.first() {
-            if until > now_ms {
-                break;
-            }
-            net.expiry.pop_first();
-            net.quarantine.remove(&ip);
+        while let Some(ip) = net.quarantine.pop_expired(now_ms) {
             if !net.holders.contains_key(&ip) {
                 for p in &mut net.pools {
                     p.give_back(&ip);
@@ -694,16 +741,10 @@ impl State {
         // same one back (a quickly recreated Service keeps its VIP).
         if let Some(ip) = net
             .quarantine
-            .values()
-            .find(|q| {
-                Family::of(&q.address) == family
-                    && pool.spans(&q.address)
-                    && q.previous_owner.key(&net.rec.def.name) == key
-            })
-            .map(|q| q.address)
-            && !net.holders.contains_key(&ip)
+            .released_by(key)
+            .find(|ip| Family::of(ip) == family && pool.spans(ip) && !net.holders.contains_key(ip))
         {
-            return Ok(ip);
+            return Ok(*ip);
         }
         pool.first_free(family).ok_or_else(|| {
             let q = net
@@ -916,7 +957,6 @@ impl State {
         };
         for ip in ips {
             if net.quarantine.remove(ip).is_some() {
-                net.expiry.retain(|(_, q)| q != ip);
                 ops.push(Op::DelQuarantine(network.to_string(), *ip));
             }
             net.pools[pi].take(ip);
@@ -969,8 +1009,7 @@ impl State {
             until_ms: now_ms + grace,
             previous_owner: owner.clone(),
         };
-        net.expiry.insert((q.until_ms, *ip));
-        net.quarantine.insert(*ip, q.clone());
+        net.quarantine.insert(q.clone());
         vec![Op::PutQuarantine(q)]
     }
 
