@@ -5,27 +5,36 @@
 //!
 //! ```text
 //! cargo bench -p cairn-ccm --bench burst              # full run: Cairn + every built peer
-//! cargo bench -p cairn-ccm --bench burst -- --quick   # CI smoke: Cairn only, 5 singles, burst of 20
+//! cargo bench -p cairn-ccm --bench burst -- --quick   # smoke: Cairn only, 5 singles, bursts of 20
+//! cargo test -p cairn-ccm --bench burst -- --quick    # the same in the debug profile (CI)
 //! e2e/tools/build.sh metallb && e2e/tools/build.sh kube-vip-cloud-provider   # the peers
 //! ```
 //!
 //! Every (system, scenario) pair gets a fresh control plane, store and controller. Scenarios:
-//! `single` (one Service at a time on an idle controller, create→ingress, `--singles` times) and
-//! `burst` (`--sizes` Services created `--inflight` at a time; time until all show an ingress IP,
-//! per-Service create→ingress p50/p99). Ingress is observed by one watch on Services, never by
-//! polling each. API requests of the controller are counted from the apiserver's audit log
-//! (the controller runs as its own ServiceAccount; `apiserver_request_total` has no client label).
+//! - `single`: one Service at a time on an idle controller, create→ingress, `--singles` times;
+//! - `burst`: `--sizes` Services created `--inflight` at a time; time until all are assigned,
+//!   per-Service create→ingress p50/p99, also counted from the create call's return;
+//! - `backlog`: the `--sizes` Services exist before the controller starts (a restart, a
+//!   fail-over, a migration), so only the controller's throughput counts: spawn → all assigned.
 //!
-//! Flags: `--quick`, `--systems cairn,metallb,kube-vip` (default: Cairn + the built peers; Cairn
-//! only with --quick), `--scenarios single,burst`, `--sizes 1000,5000`, `--singles 50`,
-//! `--inflight 32`, `--deadline S` (per burst; default 60 + N/10), `--ccm-arg ARG` (repeatable,
-//! appended to cairn-ccm's flags), `--kube-vip-arg ARG` (repeatable; e.g.
-//! `--concurrent-service-syncs=16`; default: as shipped), `--ccm-bin PATH`, `--ipam-bin PATH` (default: `cargo build --release -p
-//! cairn-ipam`), `--wait-quiet S` (before each measured phase, wait up to S s until the rest of
-//! the machine uses < 0.3 cores; default 20, 0 with --quick), `--json PATH`, `--keep`.
+//! "Assigned" is observed by one watch on Services, never by polling each: an ingress IP for
+//! Cairn and MetalLB, the `kube-vip.io/loadbalancerIPs` annotation for kube-vip-cloud-provider
+//! (its node daemon, not run here, writes the ingress). The controller's API requests are
+//! counted from the apiserver's audit log: the controller runs as its own ServiceAccount, and
+//! `apiserver_request_total` has no client label.
+//!
+//! Flags: `--quick`, `--systems cairn,metallb,kube-vip` (default: Cairn + the built peers;
+//! Cairn only with --quick), `--scenarios single,burst,backlog`, `--sizes 1000,5000`,
+//! `--singles 50`, `--inflight 32`, `--deadline S` (per burst; default 60 + N/10),
+//! `--ccm-arg ARG` (repeatable, appended to cairn-ccm's flags), `--kube-vip-arg ARG`
+//! (repeatable, e.g. `--concurrent-service-syncs=16`; default: as shipped), `--ccm-bin PATH`,
+//! `--ipam-bin PATH` (default: `cargo build -p cairn-ipam` in this benchmark's profile),
+//! `--wait-quiet S` (before each measured phase, wait up to S s until the rest of the machine
+//! uses < 0.3 cores; default 20, 0 with --quick), `--json PATH`, `--keep`.
+//!
 //! Peers bind wildcard addresses they cannot be told otherwise (MetalLB's metrics and health
-//! servers), so whenever a peer runs, the whole benchmark re-executes itself in a private network
-//! namespace (`unshare --net`) whose only interface is loopback.
+//! servers), so whenever a peer runs, the whole benchmark re-executes itself in a private
+//! network namespace (`unshare --net`) whose only interface is loopback.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -197,7 +206,7 @@ impl Args {
             }
         }
         if a.scenarios.is_empty() {
-            a.scenarios = vec!["single".into(), "burst".into()];
+            a.scenarios = vec!["single".into(), "burst".into(), "backlog".into()];
         }
         if a.sizes.is_empty() {
             a.sizes = if a.quick { vec![20] } else { vec![1000, 5000] };
@@ -404,6 +413,8 @@ fn free_port() -> anyhow::Result<u16> {
 #[derive(Default)]
 struct Seen {
     created: HashMap<String, Instant>,
+    /// When the create call returned.
+    acked: HashMap<String, Instant>,
     first_ingress: HashMap<String, Instant>,
     ips: HashMap<String, Vec<String>>,
     /// Services whose ingress changed after it was first set.
@@ -520,7 +531,11 @@ impl Requests {
     fn writes(&self) -> u64 {
         self.by_kind
             .iter()
-            .filter(|(k, _)| ["create", "update", "patch", "delete"].iter().any(|v| k.starts_with(v)))
+            .filter(|(k, _)| {
+                ["create", "update", "patch", "delete"]
+                    .iter()
+                    .any(|v| k.starts_with(v))
+            })
             .map(|(_, n)| n)
             .sum()
     }
@@ -604,6 +619,8 @@ struct Bed {
     watch: tokio::task::JoinHandle<()>,
     startup: Duration,
     version: String,
+    /// The controller's command until it is spawned.
+    controller: Option<Command>,
 }
 
 impl Drop for Bed {
@@ -614,19 +631,27 @@ impl Drop for Bed {
 
 async fn wait_crd(client: &Client, name: &str) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    eventually(&format!("CRD {name} established"), Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            let c = api.get(name).await.map_err(|e| e.to_string())?;
-            let ok = c
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if ok { Ok(()) } else { Err("not established".to_string()) }
-        }
-    })
+    eventually(
+        &format!("CRD {name} established"),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let c = api.get(name).await.map_err(|e| e.to_string())?;
+                let ok = c
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if ok {
+                    Ok(())
+                } else {
+                    Err("not established".to_string())
+                }
+            }
+        },
+    )
     .await?;
     Ok(())
 }
@@ -671,7 +696,16 @@ fn lb_service(name: &str) -> Service {
 }
 
 impl Bed {
-    async fn start(args: &Args, ipam_bin: &Path, system: System, label: &str, work: &Path) -> anyhow::Result<Bed> {
+    /// A fresh plane set up for `system`; its controller runs (and has served a warm-up
+    /// Service) unless `idle`, in which case [`Bed::spawn_controller`] starts it.
+    async fn start(
+        args: &Args,
+        ipam_bin: &Path,
+        system: System,
+        label: &str,
+        work: &Path,
+        idle: bool,
+    ) -> anyhow::Result<Bed> {
         let dir = work.join(label);
         fs::create_dir_all(&dir)?;
         let policy = dir.join("audit-policy.yaml");
@@ -722,10 +756,10 @@ impl Bed {
             )
             .await?;
 
-        let version = match system {
+        let (version, controller) = match system {
             System::Cairn => Self::start_cairn(args, ipam_bin, &cp, &client, &kubeconfig, &dir).await?,
             System::MetalLb => Self::start_metallb(&cp, &client, &kubeconfig).await?,
-            System::KubeVip => Self::start_kube_vip(args, &cp, &client, &kubeconfig, &dir).await?,
+            System::KubeVip => Self::start_kube_vip(args, &client, &kubeconfig, &dir).await?,
         };
 
         let tracker = Arc::new(Tracker::new(system));
@@ -739,6 +773,7 @@ impl Bed {
             watch,
             startup: Duration::ZERO,
             version,
+            controller: Some(controller),
         };
         // Synced watch, then one Service through end to end: the controller is up.
         let ok = bed
@@ -746,6 +781,10 @@ impl Bed {
             .wait(Instant::now() + Duration::from_secs(60), |s| s.synced)
             .await;
         anyhow::ensure!(ok, "the bench's Service watch did not sync");
+        if idle {
+            return Ok(bed);
+        }
+        bed.spawn_controller()?;
         bed.create("warmup").await?;
         let ok = bed
             .tracker
@@ -755,7 +794,10 @@ impl Bed {
             .await;
         if !ok {
             bed.cp.dump_logs();
-            bail!("{}: the warm-up Service got no ingress IP in 180 s", system.label());
+            bail!(
+                "{}: the warm-up Service got no ingress IP in 180 s",
+                system.label()
+            );
         }
         bed.startup = t.elapsed();
         Ok(bed)
@@ -768,7 +810,7 @@ impl Bed {
         client: &Client,
         kubeconfig: &Path,
         dir: &Path,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<(String, Command)> {
         let crd = install_crd_file(
             client,
             &workspace_root().join("manifests/crds/clusternetworks.cairn.dev.yaml"),
@@ -785,10 +827,17 @@ impl Bed {
 
         let addr = dir.join("ipam.addr");
         let mut ipam = Command::new(ipam_bin);
-        ipam.args(["serve", "--listen", "127.0.0.1:0", "--default-reuse-grace", "0s", "--data-dir"])
-            .arg(dir.join("ipam-data"))
-            .arg("--addr-file")
-            .arg(&addr);
+        ipam.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--default-reuse-grace",
+            "0s",
+            "--data-dir",
+        ])
+        .arg(dir.join("ipam-data"))
+        .arg("--addr-file")
+        .arg(&addr);
         cp.spawn("cairn-ipam", &ipam)?;
         let text = eventually("cairn-ipam serving", Duration::from_secs(30), || {
             let addr = addr.clone();
@@ -818,19 +867,27 @@ impl Bed {
         let mut ccm = Command::new(&args.ccm_bin);
         ccm.arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--cluster-id", "bench", "--ipam-endpoint", &format!("http://{grpc}")])
+            .args([
+                "--cluster-id",
+                "bench",
+                "--ipam-endpoint",
+                &format!("http://{grpc}"),
+            ])
             .args(["--metrics-listen", "127.0.0.1:0", "--leader-elect", "false"])
             .args(&args.ccm_args)
             .env(
                 "RUST_LOG",
                 std::env::var("CAIRN_CCM_LOG").unwrap_or_else(|_| "info".into()),
             );
-        cp.spawn(System::Cairn.component(), &ccm)?;
         let v = Command::new(&args.ccm_bin).arg("--version").output()?;
-        Ok(String::from_utf8_lossy(&v.stdout).trim().to_string())
+        Ok((String::from_utf8_lossy(&v.stdout).trim().to_string(), ccm))
     }
 
-    async fn start_metallb(cp: &ControlPlane, client: &Client, kubeconfig: &Path) -> anyhow::Result<String> {
+    async fn start_metallb(
+        cp: &ControlPlane,
+        client: &Client,
+        kubeconfig: &Path,
+    ) -> anyhow::Result<(String, Command)> {
         let crds = bin_dir().join("metallb-crds");
         let mut files: Vec<PathBuf> = fs::read_dir(&crds)
             .with_context(|| format!("{} (run e2e/tools/build.sh metallb)", crds.display()))?
@@ -878,19 +935,18 @@ impl Bed {
             .arg(format!("--port={}", free_port()?))
             .arg(format!("--health-probe-port={}", free_port()?))
             .arg("--log-level=info");
-        cp.spawn(System::MetalLb.component(), &cmd)?;
-        Ok(fs::read_link(&bin)
+        let v = fs::read_link(&bin)
             .map(|p| p.display().to_string())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok((v, cmd))
     }
 
     async fn start_kube_vip(
         args: &Args,
-        cp: &ControlPlane,
         client: &Client,
         kubeconfig: &Path,
         dir: &Path,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<(String, Command)> {
         let cm: ConfigMap = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": { "name": "kubevip", "namespace": "kube-system" },
@@ -913,18 +969,28 @@ impl Bed {
             .arg("--webhook-secure-port=0")
             .arg("--bind-address=127.0.0.1");
         cmd.args(&args.kube_vip_args);
-        cp.spawn(System::KubeVip.component(), &cmd)?;
-        Ok(fs::read_link(&bin)
+        let v = fs::read_link(&bin)
             .map(|p| p.display().to_string())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok((v, cmd))
+    }
+
+    fn spawn_controller(&mut self) -> anyhow::Result<()> {
+        let cmd = self.controller.take().context("controller already spawned")?;
+        self.cp.spawn(self.system.component(), &cmd)?;
+        Ok(())
     }
 
     async fn create(&self, name: &str) -> anyhow::Result<()> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), NS);
-        self.tracker.lock().created.insert(name.to_string(), Instant::now());
+        self.tracker
+            .lock()
+            .created
+            .insert(name.to_string(), Instant::now());
         api.create(&PostParams::default(), &lb_service(name))
             .await
             .with_context(|| format!("create Service {name}"))?;
+        self.tracker.lock().acked.insert(name.to_string(), Instant::now());
         Ok(())
     }
 
@@ -949,6 +1015,11 @@ struct Row {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Create call returned → ingress seen (excludes the apiserver's create latency).
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    /// The create call itself.
+    post_p50_ms: f64,
     requests: u64,
     writes: u64,
     errors: u64,
@@ -996,20 +1067,59 @@ fn check_ips(seen: &Seen, names: &[String]) -> (usize, usize, usize) {
     (assigned, dups, out)
 }
 
-async fn measure(args: &Args, bed: &Bed, scenario: &str, n: usize, tck: f64) -> anyhow::Result<Row> {
+/// Creates `names` with `inflight` creates in flight; fails if any create fails.
+async fn create_all(bed: &Bed, names: &[String], inflight: usize) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<()>> = stream::iter(names.iter())
+        .map(|name| bed.create(name))
+        .buffer_unordered(inflight)
+        .collect()
+        .await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    if let Some(first) = failed.first() {
+        bail!("{} of {} creates failed, e.g. {first}", failed.len(), names.len());
+    }
+    Ok(())
+}
+
+async fn measure(args: &Args, bed: &mut Bed, scenario: &str, n: usize, tck: f64) -> anyhow::Result<Row> {
     let ctl = bed.system.component();
-    let pid = bed.pid(ctl).context("controller pid")?;
+    let names: Vec<String> = (0..n).map(|i| format!("{scenario}-{i}")).collect();
+    if scenario == "backlog" {
+        // The Services exist before the controller starts (a restart, a fail-over, a
+        // migration): only the controller's own throughput is measured.
+        create_all(bed, &names, args.inflight).await?;
+        let all_seen = bed
+            .tracker
+            .wait(Instant::now() + Duration::from_secs(60), |s| {
+                names.iter().all(|k| s.ips.contains_key(k))
+            })
+            .await;
+        anyhow::ensure!(all_seen, "the bench's watch did not see every created Service");
+    }
     let quiet_note = wait_quiet(&bed.cp, args.quiet, tck).await;
-    let rss_idle = status_kib(pid, "VmRSS").unwrap_or(0);
     let audit_from = file_len(&bed.audit);
     let cpu0 = CpuMark::take(&bed.cp, tck);
     let load = loadavg();
-    let names: Vec<String>;
     let mut create_phase = Duration::ZERO;
     let mut all_assigned = None;
+    let mut rss_idle = 0;
     let t0 = Instant::now();
+    if scenario == "backlog" {
+        bed.spawn_controller()?;
+        bed.startup = Duration::ZERO;
+        let mut s = bed.tracker.lock();
+        for k in &names {
+            s.created.insert(k.clone(), t0);
+            s.acked.insert(k.clone(), t0);
+        }
+    } else {
+        rss_idle = status_kib(bed.pid(ctl).context("controller pid")?, "VmRSS").unwrap_or(0);
+    }
+    let pid = bed.pid(ctl).context("controller pid")?;
     if scenario == "single" {
-        names = (0..n).map(|i| format!("single-{i}")).collect();
         for name in &names {
             bed.create(name).await?;
             let ok = bed
@@ -1025,28 +1135,16 @@ async fn measure(args: &Args, bed: &Bed, scenario: &str, n: usize, tck: f64) -> 
         }
         all_assigned = Some(t0.elapsed());
     } else {
-        names = (0..n).map(|i| format!("burst-{i}")).collect();
-        let results: Vec<anyhow::Result<()>> = stream::iter(names.iter())
-            .map(|name| bed.create(name))
-            .buffer_unordered(args.inflight)
-            .collect()
-            .await;
-        create_phase = t0.elapsed();
-        let failed: Vec<String> = results
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| format!("{e:#}")))
-            .collect();
-        if !failed.is_empty() {
-            bail!(
-                "{} of {n} creates failed, e.g. {}",
-                failed.len(),
-                failed[0]
-            );
+        if scenario == "burst" {
+            create_all(bed, &names, args.inflight).await?;
+            create_phase = t0.elapsed();
         }
         let deadline = t0 + args.deadline(n);
         let done = bed
             .tracker
-            .wait(deadline, |s| names.iter().all(|k| s.first_ingress.contains_key(k)))
+            .wait(deadline, |s| {
+                names.iter().all(|k| s.first_ingress.contains_key(k))
+            })
             .await;
         if done {
             let s = bed.tracker.lock();
@@ -1057,7 +1155,10 @@ async fn measure(args: &Args, bed: &Bed, scenario: &str, n: usize, tck: f64) -> 
     let cpu1 = CpuMark::take(&bed.cp, tck);
     let rss_end = status_kib(pid, "VmRSS").unwrap_or(0);
     let rss_peak = status_kib(pid, "VmHWM").unwrap_or(0);
-    let store_rss = bed.pid("cairn-ipam").and_then(|p| status_kib(p, "VmRSS")).map(mib);
+    let store_rss = bed
+        .pid("cairn-ipam")
+        .and_then(|p| status_kib(p, "VmRSS"))
+        .map(mib);
     // Requests: let the controller finish what it does after the ingress (events, annotations).
     quiesce(&bed.audit, Duration::from_secs(30)).await;
     let req = audit_since(&bed.audit, audit_from)?;
@@ -1069,6 +1170,22 @@ async fn measure(args: &Args, bed: &Bed, scenario: &str, n: usize, tck: f64) -> 
         .filter_map(|k| Some(*s.first_ingress.get(k)? - *s.created.get(k)?))
         .collect();
     lat.sort();
+    let mut after_ack: Vec<Duration> = names
+        .iter()
+        .filter_map(|k| {
+            Some(
+                s.first_ingress
+                    .get(k)?
+                    .saturating_duration_since(*s.acked.get(k)?),
+            )
+        })
+        .collect();
+    after_ack.sort();
+    let mut post: Vec<Duration> = names
+        .iter()
+        .filter_map(|k| Some(*s.acked.get(k)? - *s.created.get(k)?))
+        .collect();
+    post.sort();
     let (assigned, dups, out) = check_ips(&s, &names);
     let moved = names.iter().filter(|k| s.moved.contains(*k)).count();
     drop(s);
@@ -1082,6 +1199,9 @@ async fn measure(args: &Args, bed: &Bed, scenario: &str, n: usize, tck: f64) -> 
         p50_ms: pct(&lat, 50.0).as_secs_f64() * 1e3,
         p99_ms: pct(&lat, 99.0).as_secs_f64() * 1e3,
         max_ms: lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        ack_p50_ms: pct(&after_ack, 50.0).as_secs_f64() * 1e3,
+        ack_p99_ms: pct(&after_ack, 99.0).as_secs_f64() * 1e3,
+        post_p50_ms: pct(&post, 50.0).as_secs_f64() * 1e3,
         requests: req.total,
         writes: req.writes(),
         errors: req.errors,
@@ -1130,6 +1250,12 @@ fn print_row(r: &Row) {
         ms(Duration::from_secs_f64(r.p99_ms / 1e3)),
         ms(Duration::from_secs_f64(r.max_ms / 1e3)),
     );
+    if r.scenario != "backlog" {
+        println!(
+            "    create call p50 {:.1} ms; create returned→ingress p50 {:.1} ms p99 {:.1} ms",
+            r.post_p50_ms, r.ack_p50_ms, r.ack_p99_ms
+        );
+    }
     println!(
         "    API requests by the controller: {} ({:.2}/Service; writes {:.2}/Service; {} errors, {} conflicts): {}",
         r.requests,
@@ -1164,8 +1290,8 @@ fn print_row(r: &Row) {
 
 fn table(rows: &[Row]) -> String {
     let mut t = String::new();
-    t.push_str("| system | scenario | Services | all assigned | Services/s | p50 ms | p99 ms | max ms | API req/Svc | writes/Svc | ctl RSS idle→peak MiB | ctl CPU s | apiserver CPU s | others (cores) |\n");
-    t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("| system | scenario | Services | all assigned | Services/s | p50 ms | p99 ms | max ms | ack→ingress p50/p99 ms | API req/Svc | writes/Svc | ctl RSS idle→peak MiB | ctl CPU s | apiserver CPU s | others (cores) |\n");
+    t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let comp = match r.system.as_str() {
             "Cairn" => vec!["cairn-ccm", "cairn-ipam"],
@@ -1190,13 +1316,18 @@ fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {all} | {rate} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {rss} | {} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {all} | {rate} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {rss} | {} | {:.1} | {:.2} |",
             r.system,
             r.scenario,
             r.services,
             r.p50_ms,
             r.p99_ms,
             r.max_ms,
+            if r.scenario == "backlog" {
+                "–".to_string()
+            } else {
+                format!("{:.1} / {:.1}", r.ack_p50_ms, r.ack_p99_ms)
+            },
             r.per_svc(r.requests),
             r.per_svc(r.writes),
             ctl_cpu.join(" + "),
@@ -1246,19 +1377,24 @@ fn ratios(rows: &[Row]) -> String {
 // main
 // ============================================================================================
 
-fn build_ipam() -> anyhow::Result<PathBuf> {
+/// Builds `cairn-ipam` in the profile this benchmark was built in (`cargo bench`: release;
+/// `cargo test --bench burst`: debug, as the CI smoke runs it) and returns its path.
+fn build_ipam(ccm_bin: &Path) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
+    let profile_dir = ccm_bin.parent().context("cairn-ccm binary path")?;
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "--release", "-p", "cairn-ipam", "--bin", "cairn-ipam"])
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "cairn-ipam", "--bin", "cairn-ipam"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let st = cmd
         .current_dir(&root)
         .status()
         .context("run cargo build -p cairn-ipam")?;
-    anyhow::ensure!(st.success(), "cargo build --release -p cairn-ipam failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    Ok(target.join("release").join("cairn-ipam"))
+    anyhow::ensure!(st.success(), "cargo build -p cairn-ipam failed");
+    Ok(profile_dir.join("cairn-ipam"))
 }
 
 /// Re-executes the benchmark inside a new network namespace with only loopback up.
@@ -1266,12 +1402,18 @@ fn reexec_in_netns(args: &Args, ipam: &Path) -> anyhow::Result<std::convert::Inf
     use std::os::unix::process::CommandExt as _;
     let me = std::env::current_exe()?;
     let mut cmd = Command::new("unshare");
-    cmd.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
-        .arg(me)
-        .args(&args.raw)
-        .arg("--ipam-bin")
-        .arg(ipam)
-        .env("CAIRN_BENCH_NETNS", "1");
+    cmd.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$0\" \"$@\"",
+    ])
+    .arg(me)
+    .args(&args.raw)
+    .arg("--ipam-bin")
+    .arg(ipam)
+    .env("CAIRN_BENCH_NETNS", "1");
     let err = cmd.exec();
     bail!(
         "cannot enter a private network namespace for the peers (`unshare --net`, needs root or user namespaces, and `ip`): {err}; run with --systems cairn"
@@ -1282,7 +1424,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
     let ipam = match &args.ipam_bin {
         Some(p) => p.clone(),
-        None => build_ipam()?,
+        None => build_ipam(&args.ccm_bin)?,
     };
     if args.peers() && std::env::var_os("CAIRN_BENCH_NETNS").is_none() {
         reexec_in_netns(&args, &ipam)?;
@@ -1301,7 +1443,10 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_default();
     println!("# cairn-ccm burst benchmark");
     println!(
@@ -1342,23 +1487,21 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
                 let label = format!("{}-{scenario}-{n}", system.key());
                 let t = Instant::now();
                 let result = async {
-                    let bed = Bed::start(&args, &ipam, system, &label, work.path()).await?;
+                    let idle = scenario == "backlog";
+                    let mut bed = Bed::start(&args, &ipam, system, &label, work.path(), idle).await?;
                     println!(
                         "\n[{label}] {} ready in {:.1} s ({})",
                         system.label(),
                         bed.startup.as_secs_f64(),
                         bed.version
                     );
-                    let r = measure(&args, &bed, scenario, n, tck).await;
+                    let r = measure(&args, &mut bed, scenario, n, tck).await;
                     if r.is_err() {
                         bed.cp.dump_logs();
                     }
                     let r = r?;
                     if r.all_assigned_s.is_none() {
-                        eprintln!(
-                            "{}",
-                            bed.cp.log_tail(system.component(), 40)
-                        );
+                        eprintln!("{}", bed.cp.log_tail(system.component(), 40));
                     }
                     anyhow::Ok(r)
                 }
@@ -1369,7 +1512,10 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
                         rows.push(r);
                     }
                     Err(e) => {
-                        println!("\n[{label}] FAILED after {:.1} s: {e:#}", t.elapsed().as_secs_f64());
+                        println!(
+                            "\n[{label}] FAILED after {:.1} s: {e:#}",
+                            t.elapsed().as_secs_f64()
+                        );
                         failures.push(format!("{label}: {e:#}"));
                     }
                 }
