@@ -32,13 +32,19 @@ demo: tools build
 	scripts/demo.sh
 
 # Printed figures (release builds), recorded in docs/benchmarks.md.
-bench:
+# The controller bench runs MetalLB and kube-vip-cloud-provider beside Cairn (built here from
+# their Go modules; not part of `make tools`).
+bench: tools
+	e2e/tools/build.sh metallb
+	e2e/tools/build.sh kube-vip-cloud-provider
 	$(CARGO) bench -p cairn-ipam --bench store
+	$(CARGO) bench -p cairn-ccm --bench burst
 
 # Keeps the benchmarks building and running in CI: tiny sizes, debug build (no second,
 # release build of the whole dependency tree), figures meaningless.
 bench-smoke:
 	$(CARGO) test -p cairn-ipam --bench store -- --quick
+	$(CARGO) test -p cairn-ccm --bench burst -- --quick
 
 clean-cache:
 	rm -rf .cache
