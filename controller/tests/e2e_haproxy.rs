@@ -570,11 +570,11 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     set_ready(&client, "h1-b", "127.0.101.2", false).await;
     wait_only(web, "h1-a", 12).await;
     assert!(!agent.config().contains("server h1-b"), "{}", agent.config());
-    assert_eq!(
-        agent.metric("cairn_ccm_haproxy_reloads_total").await,
-        reloads + 1.0,
-        "only the NotReady node caused a reload"
-    );
+    // The counter moves once HAProxy confirms the new worker, a moment after traffic shifts.
+    let after = agent
+        .wait_metric("cairn_ccm_haproxy_reloads_total", |v| v > reloads)
+        .await;
+    assert_eq!(after, reloads + 1.0, "only the NotReady node caused a reload");
     set_ready(&client, "h1-b", "127.0.101.2", true).await;
     wait_all_answer(web, &["h1-a", "h1-b"]).await;
 
