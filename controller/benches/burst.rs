@@ -169,7 +169,15 @@ impl Args {
             raw: raw.clone(),
         };
         let mut systems: Option<String> = None;
-        let mut it = raw.into_iter();
+        // `--flag=value` is `--flag value`.
+        let split: Vec<String> = raw
+            .into_iter()
+            .flat_map(|a| match a.split_once('=') {
+                Some((k, v)) if k.starts_with("--") => vec![k.to_string(), v.to_string()],
+                _ => vec![a],
+            })
+            .collect();
+        let mut it = split.into_iter();
         while let Some(arg) = it.next() {
             let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
             match arg.as_str() {
