@@ -405,15 +405,24 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
     };
 
     let shown = ingress_ips(svc);
+    let from = format!("{}/{}", a.network, a.pool);
+    let mut annotated = ann(svc, ANN_ALLOCATED_FROM) == Some(from.as_str());
     if shown != a.addresses {
         let ingress: Vec<_> = a
             .addresses
             .iter()
             .map(|ip| json!({ "ip": ip, "ipMode": "VIP" }))
             .collect();
-        let patch = json!({ "status": { "loadBalancer": { "ingress": ingress } } });
-        api.patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        // One write for both: the status subresource also stores metadata changes, which
+        // halves the Service writes per allocation (each is an etcd write and a watch fan-out).
+        let patch = json!({
+            "metadata": { "annotations": { ANN_ALLOCATED_FROM: &from } },
+            "status": { "loadBalancer": { "ingress": ingress } },
+        });
+        let after = api
+            .patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        annotated = ann(&after, ANN_ALLOCATED_FROM) == Some(from.as_str());
         ctx.event(
             svc,
             EventType::Normal,
@@ -423,8 +432,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let from = format!("{}/{}", a.network, a.pool);
-    if ann(svc, ANN_ALLOCATED_FROM) != Some(from.as_str()) {
+    if !annotated {
         let patch = json!({ "metadata": { "annotations": { ANN_ALLOCATED_FROM: from } } });
         api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
