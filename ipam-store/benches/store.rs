@@ -37,9 +37,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use cairn_ipam::{
     alloc::addr::Family,
-    ledger::{AllocateReq, Ledger, NoObserver, Op, State},
+    ledger::{AllocateReq, Ledger, NoObserver, State},
     model::{Allocation, NetworkDef, NetworkRecord, Owner, OwnerKind, PoolDef, Port, Protocol, Purpose},
-    store::{Engine as _, sled_engine::SledEngine},
+    store::{Engine as _, Op, sled_engine::SledEngine},
 };
 use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1130,7 +1130,7 @@ fn bench_engine(sz: &Sizes, work: &Path) -> anyhow::Result<()> {
     engine.commit(&ops, 1)?;
     st.seq = 1;
     let mut id = 0u64;
-    let mut batch = |st: &mut State, b: usize| -> anyhow::Result<Vec<cairn_ipam::ledger::Op>> {
+    let mut batch = |st: &mut State, b: usize| -> anyhow::Result<Vec<Op>> {
         let mut ops = Vec::new();
         for _ in 0..b {
             let seq = st.seq + 1;

@@ -1,8 +1,18 @@
 //! `cairn-ipam`: the durable, conflict-free IP ledger behind `cairn.ipam.v1.IpamService`.
 //!
-//! Layers, data flowing one way: [`alloc`] (pure address math and the free-range set) →
-//! [`ledger`] (the store's invariants on top of it, made durable through a [`store::Engine`]
-//! with group commit) → [`grpc`] (request parsing and error mapping only) → [`server`].
+//! Layers, each using only the ones before it (data flows one way):
+//! 1. [`alloc`] — pure address math, the free-range set and the sharing rule; knows nothing
+//!    of the rest.
+//! 2. [`error`], [`model`] — the validated domain types (networks, pools, owners,
+//!    allocations) and the one error enum.
+//! 3. [`store`] — the [`store::Engine`] trait, its value types ([`store::Op`],
+//!    [`store::Snapshot`]) and the engines (sled, in-memory, fault-injecting).
+//! 4. [`ledger`] — every invariant of the store as pure transitions on an in-memory state,
+//!    made durable through an engine with group commit.
+//! 5. [`grpc`] — the API edge: proto ⇄ domain conversion, the service, watch streams, and the
+//!    one mapping of [`Error`] to `tonic::Status`.
+//! 6. [`server`], [`metrics`], [`cli`] — wiring: listeners, probes and metrics, and the admin
+//!    CLI (a gRPC client of the API).
 #![forbid(unsafe_code)]
 
 pub mod alloc;

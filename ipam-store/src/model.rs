@@ -6,8 +6,12 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::alloc::sharing::{Port, Protocol};
 use crate::{
-    alloc::addr::{AddrRange, Family, parse_cidr, parse_range},
+    alloc::{
+        addr::{AddrRange, Family, parse_cidr, parse_range},
+        sharing::Claim,
+    },
     error::{Error, Result},
 };
 
@@ -183,26 +187,6 @@ impl fmt::Display for Owner {
     }
 }
 
-/// Transport protocol of a shared port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-/// A (protocol, port) pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Port {
-    /// Protocol.
-    pub protocol: Protocol,
-    /// 1..=65535.
-    pub port: u16,
-}
-
 /// An owner's addresses on one network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
@@ -235,6 +219,15 @@ impl Allocation {
     /// The address of `family`, if held.
     pub fn address_of(&self, family: Family) -> Option<IpAddr> {
         self.addresses.iter().copied().find(|a| Family::of(a) == family)
+    }
+
+    /// This allocation's side of the sharing rule.
+    pub fn claim(&self) -> Claim<'_> {
+        Claim {
+            cluster_id: &self.owner.cluster_id,
+            sharing_key: &self.sharing_key,
+            ports: &self.ports,
+        }
     }
 }
 

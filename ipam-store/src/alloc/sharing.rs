@@ -2,33 +2,66 @@
 //! the same cluster that all carry the same non-empty sharing key and whose (protocol, port)
 //! sets are pairwise disjoint. Owners of different clusters never share.
 
-use crate::model::{Allocation, Owner, Port};
+use std::fmt;
 
-/// Why `candidate` may not join `holder` on an address, or `None` when it may.
-pub fn conflict(holder: &Allocation, owner: &Owner, sharing_key: &str, ports: &[Port]) -> Option<String> {
-    let h = &holder.owner;
-    if h.cluster_id != owner.cluster_id {
-        return Some(format!("held by another cluster ({h})"));
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a shared port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// A (protocol, port) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Port {
+    /// Protocol.
+    pub protocol: Protocol,
+    /// 1..=65535.
+    pub port: u16,
+}
+
+/// One side of the rule: who holds (or asks for) an address, under which key, on which ports.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// The owner's cluster.
+    pub cluster_id: &'a str,
+    /// Empty = exclusive.
+    pub sharing_key: &'a str,
+    /// Sorted, unique.
+    pub ports: &'a [Port],
+}
+
+/// Why `candidate` may not join `holder` (named `who` in the message) on an address, or `None`
+/// when it may.
+pub fn conflict(holder: &Claim<'_>, who: &dyn fmt::Display, candidate: &Claim<'_>) -> Option<String> {
+    if holder.cluster_id != candidate.cluster_id {
+        return Some(format!("held by another cluster ({who})"));
     }
-    if holder.sharing_key.is_empty() || sharing_key.is_empty() {
-        return Some(format!("held exclusively by {h}"));
+    if holder.sharing_key.is_empty() || candidate.sharing_key.is_empty() {
+        return Some(format!("held exclusively by {who}"));
     }
-    if holder.sharing_key != sharing_key {
+    if holder.sharing_key != candidate.sharing_key {
         return Some(format!(
-            "held by {h} with a different sharing key {:?}",
+            "held by {who} with a different sharing key {:?}",
             holder.sharing_key
         ));
     }
     // Both sorted: a merge walk finds a common port in O(n + m).
     let (mut i, mut j) = (0, 0);
-    let hp = &holder.ports;
-    while i < hp.len() && j < ports.len() {
-        match hp[i].cmp(&ports[j]) {
+    let (hp, cp) = (holder.ports, candidate.ports);
+    while i < hp.len() && j < cp.len() {
+        match hp[i].cmp(&cp[j]) {
             std::cmp::Ordering::Less => i += 1,
             std::cmp::Ordering::Greater => j += 1,
             std::cmp::Ordering::Equal => {
                 return Some(format!(
-                    "held by {h} with the same sharing key, and both use {:?}/{}",
+                    "held by {who} with the same sharing key, and both use {:?}/{}",
                     hp[i].protocol, hp[i].port
                 ));
             }
@@ -40,36 +73,7 @@ pub fn conflict(holder: &Allocation, owner: &Owner, sharing_key: &str, ports: &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{OwnerKind, Protocol};
 
-    fn alloc(cluster: &str, key: &str, ports: &[u16]) -> Allocation {
-        Allocation {
-            network: "n".into(),
-            pool: "p".into(),
-            owner: owner(cluster, "a"),
-            addresses: vec![],
-            sharing_key: key.into(),
-            ports: ports
-                .iter()
-                .map(|p| Port {
-                    protocol: Protocol::Tcp,
-                    port: *p,
-                })
-                .collect(),
-            created_ms: 0,
-            updated_ms: 0,
-            revision: 0,
-        }
-    }
-    fn owner(cluster: &str, name: &str) -> Owner {
-        Owner {
-            cluster_id: cluster.into(),
-            kind: OwnerKind::Service,
-            namespace: "ns".into(),
-            name: name.into(),
-            uid: String::new(),
-        }
-    }
     fn ports(p: &[u16]) -> Vec<Port> {
         p.iter()
             .map(|p| Port {
@@ -79,19 +83,30 @@ mod tests {
             .collect()
     }
 
+    fn check(holder: (&str, &str, &[Port]), cand: (&str, &str, &[Port])) -> Option<String> {
+        let h = Claim {
+            cluster_id: holder.0,
+            sharing_key: holder.1,
+            ports: holder.2,
+        };
+        let c = Claim {
+            cluster_id: cand.0,
+            sharing_key: cand.1,
+            ports: cand.2,
+        };
+        conflict(&h, &"a/service/ns/a", &c)
+    }
+
     #[test]
     fn rule() {
-        let h = alloc("a", "k", &[80, 443]);
-        assert!(conflict(&h, &owner("a", "b"), "k", &ports(&[8080])).is_none());
+        let hp = ports(&[80, 443]);
+        let h = ("a", "k", hp.as_slice());
+        assert!(check(h, ("a", "k", &ports(&[8080]))).is_none());
+        assert!(check(h, ("a", "k", &ports(&[443]))).unwrap().contains("443"));
+        assert!(check(h, ("a", "other", &ports(&[8080]))).is_some());
+        assert!(check(h, ("a", "", &ports(&[8080]))).is_some());
         assert!(
-            conflict(&h, &owner("a", "b"), "k", &ports(&[443]))
-                .unwrap()
-                .contains("443")
-        );
-        assert!(conflict(&h, &owner("a", "b"), "other", &ports(&[8080])).is_some());
-        assert!(conflict(&h, &owner("a", "b"), "", &ports(&[8080])).is_some());
-        assert!(
-            conflict(&h, &owner("b", "b"), "k", &ports(&[8080]))
+            check(h, ("b", "k", &ports(&[8080])))
                 .unwrap()
                 .contains("another cluster")
         );
@@ -99,7 +114,7 @@ mod tests {
             protocol: Protocol::Udp,
             port: 80,
         }];
-        assert!(conflict(&h, &owner("a", "b"), "k", &udp).is_none());
-        assert!(conflict(&alloc("a", "", &[80]), &owner("a", "b"), "k", &ports(&[81])).is_some());
+        assert!(check(h, ("a", "k", &udp)).is_none());
+        assert!(check(("a", "", &ports(&[80])), ("a", "k", &ports(&[81]))).is_some());
     }
 }

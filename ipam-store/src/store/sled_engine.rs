@@ -6,11 +6,8 @@ use std::path::Path;
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::Engine;
-use crate::{
-    error::{Error, Result},
-    ledger::state::{Op, Snapshot},
-};
+use super::{Engine, Op, Snapshot};
+use crate::error::{Error, Result};
 
 const NET: &[u8] = b"n/";
 const ALLOC: &[u8] = b"a/";
@@ -130,25 +127,10 @@ impl Engine for SledEngine {
 mod tests {
     use super::*;
 
-    #[test]
-    fn suite_round_trip() {
+    crate::engine_suite!(|| {
         let dir = tempfile::tempdir().unwrap();
-        let e = SledEngine::open(dir.path(), 8 << 20).unwrap();
-        crate::store::suite::round_trip(&e);
-    }
-
-    #[test]
-    fn survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let e = SledEngine::open(dir.path(), 8 << 20).unwrap();
-            crate::store::suite::round_trip(&e);
-        }
-        let e = SledEngine::open(dir.path(), 8 << 20).unwrap();
-        let s = e.load().unwrap();
-        assert_eq!(s.seq, 3);
-        assert_eq!(s.allocations.len(), 1);
-    }
+        move || Box::new(SledEngine::open(dir.path(), 8 << 20).unwrap()) as Box<dyn Engine>
+    });
 
     #[test]
     fn corrupt_record_is_an_error_naming_the_key() {

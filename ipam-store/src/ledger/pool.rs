@@ -3,33 +3,35 @@
 
 use std::net::IpAddr;
 
-use super::{
-    addr::{Family, from_u128, to_u128},
-    rangeset::RangeSet,
+use crate::{
+    alloc::{
+        addr::{Family, from_u128, to_u128},
+        rangeset::RangeSet,
+    },
+    model::{ParsedPool, PoolDef, Purpose},
 };
-use crate::model::{ParsedPool, PoolDef, Purpose};
 
 /// One pool, ready to allocate from.
 #[derive(Clone, Debug)]
-pub struct PoolState {
+pub(super) struct PoolState {
     /// Name.
-    pub name: String,
+    pub(super) name: String,
     /// VIP or NODE.
-    pub purpose: Purpose,
+    pub(super) purpose: Purpose,
     /// Used without being named.
-    pub auto_assign: bool,
+    pub(super) auto_assign: bool,
     /// Addresses that belong to the pool, per family (index = `Family::index`).
-    pub span: [RangeSet; 2],
+    pub(super) span: [RangeSet; 2],
     /// Addresses that may be handed out now, per family.
-    pub free: [RangeSet; 2],
+    pub(super) free: [RangeSet; 2],
     /// Allocations whose `pool` is this one.
-    pub allocations: usize,
+    pub(super) allocations: usize,
 }
 
 impl PoolState {
     /// Builds the span; `free` starts equal to it (the caller takes out held and quarantined
     /// addresses).
-    pub fn new(def: &PoolDef, parsed: &ParsedPool, gateways: &[IpAddr]) -> Self {
+    pub(super) fn new(def: &PoolDef, parsed: &ParsedPool, gateways: &[IpAddr]) -> Self {
         let mut span = [RangeSet::new(), RangeSet::new()];
         for r in &parsed.ranges {
             span[r.family.index()].insert(r.start, r.end);
@@ -51,32 +53,27 @@ impl PoolState {
     }
 
     /// True when `ip` belongs to the pool.
-    pub fn spans(&self, ip: &IpAddr) -> bool {
+    pub(super) fn spans(&self, ip: &IpAddr) -> bool {
         self.span[Family::of(ip).index()].contains(to_u128(ip))
     }
 
     /// True when the pool has any address of `family`.
-    pub fn has_family(&self, family: Family) -> bool {
+    pub(super) fn has_family(&self, family: Family) -> bool {
         !self.span[family.index()].is_empty()
     }
 
-    /// True when `ip` is free.
-    pub fn is_free(&self, ip: &IpAddr) -> bool {
-        self.free[Family::of(ip).index()].contains(to_u128(ip))
-    }
-
     /// The lowest free address of `family`.
-    pub fn first_free(&self, family: Family) -> Option<IpAddr> {
+    pub(super) fn first_free(&self, family: Family) -> Option<IpAddr> {
         self.free[family.index()].first().map(|v| from_u128(family, v))
     }
 
     /// Marks `ip` used; returns whether it was free.
-    pub fn take(&mut self, ip: &IpAddr) -> bool {
+    pub(super) fn take(&mut self, ip: &IpAddr) -> bool {
         self.free[Family::of(ip).index()].take(to_u128(ip))
     }
 
     /// Returns `ip` to the free set if it belongs to the pool.
-    pub fn give_back(&mut self, ip: &IpAddr) {
+    pub(super) fn give_back(&mut self, ip: &IpAddr) {
         if self.spans(ip) {
             let v = to_u128(ip);
             self.free[Family::of(ip).index()].insert(v, v);

@@ -1,0 +1,119 @@
+//! WatchAllocations: the snapshot (EXISTING… then SYNCED), then every later committed change
+//! that passes the filter, in commit order. A watcher that falls behind the ledger's buffer is
+//! ended with ABORTED; a shutting-down server ends every watch with UNAVAILABLE.
+
+use std::{pin::Pin, sync::Arc};
+
+use cairn_proto::v1 as pb;
+use futures::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tonic::Status;
+
+use super::convert::allocation_to;
+use crate::{
+    ledger::{Change, Committed, Ledger, ListFilter},
+    model::Allocation,
+};
+
+/// The stream a watch returns.
+pub(super) type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
+
+/// Streams `snap` (as of `seq`), then the batches `rx` receives after `seq` that match `f`.
+pub(super) fn stream(
+    ledger: Arc<Ledger>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    f: ListFilter,
+    snap: Vec<Allocation>,
+    seq: u64,
+    mut rx: broadcast::Receiver<Committed>,
+) -> WatchStream {
+    async_stream(move |tx| async move {
+        // Resolves when the server shuts down; never if nobody can signal it.
+        let stopped = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let feed_tx = tx.clone();
+        let feed = async move {
+            let tx = feed_tx;
+            for a in snap {
+                let oor = ledger.is_out_of_range(&a);
+                let ev = pb::WatchAllocationsResponse {
+                    r#type: pb::WatchEventType::Existing as i32,
+                    allocation: Some(allocation_to(&a, oor)),
+                    revision: a.revision,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let synced = pb::WatchAllocationsResponse {
+                r#type: pb::WatchEventType::Synced as i32,
+                allocation: None,
+                revision: seq,
+            };
+            if tx.send(Ok(synced)).await.is_err() {
+                return;
+            }
+            loop {
+                let batch = match rx.recv().await {
+                    Ok(b) => b,
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted(format!(
+                                "watch fell {n} batches behind; watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the store is shutting down")))
+                            .await;
+                        return;
+                    }
+                };
+                if batch.seq <= seq {
+                    continue;
+                }
+                for c in batch.changes.iter().filter(|c| f.matches(c.allocation())) {
+                    let (ty, a) = match c {
+                        Change::Added(a) => (pb::WatchEventType::Added, a),
+                        Change::Modified(a) => (pb::WatchEventType::Modified, a),
+                        Change::Deleted(a) => (pb::WatchEventType::Deleted, a),
+                    };
+                    let oor = !matches!(c, Change::Deleted(_)) && ledger.is_out_of_range(a);
+                    let ev = pb::WatchAllocationsResponse {
+                        r#type: ty as i32,
+                        allocation: Some(allocation_to(a, oor)),
+                        revision: batch.seq,
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        // A graceful shutdown waits for every open stream, so a watch ends when it begins
+        // (without waiting for a slow reader: try_send).
+        tokio::select! {
+            () = feed => {}
+            () = stopped => {
+                let _ = tx.try_send(Err(Status::unavailable("the store is shutting down; watch again")));
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a bounded channel; the task stops when the client goes.
+fn async_stream<F, Fut>(f: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchAllocationsResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,158 @@
+//! Reads: one allocation, pages of them, watch snapshots, usage per pool and family.
+
+use std::ops::Bound;
+
+use super::{ListFilter, Usage, state::State};
+use crate::{
+    alloc::addr::{AddrRange, Family},
+    error::{Error, Result},
+    model::{Allocation, Owner},
+};
+
+const MAX_PAGE: usize = 10_000;
+const DEFAULT_PAGE: usize = 1_000;
+
+impl State {
+    /// The owner's allocation.
+    pub fn get_allocation(&self, network: &str, owner: &Owner) -> Result<Allocation> {
+        owner.validate("owner")?;
+        self.network(network)?;
+        self.allocs
+            .get(&owner.key(network))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("{owner} holds no allocation on network {network:?}")))
+    }
+
+    /// A page of allocations after `page_token` (a key), and the next token.
+    pub fn list(
+        &self,
+        f: &ListFilter,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Allocation>, String)> {
+        if let Some(n) = &f.network {
+            self.network(n)?;
+        }
+        let size = match page_size {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => return Err(Error::invalid("page_size", format!("{n} exceeds {MAX_PAGE}"))),
+            n => n,
+        };
+        // Narrow the scan by key prefix where the filters allow.
+        let prefix = match (&f.network, &f.cluster_id) {
+            (Some(n), Some(c)) => format!("{n}/{c}/"),
+            (Some(n), None) => format!("{n}/"),
+            _ => String::new(),
+        };
+        let start = if page_token.is_empty() {
+            Bound::Included(prefix.clone())
+        } else {
+            Bound::Excluded(page_token.to_string())
+        };
+        let mut out = Vec::new();
+        let mut next = String::new();
+        for (k, a) in self.allocs.range((start, Bound::Unbounded)) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if !f.matches(a) {
+                continue;
+            }
+            if out.len() == size {
+                next = out.last().map(Allocation::key).unwrap_or_default();
+                break;
+            }
+            out.push(a.clone());
+        }
+        Ok((out, next))
+    }
+
+    /// Every allocation matching `f` (for watch snapshots).
+    pub fn matching(&self, f: &ListFilter) -> Vec<Allocation> {
+        self.allocs.values().filter(|a| f.matches(a)).cloned().collect()
+    }
+
+    /// Usage per pool and family, for one network or all.
+    pub fn usage(&mut self, network: Option<&str>, now_ms: u64) -> Result<Vec<Usage>> {
+        let names: Vec<String> = match network {
+            Some(n) => {
+                self.network(n)?;
+                vec![n.to_string()]
+            }
+            None => self.networks.keys().cloned().collect(),
+        };
+        let mut out = Vec::new();
+        for name in names {
+            self.reap(&name, now_ms);
+            let net = &self.networks[&name];
+            for p in &net.pools {
+                for f in Family::ALL {
+                    if !p.has_family(f) {
+                        continue;
+                    }
+                    let total = p.span[f.index()].len();
+                    let free = p.free[f.index()].len();
+                    let quarantined = net
+                        .quarantine
+                        .keys()
+                        .filter(|ip| Family::of(ip) == f && p.spans(ip))
+                        .count() as u128;
+                    let out_of_range = net
+                        .out_of_range
+                        .iter()
+                        .filter(|ip| Family::of(ip) == f)
+                        .filter(|ip| {
+                            net.holders
+                                .get(*ip)
+                                .and_then(|h| h.first())
+                                .and_then(|k| self.allocs.get(k))
+                                .is_some_and(|a| a.pool == p.name)
+                        })
+                        .count() as u128;
+                    out.push(Usage {
+                        network: name.clone(),
+                        pool: p.name.clone(),
+                        purpose: p.purpose,
+                        family: f,
+                        total,
+                        used: total - free - quarantined,
+                        free,
+                        quarantined,
+                        out_of_range,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when `ip` of `a` lies outside its pool's current ranges.
+    pub fn is_out_of_range(&self, a: &Allocation) -> bool {
+        self.networks
+            .get(&a.network)
+            .is_some_and(|n| a.addresses.iter().any(|ip| n.out_of_range.contains(ip)))
+    }
+
+    /// Number of allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.allocs.len()
+    }
+
+    /// Free addresses of one pool and family, for tests and diagnostics.
+    pub fn free_ranges(&self, network: &str, pool: &str, family: Family) -> Vec<AddrRange> {
+        self.networks
+            .get(network)
+            .and_then(|n| n.pools.iter().find(|p| p.name == pool))
+            .map(|p| {
+                p.free[family.index()]
+                    .iter()
+                    .map(|(s, e)| AddrRange {
+                        family,
+                        start: s,
+                        end: e,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
