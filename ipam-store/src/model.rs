@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::alloc::sharing::{Port, Protocol};
 use crate::{
     alloc::{
-        addr::{AddrRange, Family, parse_cidr, parse_range},
+        addr::{AddrRange, Family, RangeError, parse_cidr, parse_ip, parse_range, special},
         sharing::Claim,
     },
     error::{Error, Result},
@@ -310,6 +310,12 @@ pub fn check_cluster_id(field: &str, v: &str) -> Result<()> {
 
 /// Validates ports: 1..=65535, no duplicates. Returns them sorted.
 pub fn check_ports(field: &str, ports: &[(Protocol, u32)]) -> Result<Vec<Port>> {
+    if ports.len() > MAX_PORTS {
+        return Err(Error::invalid(
+            field,
+            format!("{} ports; at most {MAX_PORTS}", ports.len()),
+        ));
+    }
     let mut seen = BTreeSet::new();
     for (i, (protocol, port)) in ports.iter().enumerate() {
         if *port == 0 || *port > 65535 {
@@ -334,6 +340,12 @@ pub fn check_ports(field: &str, ports: &[(Protocol, u32)]) -> Result<Vec<Port>> 
 
 /// Upper bound on the reuse grace period (7 days): longer is a typo, not a policy.
 pub const MAX_REUSE_GRACE_SECS: u32 = 7 * 24 * 3600;
+/// Pools per network (documented in the proto).
+pub const MAX_POOLS: usize = 64;
+/// Ranges, and exclusions, per pool (documented in the proto).
+pub const MAX_RANGES: usize = 1024;
+/// Ports per allocation (documented in the proto).
+pub const MAX_PORTS: usize = 1024;
 
 impl NetworkDef {
     /// Validates everything that can be checked without other networks, and parses the pools.
@@ -410,10 +422,16 @@ impl NetworkDef {
         if self.pools.is_empty() {
             return Err(Error::invalid("network.pools", "at least one pool is required"));
         }
+        if self.pools.len() > MAX_POOLS {
+            return Err(Error::invalid(
+                "network.pools",
+                format!("{} pools; at most {MAX_POOLS} per network", self.pools.len()),
+            ));
+        }
         let mut names = BTreeSet::new();
         let mut parsed = Vec::with_capacity(self.pools.len());
-        // (pool index, range index, range) of everything seen, for overlap errors naming both.
-        let mut all: Vec<(usize, usize, AddrRange)> = Vec::new();
+        // (range, pool index, range index) of every pool range, for overlap errors naming both.
+        let mut all: Vec<(AddrRange, usize, usize)> = Vec::new();
         for (pi, pool) in self.pools.iter().enumerate() {
             let pf = format!("network.pools[{pi}]");
             check_dns_label(&format!("{pf}.name"), &pool.name)?;
@@ -429,6 +447,21 @@ impl NetworkDef {
                     "at least one range is required",
                 ));
             }
+            if pool.ranges.len() > MAX_RANGES {
+                return Err(Error::invalid(
+                    format!("{pf}.ranges"),
+                    format!("{} ranges; at most {MAX_RANGES} per pool", pool.ranges.len()),
+                ));
+            }
+            if pool.exclusions.len() > MAX_RANGES {
+                return Err(Error::invalid(
+                    format!("{pf}.exclusions"),
+                    format!(
+                        "{} exclusions; at most {MAX_RANGES} per pool",
+                        pool.exclusions.len()
+                    ),
+                ));
+            }
             let mut ranges = Vec::with_capacity(pool.ranges.len());
             // Addresses per family minus one; a pool's count must fit in u128 (so not all of
             // IPv6), or the free-space arithmetic would overflow.
@@ -436,6 +469,9 @@ impl NetworkDef {
             for (ri, r) in pool.ranges.iter().enumerate() {
                 let field = format!("{pf}.ranges[{ri}]");
                 let rg = parse_range(r, true).map_err(|e| Error::invalid(&field, e))?;
+                if let Some(what) = parse_range(r, false).ok().as_ref().and_then(special) {
+                    return Err(Error::invalid(&field, format!("{r} contains {what}")));
+                }
                 let f = rg.family.index();
                 size[f] = match size[f] {
                     None => Some(rg.end - rg.start),
@@ -453,18 +489,7 @@ impl NetworkDef {
                         return Err(Error::invalid(&field, format!("{r} is outside prefix {p}")));
                     }
                 }
-                for (opi, ori, o) in &all {
-                    if o.overlaps(&rg) {
-                        return Err(Error::invalid(
-                            &field,
-                            format!(
-                                "{r} overlaps network.pools[{opi}].ranges[{ori}] ({}) of pool {:?}",
-                                self.pools[*opi].ranges[*ori], self.pools[*opi].name
-                            ),
-                        ));
-                    }
-                }
-                all.push((pi, ri, rg));
+                all.push((rg, pi, ri));
                 ranges.push(rg);
             }
             let mut exclusions = Vec::with_capacity(pool.exclusions.len());
@@ -474,6 +499,34 @@ impl NetworkDef {
                 exclusions.push(rg);
             }
             parsed.push(ParsedPool { ranges, exclusions });
+        }
+        // Pool ranges may not overlap, within a pool or across pools: sorted by start, a range
+        // overlaps an earlier one exactly when it starts before the furthest end seen so far.
+        // O(r log r), where comparing every pair was O(r²).
+        all.sort_by_key(|(r, pi, ri)| (r.family, r.start, *pi, *ri));
+        let mut furthest: Option<(AddrRange, usize, usize)> = None;
+        for &(rg, pi, ri) in &all {
+            if let Some((prev, ppi, pri)) = furthest
+                && prev.family == rg.family
+                && rg.start <= prev.end
+            {
+                // Name the later-defined range as the field, the earlier in the message.
+                let ((lpi, lri), (epi, eri)) = if (pi, ri) > (ppi, pri) {
+                    ((pi, ri), (ppi, pri))
+                } else {
+                    ((ppi, pri), (pi, ri))
+                };
+                return Err(Error::invalid(
+                    format!("network.pools[{lpi}].ranges[{lri}]"),
+                    format!(
+                        "{} overlaps network.pools[{epi}].ranges[{eri}] ({}) of pool {:?}",
+                        self.pools[lpi].ranges[lri], self.pools[epi].ranges[eri], self.pools[epi].name
+                    ),
+                ));
+            }
+            if furthest.is_none_or(|(prev, _, _)| prev.family != rg.family || rg.end > prev.end) {
+                furthest = Some((rg, pi, ri));
+            }
         }
         Ok(parsed)
     }
@@ -504,7 +557,8 @@ pub fn parse_prefix(field: &str, s: &str) -> Result<IpNet> {
 
 /// Parses an address for a field, naming it on error.
 pub fn parse_addr(field: &str, s: &str) -> Result<IpAddr> {
-    s.trim()
-        .parse()
-        .map_err(|_| Error::invalid(field, format!("{s:?} is not an IP address")))
+    parse_ip(s).map_err(|e| match e {
+        RangeError::Syntax(_) => Error::invalid(field, format!("{s:?} is not an IP address")),
+        e => Error::invalid(field, e),
+    })
 }

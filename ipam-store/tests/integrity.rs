@@ -50,7 +50,8 @@ async fn an_address_held_out_of_range_cannot_be_claimed_by_another_network() {
     assert_status(r, Code::AlreadyExists, &["10.20.1.10", "net-a", "cluster a"]);
     // Nothing of net-b was written.
     assert_status(
-        c.get_network(pb::GetNetworkRequest { name: "net-b".into() }).await,
+        c.get_network(pb::GetNetworkRequest { name: "net-b".into() })
+            .await,
         Code::NotFound,
         &[],
     );
@@ -64,8 +65,20 @@ async fn a_network_edit_cannot_cover_an_address_held_by_another_network() {
     upsert(&mut c, net_a("net-a")).await;
     allocate(&mut c, requested("net-a", svc("a", "web"), "10.20.1.10")).await;
     upsert(&mut c, moved("net-a")).await;
-    upsert(&mut c, network("net-b", &["10.40.0.0/16"], vec![pool("vip", pb::PoolPurpose::Vip, &["10.40.1.0/24"])])).await;
-    let mut edit = network("net-b", &[], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/28"])]);
+    upsert(
+        &mut c,
+        network(
+            "net-b",
+            &["10.40.0.0/16"],
+            vec![pool("vip", pb::PoolPurpose::Vip, &["10.40.1.0/24"])],
+        ),
+    )
+    .await;
+    let mut edit = network(
+        "net-b",
+        &[],
+        vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/28"])],
+    );
     edit.prefixes = vec![];
     let r = c
         .upsert_network(pb::UpsertNetworkRequest {
@@ -93,11 +106,19 @@ async fn ipv4_mapped_ipv6_is_refused_naming_the_field() {
             ..Default::default()
         })
         .await;
-    assert_status(r, Code::InvalidArgument, &["network.pools[0].ranges[0]", "IPv4-mapped"]);
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["network.pools[0].ranges[0]", "IPv4-mapped"],
+    );
     let r = c
         .allocate(requested("net-a", svc("a", "web"), "::ffff:10.20.1.5"))
         .await;
-    assert_status(r, Code::InvalidArgument, &["requested_addresses[0]", "IPv4-mapped"]);
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["requested_addresses[0]", "IPv4-mapped"],
+    );
 }
 
 /// Pools never contain the unspecified, a multicast or the limited-broadcast address.
@@ -114,7 +135,11 @@ async fn pools_with_special_addresses_are_refused() {
     ] {
         let r = c
             .upsert_network(pb::UpsertNetworkRequest {
-                network: Some(network("net-s", &[], vec![pool("vip", pb::PoolPurpose::Vip, &[range])])),
+                network: Some(network(
+                    "net-s",
+                    &[],
+                    vec![pool("vip", pb::PoolPurpose::Vip, &[range])],
+                )),
                 ..Default::default()
             })
             .await;
@@ -128,7 +153,11 @@ async fn pools_with_special_addresses_are_refused() {
 async fn force_delete_keeps_the_grace_and_tells_watchers() {
     let srv = Server::start().await;
     let mut c = srv.client().await;
-    let mut n = network("net-a", &[], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.1-10.20.1.2"])]);
+    let mut n = network(
+        "net-a",
+        &[],
+        vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.1-10.20.1.2"])],
+    );
     n.reuse_grace_seconds = Some(600);
     upsert(&mut c, n).await;
     allocate(&mut c, requested("net-a", svc("a", "web"), "10.20.1.1")).await;
@@ -141,7 +170,11 @@ async fn force_delete_keeps_the_grace_and_tells_watchers() {
         .unwrap()
         .into_inner();
     loop {
-        let e = tokio::time::timeout(Duration::from_secs(10), w.message()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if e.r#type() == pb::WatchEventType::Synced {
             break;
         }
@@ -152,12 +185,20 @@ async fn force_delete_keeps_the_grace_and_tells_watchers() {
     })
     .await
     .unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), w.message()).await.unwrap().unwrap().unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(e.r#type(), pb::WatchEventType::Deleted, "{e:?}");
     assert_eq!(e.allocation.unwrap().addresses, vec!["10.20.1.1".to_string()]);
 
     // The same space as a new network: the released address is still in its grace.
-    let mut n = network("net-b", &[], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.1-10.20.1.2"])]);
+    let mut n = network(
+        "net-b",
+        &[],
+        vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.1-10.20.1.2"])],
+    );
     n.reuse_grace_seconds = Some(600);
     upsert(&mut c, n).await;
     assert_status(
@@ -167,8 +208,9 @@ async fn force_delete_keeps_the_grace_and_tells_watchers() {
     );
     let got = allocate(&mut c, alloc_req("net-b", svc("b", "other"))).await;
     assert_eq!(got.addresses, vec!["10.20.1.2".to_string()]);
-    // The grace survives a restart.
+    // The grace survives a crash.
     let mut srv = srv;
+    srv.kill();
     srv.restart().await;
     let mut c = srv.client().await;
     assert_status(
@@ -191,8 +233,16 @@ fn backup_alloc(network: &str, cluster: &str, name: &str, ip: &str, revision: u6
 
 fn two_networks() -> Vec<pb::Network> {
     vec![
-        network("net-a", &["10.20.0.0/16"], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/24"])]),
-        network("net-b", &["10.30.0.0/16"], vec![pool("vip", pb::PoolPurpose::Vip, &["10.30.1.0/24"])]),
+        network(
+            "net-a",
+            &["10.20.0.0/16"],
+            vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/24"])],
+        ),
+        network(
+            "net-b",
+            &["10.30.0.0/16"],
+            vec![pool("vip", pb::PoolPurpose::Vip, &["10.30.1.0/24"])],
+        ),
     ]
 }
 
@@ -281,7 +331,11 @@ async fn import_refuses_corrupt_backups_and_writes_nothing() {
             }
             other => panic!("{what}: expected INVALID_ARGUMENT, got {other:?}"),
         }
-        let nets = c.list_networks(pb::ListNetworksRequest {}).await.unwrap().into_inner();
+        let nets = c
+            .list_networks(pb::ListNetworksRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(nets.networks.is_empty(), "{what}: something was written");
     }
     // The store still works: the next mutation succeeds.
@@ -297,7 +351,11 @@ async fn error_messages_do_not_echo_unbounded_input() {
     let huge = "x".repeat(100_000);
     let r = c
         .upsert_network(pb::UpsertNetworkRequest {
-            network: Some(network(&huge, &[], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/24"])])),
+            network: Some(network(
+                &huge,
+                &[],
+                vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.1.0/24"])],
+            )),
             ..Default::default()
         })
         .await;
@@ -321,7 +379,11 @@ async fn ranges_beyond_the_limit_are_refused_naming_it() {
     let refs: Vec<&str> = ranges.iter().map(String::as_str).collect();
     let r = c
         .upsert_network(pb::UpsertNetworkRequest {
-            network: Some(network("net-big", &[], vec![pool("vip", pb::PoolPurpose::Vip, &refs)])),
+            network: Some(network(
+                "net-big",
+                &[],
+                vec![pool("vip", pb::PoolPurpose::Vip, &refs)],
+            )),
             ..Default::default()
         })
         .await;

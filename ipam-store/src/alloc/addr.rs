@@ -139,6 +139,10 @@ pub enum RangeError {
     /// `a-b` where the two ends are of different families.
     #[error("{0:?} mixes IPv4 and IPv6")]
     MixedFamilies(String),
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`): another spelling of an IPv4 address,
+    /// which would let one address have two keys.
+    #[error("{0:?} is or contains an IPv4-mapped IPv6 address (::ffff:0:0/96); use the IPv4 form")]
+    V4Mapped(String),
     /// `a-b` where a > b.
     #[error("{given:?}: start {start} is greater than end {end}")]
     StartAfterEnd {
@@ -151,7 +155,29 @@ pub enum RangeError {
     },
 }
 
-/// Parses a CIDR and refuses host bits.
+/// IPv4-mapped IPv6 space, `::ffff:0:0/96`.
+const V4_MAPPED: AddrRange = AddrRange {
+    family: Family::V6,
+    start: 0xffff_0000_0000,
+    end: 0xffff_ffff_ffff,
+};
+
+/// Refuses ranges that touch IPv4-mapped IPv6 space.
+fn check_not_mapped(r: AddrRange, given: &str) -> Result<AddrRange, RangeError> {
+    if r.overlaps(&V4_MAPPED) {
+        return Err(RangeError::V4Mapped(given.to_string()));
+    }
+    Ok(r)
+}
+
+/// Parses one address; IPv4-mapped IPv6 addresses are refused.
+pub fn parse_ip(s: &str) -> Result<IpAddr, RangeError> {
+    let ip: IpAddr = s.trim().parse().map_err(|_| RangeError::Syntax(s.to_string()))?;
+    check_not_mapped(AddrRange::single(ip), s)?;
+    Ok(ip)
+}
+
+/// Parses a CIDR and refuses host bits and IPv4-mapped IPv6 space.
 pub fn parse_cidr(s: &str) -> Result<IpNet, RangeError> {
     let net: IpNet = s.trim().parse().map_err(|_| RangeError::Syntax(s.to_string()))?;
     if net.trunc() != net {
@@ -160,7 +186,30 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, RangeError> {
             suggest: net.trunc(),
         });
     }
+    check_not_mapped(net_range(&net), s)?;
     Ok(net)
+}
+
+/// What special address a range contains that no pool may hand out: the unspecified
+/// address, multicast space, or the IPv4 limited broadcast.
+pub fn special(r: &AddrRange) -> Option<&'static str> {
+    let of = |family, start, end| AddrRange { family, start, end };
+    [
+        (of(Family::V4, 0, 0), "the unspecified address 0.0.0.0"),
+        (
+            of(Family::V4, 0xe000_0000, 0xefff_ffff),
+            "multicast space 224.0.0.0/4",
+        ),
+        (
+            of(Family::V4, 0xffff_ffff, 0xffff_ffff),
+            "the limited broadcast 255.255.255.255",
+        ),
+        (of(Family::V6, 0, 0), "the unspecified address ::"),
+        (of(Family::V6, 0xff << 120, u128::MAX), "multicast space ff00::/8"),
+    ]
+    .into_iter()
+    .find(|(s, _)| s.overlaps(r))
+    .map(|(_, what)| what)
 }
 
 /// Parses `addr`, `cidr` or `start-end`. For IPv4 CIDRs of /30 or shorter, the network and
@@ -181,11 +230,14 @@ pub fn parse_range(s: &str, skip_net_bcast: bool) -> Result<AddrRange, RangeErro
                 end: b,
             });
         }
-        return Ok(AddrRange {
-            family: Family::of(&a),
-            start: to_u128(&a),
-            end: to_u128(&b),
-        });
+        return check_not_mapped(
+            AddrRange {
+                family: Family::of(&a),
+                start: to_u128(&a),
+                end: to_u128(&b),
+            },
+            s,
+        );
     }
     if t.contains('/') {
         let net = parse_cidr(t)?;
@@ -202,8 +254,7 @@ pub fn parse_range(s: &str, skip_net_bcast: bool) -> Result<AddrRange, RangeErro
         }
         return Ok(AddrRange { family, start, end });
     }
-    let ip: IpAddr = t.parse().map_err(|_| RangeError::Syntax(s.to_string()))?;
-    Ok(AddrRange::single(ip))
+    Ok(AddrRange::single(parse_ip(t)?))
 }
 
 /// The CIDR's span as a range (all addresses).

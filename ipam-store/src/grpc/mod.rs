@@ -12,14 +12,30 @@ use crate::error::Error;
 
 pub use service::IpamService;
 
-/// Maps a ledger error to its one gRPC code.
+/// Longest status message sent: errors quote input, and input can be huge.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `m` cut to [`MAX_MESSAGE`] bytes (at a character boundary), saying how much was cut.
+fn bounded(m: String) -> String {
+    if m.len() <= MAX_MESSAGE {
+        return m;
+    }
+    let mut end = MAX_MESSAGE;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &m[..end], m.len() - end)
+}
+
+/// Maps a ledger error to its one gRPC code, with a bounded message.
 pub fn status(e: Error) -> Status {
+    let m = bounded(e.to_string());
     match e {
-        Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        Error::NotFound(m) => Status::not_found(m),
-        Error::Overlap(m) => Status::already_exists(m),
-        Error::Conflict(m) => Status::failed_precondition(m),
-        Error::Exhausted(m) => Status::resource_exhausted(m),
-        Error::Storage(m) => Status::unavailable(format!("storage failure: {m}")),
+        Error::Invalid { .. } => Status::invalid_argument(m),
+        Error::NotFound(_) => Status::not_found(m),
+        Error::Overlap(_) => Status::already_exists(m),
+        Error::Conflict(_) => Status::failed_precondition(m),
+        Error::Exhausted(_) => Status::resource_exhausted(m),
+        Error::Storage(_) => Status::unavailable(m),
     }
 }

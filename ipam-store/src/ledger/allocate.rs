@@ -103,6 +103,12 @@ impl State {
     /// Why the claimant may not hold `ip` in `net`, or `None` when it may (it is free,
     /// quarantined for this very owner, or shareable with every current holder).
     fn can_hold(&self, net: &NetState, ip: &IpAddr, c: &Claimant<'_>) -> Option<String> {
+        if let Some(q) = self.released.get(ip) {
+            return Some(format!(
+                "in its reuse grace period until {} ms since epoch (released by {} when network {:?} was deleted)",
+                q.until_ms, q.previous_owner, q.network
+            ));
+        }
         if let Some(q) = net.quarantine.get(ip)
             && q.previous_owner.key(&net.rec.def.name) != c.key
         {

@@ -188,7 +188,8 @@ impl Ledger {
 
     /// See `State::delete_network`.
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<u64> {
-        self.mutate(|st, _, _| st.delete_network(name, force)).await
+        self.mutate(|st, _, now| st.delete_network(name, force, now))
+            .await
     }
 
     /// One network.

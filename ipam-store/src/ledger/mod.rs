@@ -31,11 +31,12 @@ mod pool;
 mod quarantine;
 mod query;
 mod release;
+mod space;
 mod state;
 mod types;
 
 pub use durable::{CommitObserver, Committed, Ledger, NoObserver, now_ms};
-pub use state::State;
+pub use state::{MAX_REVISION, State};
 pub use types::{AllocateReq, Change, ListFilter, Outcome, Upserted, Usage};
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Network transitions: create, edit and delete definitions without ever moving an allocation
-//! (invariant 4) or letting two networks' address space overlap.
+//! (invariant 4), letting two networks' address space overlap, or letting a network claim an
+//! address another network still holds or keeps in its reuse grace (invariant 1, fleet-wide).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use super::{
     Change, Outcome, Upserted,
@@ -9,30 +10,55 @@ use super::{
     state::{NetState, State},
 };
 use crate::{
+    alloc::addr::{AddrRange, from_u128},
     error::{Error, Result},
-    model::{Allocation, NetworkDef, NetworkRecord, ParsedPool},
+    model::{Allocation, NetworkDef, NetworkRecord, Quarantined},
     store::Op,
 };
 
+/// A range's first and last address, for ordered-map range queries.
+fn bounds(r: &AddrRange) -> std::ops::RangeInclusive<IpAddr> {
+    from_u128(r.family, r.start)..=from_u128(r.family, r.end)
+}
+
 impl State {
-    pub(super) fn check_overlap(&self, def: &NetworkDef, parsed: &[ParsedPool]) -> Result<()> {
-        let mine = def.footprint(parsed);
-        for (name, other) in &self.networks {
-            if *name == def.name {
-                continue;
+    /// Refuses a footprint that overlaps another network's space, naming both definitions.
+    /// O(k log n) for k footprint entries.
+    pub(super) fn check_overlap(&self, name: &str, footprint: &[(String, AddrRange)]) -> Result<()> {
+        for (d1, r1) in footprint {
+            if let Some(other) = self.spaces.overlapping(r1, name).next() {
+                let d2 = self
+                    .networks
+                    .get(other)
+                    .and_then(|n| n.footprint.iter().find(|(_, r2)| r2.overlaps(r1)))
+                    .map_or("space", |(d, _)| d.as_str());
+                return Err(Error::Overlap(format!(
+                    "network {name:?} {d1} overlaps network {other:?} {d2}"
+                )));
             }
-            let theirs = other
-                .rec
-                .def
-                .footprint(&other.rec.def.validate().unwrap_or_default());
-            for (d1, r1) in &mine {
-                for (d2, r2) in &theirs {
-                    if r1.overlaps(r2) {
-                        return Err(Error::Overlap(format!(
-                            "network {:?} {d1} overlaps network {name:?} {d2}",
-                            def.name
-                        )));
-                    }
+        }
+        Ok(())
+    }
+
+    /// Refuses a footprint that covers an address another network holds (say, left out of
+    /// range by an edit) or keeps in its reuse grace. O(k · networks · log n).
+    fn check_covers_nothing_held(&self, name: &str, footprint: &[(String, AddrRange)]) -> Result<()> {
+        for (d, r) in footprint {
+            for (other, net) in self.networks.iter().filter(|(n, _)| n.as_str() != name) {
+                if let Some((ip, keys)) = net.holders.range(bounds(r)).next() {
+                    let holder = keys
+                        .first()
+                        .and_then(|k| self.allocs.get(k))
+                        .map_or_else(|| "an owner".to_string(), |a| a.owner.to_string());
+                    return Err(Error::Overlap(format!(
+                        "network {name:?} {d} covers {ip}, held by {holder} in network {other:?}"
+                    )));
+                }
+                if let Some(q) = net.quarantine.in_range(bounds(r)).next() {
+                    return Err(Error::Overlap(format!(
+                        "network {name:?} {d} covers {}, in its reuse grace in network {other:?} until {} ms since epoch (released by {})",
+                        q.address, q.until_ms, q.previous_owner
+                    )));
                 }
             }
         }
@@ -52,7 +78,8 @@ impl State {
         self.networks.values().map(|n| n.rec.clone()).collect()
     }
 
-    /// Creates or replaces a network definition. See the module doc for what may change.
+    /// Creates or replaces a network definition. Pools may grow, shrink or change; a pool
+    /// with allocations may not be removed or change purpose; allocations never move.
     pub fn upsert_network(
         &mut self,
         mut def: NetworkDef,
@@ -100,6 +127,12 @@ impl State {
                     def.name, def.managed_by
                 )));
             }
+            if current_version + 1 >= super::MAX_REVISION {
+                return Err(Error::Conflict(format!(
+                    "network {:?} is at version {current_version}, the last one",
+                    def.name
+                )));
+            }
             for p in &ex.pools {
                 let new = def.pools.iter().find(|d| d.name == p.name);
                 if p.allocations > 0 {
@@ -121,7 +154,9 @@ impl State {
                 }
             }
         }
-        self.check_overlap(&def, &parsed)?;
+        let footprint = def.footprint(&parsed);
+        self.check_overlap(&def.name, &footprint)?;
+        self.check_covers_nothing_held(&def.name, &footprint)?;
 
         let mut pools: Vec<PoolState> = def
             .pools
@@ -129,32 +164,46 @@ impl State {
             .zip(&parsed)
             .map(|(d, p)| PoolState::new(d, p, &def.gateways))
             .collect();
-        let (holders, quarantine, created_ms) = match self.networks.get(&def.name) {
-            Some(ex) => {
-                for p in &mut pools {
-                    p.allocations = ex
-                        .pools
-                        .iter()
-                        .find(|o| o.name == p.name)
-                        .map_or(0, |o| o.allocations);
-                }
-                (ex.holders.clone(), ex.quarantine.clone(), ex.rec.created_ms)
+        let created = existing.is_none();
+        // The old state's holders and quarantine carry over: moved on a real edit, copied for
+        // a dry run (which must leave everything as it was).
+        let old = if dry_run {
+            None
+        } else {
+            self.networks.remove(&def.name)
+        };
+        let old_ref = old.as_ref().or_else(|| self.networks.get(&def.name));
+        let created_ms = old_ref.map_or(now_ms, |ex| ex.rec.created_ms);
+        if let Some(ex) = old_ref {
+            for p in &mut pools {
+                p.allocations = ex
+                    .pools
+                    .iter()
+                    .find(|o| o.name == p.name)
+                    .map_or(0, |o| o.allocations);
             }
-            None => Default::default(),
+        }
+        let (holders, quarantine, old_footprint) = match old {
+            Some(ex) => (ex.holders, ex.quarantine, Some(ex.footprint)),
+            None => match self.networks.get(&def.name) {
+                Some(ex) => (ex.holders.clone(), ex.quarantine.clone(), None),
+                None => Default::default(),
+            },
         };
         let mut net = NetState {
             rec: NetworkRecord {
                 def,
                 version: current_version + 1,
-                created_ms: if existing.is_some() { created_ms } else { now_ms },
+                created_ms,
                 updated_ms: now_ms,
             },
-            pools: std::mem::take(&mut pools),
+            pools,
+            footprint,
             holders,
             quarantine,
             out_of_range: BTreeSet::new(),
         };
-        Self::rebuild_free(&mut net, &self.allocs);
+        Self::rebuild_free(&mut net, &self.allocs, &self.released);
         let out_of_range: Vec<Allocation> = {
             let keys: BTreeSet<&String> = net
                 .out_of_range
@@ -169,20 +218,27 @@ impl State {
         let result = Upserted {
             network: net.rec.clone(),
             changed: true,
-            created: existing.is_none(),
+            created,
             out_of_range,
         };
         if dry_run {
             return Ok((result, vec![], vec![]));
         }
+        let name = net.rec.def.name.clone();
+        if let Some(fp) = old_footprint {
+            self.spaces.remove(&name, &fp);
+        }
+        self.spaces.insert(&name, &net.footprint);
         let ops = vec![Op::PutNetwork(net.rec.clone())];
-        self.networks.insert(net.rec.def.name.clone(), net);
+        self.networks.insert(name, net);
         Ok((result, ops, vec![]))
     }
 
-    /// Deletes a network; with `force`, releases its allocations (no quarantine: the network
-    /// is gone).
-    pub fn delete_network(&mut self, name: &str, force: bool) -> Result<Outcome<u64>> {
+    /// Deletes a network. With `force`, its allocations are released first (watchers see each
+    /// DELETED) and their addresses, with those already in the network's quarantine, wait out
+    /// the network's reuse grace in the fleet-wide quarantine: no other network hands them out
+    /// before it ends.
+    pub fn delete_network(&mut self, name: &str, force: bool, now_ms: u64) -> Result<Outcome<u64>> {
         let net = self
             .networks
             .get(name)
@@ -204,16 +260,35 @@ impl State {
         let Some(net) = self.networks.remove(name) else {
             return Ok((0, vec![], vec![]));
         };
+        self.spaces.remove(name, &net.footprint);
+        let grace = net.grace_ms(self.default_grace_secs);
         let mut ops = Vec::new();
         let mut changes = Vec::new();
         for k in &keys {
             if let Some(a) = self.allocs.remove(k) {
                 ops.push(Op::DelAlloc(k.clone()));
+                if grace > 0 {
+                    for ip in &a.addresses {
+                        // Shared addresses are released once.
+                        if self.released.get(ip).is_none() {
+                            let q = Quarantined {
+                                network: name.to_string(),
+                                pool: a.pool.clone(),
+                                address: *ip,
+                                until_ms: now_ms.saturating_add(grace),
+                                previous_owner: a.owner.clone(),
+                            };
+                            ops.push(Op::PutQuarantine(q.clone()));
+                            self.released.insert(q);
+                        }
+                    }
+                }
                 changes.push(Change::Deleted(a));
             }
         }
-        for ip in net.quarantine.keys() {
-            ops.push(Op::DelQuarantine(name.to_string(), *ip));
+        // Stored under the same keys already: they only move in memory.
+        for q in net.quarantine.values() {
+            self.released.insert(q.clone());
         }
         ops.push(Op::DelNetwork(name.to_string()));
         Ok((keys.len() as u64, ops, changes))

@@ -42,13 +42,17 @@ impl Quarantine {
     }
 
     /// Removes and returns the earliest entry whose grace ended by `now_ms`.
-    pub(super) fn pop_expired(&mut self, now_ms: u64) -> Option<IpAddr> {
+    pub(super) fn pop_expired(&mut self, now_ms: u64) -> Option<Quarantined> {
         let &(until, ip) = self.expiry.first()?;
         if until > now_ms {
             return None;
         }
-        self.remove(&ip);
-        Some(ip)
+        self.remove(&ip)
+    }
+
+    /// Entries whose address lies in `r`, in address order.
+    pub(super) fn in_range(&self, r: std::ops::RangeInclusive<IpAddr>) -> impl Iterator<Item = &Quarantined> {
+        self.by_addr.range(r).map(|(_, q)| q)
     }
 
     pub(super) fn get(&self, ip: &IpAddr) -> Option<&Quarantined> {

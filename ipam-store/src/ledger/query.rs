@@ -95,6 +95,7 @@ impl State {
                     let quarantined = net
                         .quarantine
                         .keys()
+                        .chain(self.released.keys())
                         .filter(|ip| Family::of(ip) == f && p.spans(ip))
                         .count() as u128;
                     let out_of_range = net

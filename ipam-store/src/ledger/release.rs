@@ -11,18 +11,30 @@ use crate::{
 };
 
 impl State {
-    /// Moves expired quarantine entries of `network` back to their pools' free sets.
+    /// Moves expired quarantine entries of `network`, and of deleted networks, back to the
+    /// free sets of the pools that span them.
     pub fn reap(&mut self, network: &str, now_ms: u64) {
+        while let Some(q) = self.released.pop_expired(now_ms) {
+            for net in self.networks.values_mut() {
+                if !net.holders.contains_key(&q.address) && net.quarantine.get(&q.address).is_none() {
+                    for p in &mut net.pools {
+                        p.give_back(&q.address);
+                    }
+                }
+            }
+            self.deferred.push(Op::DelQuarantine(q.network, q.address));
+        }
         let Some(net) = self.networks.get_mut(network) else {
             return;
         };
-        while let Some(ip) = net.quarantine.pop_expired(now_ms) {
-            if !net.holders.contains_key(&ip) {
+        while let Some(q) = net.quarantine.pop_expired(now_ms) {
+            if !net.holders.contains_key(&q.address) {
                 for p in &mut net.pools {
-                    p.give_back(&ip);
+                    p.give_back(&q.address);
                 }
             }
-            self.deferred.push(Op::DelQuarantine(network.to_string(), ip));
+            self.deferred
+                .push(Op::DelQuarantine(network.to_string(), q.address));
         }
     }
 

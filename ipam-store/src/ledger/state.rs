@@ -1,27 +1,35 @@
 //! The ledger's in-memory state: networks with their pools' free space, allocations by owner
-//! key, and the reuse-grace quarantine; plus loading it from stored records. The transitions
-//! on it live beside this file, one concern each (see the module doc of `ledger`).
+//! key, the reuse-grace quarantine, and the fleet-wide index of whose address space is
+//! whose; plus loading it from stored records. The transitions on it live beside this file,
+//! one concern each (see the module doc of `ledger`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
-use super::{pool::PoolState, quarantine::Quarantine};
+use super::{pool::PoolState, quarantine::Quarantine, space::Spaces};
 use crate::{
-    alloc::sharing,
+    alloc::{addr::AddrRange, sharing},
     error::{Error, Result},
-    model::{Allocation, NetworkRecord},
+    model::{Allocation, MAX_REUSE_GRACE_SECS, NetworkRecord},
     store::{Op, Snapshot},
 };
+
+/// Revisions, sequences and versions stay below this: far beyond any real count, and far
+/// enough from `u64::MAX` that no increment can overflow.
+pub const MAX_REVISION: u64 = 1 << 62;
 
 /// One network's runtime state.
 #[derive(Debug)]
 pub(super) struct NetState {
     pub(super) rec: NetworkRecord,
     pub(super) pools: Vec<PoolState>,
-    /// address -> keys of the allocations holding it (more than one only when shared).
-    pub(super) holders: HashMap<IpAddr, Vec<String>>,
+    /// What the network claims (prefixes and whole pool ranges), named for error messages.
+    pub(super) footprint: Vec<(String, AddrRange)>,
+    /// address -> keys of the allocations holding it (more than one only when shared);
+    /// ordered, so "is anything held in this range" is one range query.
+    pub(super) holders: BTreeMap<IpAddr, Vec<String>>,
     pub(super) quarantine: Quarantine,
     /// Held addresses outside their pool's span.
     pub(super) out_of_range: BTreeSet<IpAddr>,
@@ -46,6 +54,11 @@ impl NetState {
 pub struct State {
     pub(super) networks: BTreeMap<String, NetState>,
     pub(super) allocs: BTreeMap<String, Allocation>,
+    /// Every network's address space, merged per network (disjoint across networks).
+    pub(super) spaces: Spaces,
+    /// Addresses of force-deleted networks in their reuse grace: no network hands them out
+    /// until it ends.
+    pub(super) released: Quarantine,
     /// Last assigned commit sequence.
     pub seq: u64,
     pub(super) default_grace_secs: u32,
@@ -60,37 +73,58 @@ impl State {
         State {
             networks: BTreeMap::new(),
             allocs: BTreeMap::new(),
+            spaces: Spaces::default(),
+            released: Quarantine::default(),
             seq: 0,
             default_grace_secs,
             deferred: Vec::new(),
         }
     }
 
-    /// Rebuilds the state from stored records. With `strict`, any inconsistency (overlapping
-    /// networks, an address held twice against the sharing rule, an allocation of an unknown
-    /// network or pool) is an error; without it (restart), inconsistencies are logged and every
-    /// record is kept, since dropping data would be worse than serving it flagged.
+    /// Rebuilds the state from stored records. With `strict` (Import), the records must pass
+    /// every invariant of the ledger and every value range (overlapping networks, an address
+    /// held twice or inside another network's space, an owner twice, revisions, versions and
+    /// grace deadlines out of range, an allocation of an unknown network or pool): the first
+    /// failure is an error naming the record. Without it (restart), inconsistencies are logged
+    /// and every record is kept, since dropping data would be worse than serving it flagged.
     pub fn load(snap: Snapshot, default_grace_secs: u32, now_ms: u64, strict: bool) -> Result<Self> {
         let mut st = State::new(default_grace_secs);
-        st.seq = snap.seq;
-        let complain = |msg: String| -> Result<()> {
+        let complain = |field: String, msg: String| -> Result<()> {
             if strict {
-                return Err(Error::invalid("backup", msg));
+                // Import: the request's field is `backup`.
+                return Err(Error::invalid(format!("backup.{field}"), msg));
             }
-            tracing::error!("inconsistent store record kept as is: {msg}");
+            tracing::error!("inconsistent store record kept as is: {field}: {msg}");
             Ok(())
         };
-        for rec in snap.networks {
+        if snap.seq >= MAX_REVISION {
+            complain("seq".into(), format!("{} is not below {MAX_REVISION}", snap.seq))?;
+        }
+        st.seq = snap.seq;
+        for (i, rec) in snap.networks.into_iter().enumerate() {
+            let field = format!("networks[{i}]");
+            if rec.version >= MAX_REVISION {
+                complain(
+                    format!("{field}.version"),
+                    format!("{} is not below {MAX_REVISION}", rec.version),
+                )?;
+            }
             let parsed = match rec.def.validate() {
                 Ok(p) => p,
                 Err(e) => {
-                    complain(format!("network {:?}: {e}", rec.def.name))?;
+                    complain(field, format!("network {:?}: {e}", rec.def.name))?;
                     continue;
                 }
             };
-            if let Err(e) = st.check_overlap(&rec.def, &parsed) {
-                complain(e.to_string())?;
+            if st.networks.contains_key(&rec.def.name) {
+                complain(field, format!("network {:?} appears twice", rec.def.name))?;
+                continue;
             }
+            let footprint = rec.def.footprint(&parsed);
+            if let Err(e) = st.check_overlap(&rec.def.name, &footprint) {
+                complain(field, e.to_string())?;
+            }
+            st.spaces.insert(&rec.def.name, &footprint);
             let pools = rec
                 .def
                 .pools
@@ -103,23 +137,52 @@ impl State {
                 NetState {
                     rec,
                     pools,
-                    holders: HashMap::new(),
+                    footprint,
+                    holders: BTreeMap::new(),
                     quarantine: Quarantine::default(),
                     out_of_range: BTreeSet::new(),
                 },
             );
         }
-        for a in snap.allocations {
+        // Which network holds each address, fleet-wide.
+        let mut held_in: HashMap<IpAddr, String> = HashMap::new();
+        for (i, a) in snap.allocations.into_iter().enumerate() {
+            let field = format!("allocations[{i}]");
+            if a.revision >= MAX_REVISION {
+                complain(
+                    format!("{field}.revision"),
+                    format!("{} is not below {MAX_REVISION}", a.revision),
+                )?;
+            }
             st.seq = st.seq.max(a.revision);
             let key = a.key();
+            if st.allocs.contains_key(&key) {
+                complain(field, format!("owner {key} appears twice"))?;
+                continue;
+            }
+            for ip in &a.addresses {
+                if let Some(other) = held_in.get(ip).filter(|n| **n != a.network) {
+                    complain(
+                        field.clone(),
+                        format!("{ip} of {key} is also held in network {other:?}"),
+                    )?;
+                }
+                if let Some(other) = st.spaces.owner_of(ip).filter(|n| *n != a.network) {
+                    complain(
+                        field.clone(),
+                        format!("{ip} of {key} lies in the space of network {other:?}"),
+                    )?;
+                }
+                held_in.insert(*ip, a.network.clone());
+            }
             let Some(net) = st.networks.get_mut(&a.network) else {
-                complain(format!("allocation {key} names unknown network {:?}", a.network))?;
+                complain(field, format!("{key} names unknown network {:?}", a.network))?;
                 st.allocs.insert(key, a);
                 continue;
             };
             match net.pool(&a.pool) {
                 Some(pi) => net.pools[pi].allocations += 1,
-                None => complain(format!("allocation {key} names unknown pool {:?}", a.pool))?,
+                None => complain(field.clone(), format!("{key} names unknown pool {:?}", a.pool))?,
             }
             for ip in &a.addresses {
                 let holders = net.holders.entry(*ip).or_default();
@@ -127,32 +190,68 @@ impl State {
                     if let Some(other) = st.allocs.get(h)
                         && let Some(why) = sharing::conflict(&other.claim(), &other.owner, &a.claim())
                     {
-                        complain(format!("{ip} of {key}: {why}"))?;
+                        complain(field.clone(), format!("{ip} of {key}: {why}"))?;
                     }
                 }
                 holders.push(key.clone());
             }
             st.allocs.insert(key, a);
         }
-        for q in snap.quarantined {
+        let latest = now_ms.saturating_add(u64::from(MAX_REUSE_GRACE_SECS) * 1000);
+        for (i, q) in snap.quarantined.into_iter().enumerate() {
+            let field = format!("quarantined[{i}]");
             if q.until_ms <= now_ms {
                 // Expired while the store was down: free again; delete the record later.
                 st.deferred.push(Op::DelQuarantine(q.network.clone(), q.address));
                 continue;
             }
-            if let Some(net) = st.networks.get_mut(&q.network) {
-                net.quarantine.insert(q);
+            if q.until_ms > latest {
+                complain(
+                    format!("{field}.until"),
+                    format!(
+                        "{} ms since epoch is more than the longest reuse grace ({MAX_REUSE_GRACE_SECS} s) away",
+                        q.until_ms
+                    ),
+                )?;
+            }
+            if let Some(n) = held_in.get(&q.address) {
+                complain(
+                    field,
+                    format!("{} is in its reuse grace and held in network {n:?}", q.address),
+                )?;
+                continue;
+            }
+            match st.networks.get_mut(&q.network) {
+                Some(net) => {
+                    if net.quarantine.get(&q.address).is_some() {
+                        complain(field, format!("{} is in the quarantine twice", q.address))?;
+                    }
+                    net.quarantine.insert(q);
+                }
+                // The network was force-deleted while the address was in its grace.
+                None => {
+                    if st.released.get(&q.address).is_some() {
+                        complain(field, format!("{} is in the quarantine twice", q.address))?;
+                    }
+                    st.released.insert(q);
+                }
             }
         }
+        let released = &st.released;
         for net in st.networks.values_mut() {
-            Self::rebuild_free(net, &st.allocs);
+            Self::rebuild_free(net, &st.allocs, released);
         }
         Ok(st)
     }
 
     /// Recomputes every pool's free set and the out-of-range set from spans, holders and
-    /// quarantine. O(h log n) for h held addresses.
-    pub(super) fn rebuild_free(net: &mut NetState, allocs: &BTreeMap<String, Allocation>) {
+    /// quarantines (the network's own and that of deleted networks). O(h log n) for h held
+    /// addresses.
+    pub(super) fn rebuild_free(
+        net: &mut NetState,
+        allocs: &BTreeMap<String, Allocation>,
+        released: &Quarantine,
+    ) {
         for p in &mut net.pools {
             p.free = p.span.clone();
         }
@@ -169,7 +268,7 @@ impl State {
                 net.out_of_range.insert(*ip);
             }
         }
-        for ip in net.quarantine.keys() {
+        for ip in net.quarantine.keys().chain(released.keys()) {
             for p in &mut net.pools {
                 p.take(ip);
             }
@@ -185,6 +284,7 @@ impl State {
                 .networks
                 .values()
                 .flat_map(|n| n.quarantine.values().cloned())
+                .chain(self.released.values().cloned())
                 .collect(),
             seq: self.seq,
         }

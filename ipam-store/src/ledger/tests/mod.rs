@@ -598,3 +598,34 @@ fn inv5_out_of_range_releases_still_wait_out_the_grace() {
     assert!(matches!(alloc(&mut st, r.clone(), 3_000), Err(Error::Conflict(m)) if m.contains("reuse grace")));
     assert!(alloc(&mut st, r, 601_001).is_ok(), "after the grace, anyone");
 }
+
+#[test]
+fn inv5_a_force_deleted_networks_addresses_wait_out_the_grace_in_any_network() {
+    let mut st = State::new(0);
+    let mut a = net("net-a", vec![pool("vip", Purpose::Vip, &["10.0.1.1-10.0.1.2"])]);
+    a.reuse_grace_secs = Some(30);
+    st.upsert_network(a.clone(), None, false, 0).unwrap();
+    alloc(&mut st, req("net-a", svc("a", "web")), 0).unwrap();
+    let (n, ops, changes) = st.delete_network("net-a", true, 1_000).unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, Op::PutQuarantine(q) if q.address == ip("10.0.1.1")))
+    );
+    assert!(matches!(&changes[..], [Change::Deleted(_)]));
+
+    // A new network over the same space: 10.0.1.1 is not handed out until the grace ends,
+    // also after a reload.
+    let mut b = a.clone();
+    b.name = "net-b".into();
+    st.upsert_network(b, None, false, 2_000).unwrap();
+    let mut st = State::load(st.snapshot(), 0, 3_000, true).unwrap();
+    let (got, _) = alloc(&mut st, req("net-b", svc("b", "one")), 3_000).unwrap();
+    assert_eq!(got.addresses, vec![ip("10.0.1.2")]);
+    assert!(matches!(
+        alloc(&mut st, req("net-b", svc("b", "two")), 3_000),
+        Err(Error::Exhausted(_))
+    ));
+    let (got, _) = alloc(&mut st, req("net-b", svc("b", "two")), 31_001).unwrap();
+    assert_eq!(got.addresses, vec![ip("10.0.1.1")]);
+}
