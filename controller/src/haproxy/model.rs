@@ -2,7 +2,7 @@
 //! the same objects give the same [`LbConfig`], whatever order they come in.
 //!
 //! - One proxy (frontend + backend) per Service port: `VIP:port` for every ingress VIP of a
-//!   LoadBalancer Service this agent serves ([`crate::service::wants_lb`]), to
+//!   LoadBalancer Service this agent serves ([`crate::svc::wants_lb`]), to
 //!   `nodeIP:nodePort` of the eligible nodes. Only TCP ports: UDP and SCTP ports are skipped
 //!   with a [`Warning`].
 //! - Eligible node: `Ready=True`, schedulable, not being deleted, initialised (no
@@ -29,7 +29,10 @@ use k8s_openapi::api::{
 };
 use kube::ResourceExt;
 
-use crate::{UNINITIALIZED_TAINT, service};
+use crate::{
+    UNINITIALIZED_TAINT,
+    svc::{ingress_ips, wants_lb},
+};
 
 /// Nodes with this label never receive load-balancer traffic.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -304,7 +307,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
     let mut svcs: Vec<&Arc<Service>> = inputs
         .services
         .iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none() && service::wants_lb(s, inputs.class))
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && wants_lb(s, inputs.class))
         .collect();
     svcs.sort_by(|a, b| {
         (a.creation_timestamp(), a.namespace(), a.name_any()).cmp(&(
@@ -326,7 +329,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
             });
         };
         let mut vips: Vec<IpAddr> = Vec::new();
-        for s in service::ingress_ips(svc) {
+        for s in ingress_ips(svc) {
             match s.trim().parse::<IpAddr>() {
                 Ok(ip) if !vips.contains(&ip) => vips.push(ip),
                 Ok(_) => {}
