@@ -214,7 +214,8 @@ mod tests {
 
     #[test]
     fn refusals_are_decoded_once_with_their_message() {
-        let cases: [(Code, fn(String) -> StoreRefusal); 7] = [
+        type Variant = fn(String) -> StoreRefusal;
+        let cases: [(Code, Variant); 7] = [
             (Code::InvalidArgument, StoreRefusal::Invalid),
             (Code::NotFound, StoreRefusal::NotFound),
             (Code::AlreadyExists, StoreRefusal::Overlap),

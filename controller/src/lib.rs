@@ -100,7 +100,9 @@ impl Error {
     /// change start at seconds.
     pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
         let (base, cap) = match self {
-            Error::StoreUnavailable(_) | Error::Kube(_) => (Duration::from_millis(250), Duration::from_secs(30)),
+            Error::StoreUnavailable(_) | Error::Kube(_) => {
+                (Duration::from_millis(250), Duration::from_secs(30))
+            }
             _ => (Duration::from_secs(5), Duration::from_secs(120)),
         };
         base.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(cap)

@@ -298,12 +298,8 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
             "metadata": { "name": name },
             "status": st,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
     }
     match unavailable {
         Some(m) => Err(Error::StoreUnavailable(m)),

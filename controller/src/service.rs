@@ -26,7 +26,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, MANAGER, Result, SERVICE_FINALIZER, StoreRefusal,
+    ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, MANAGER, Result, SERVICE_FINALIZER,
+    StoreRefusal,
     context::Context,
     crd::PoolPurpose,
     ipam::owner,
@@ -96,7 +97,12 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
     }
 
     // Families from ipFamilies / ipFamilyPolicy.
-    let mut families: Vec<pb::IpFamily> = spec.ip_families.iter().flatten().map(|s| family_named(s)).collect();
+    let mut families: Vec<pb::IpFamily> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .map(|s| family_named(s))
+        .collect();
     if families.is_empty() {
         families = requested.iter().map(family_of).collect();
     }
@@ -180,7 +186,12 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
 /// given, the `cairn.dev/allocated-from` annotation. Every apply states all of them: a field
 /// left out of an apply is a field given up. `resourceVersion` keeps the old guarantee that an
 /// apply never creates a Service that was deleted meanwhile.
-async fn apply_meta(api: &Api<Service>, svc: &Service, rv: Option<String>, allocated_from: Option<&str>) -> Result<()> {
+async fn apply_meta(
+    api: &Api<Service>,
+    svc: &Service,
+    rv: Option<String>,
+    allocated_from: Option<&str>,
+) -> Result<()> {
     let rv = rv.ok_or(Error::MissingObjectKey("metadata.resourceVersion"))?;
     let mut meta = json!({
         "name": svc.name_any(),
@@ -191,8 +202,12 @@ async fn apply_meta(api: &Api<Service>, svc: &Service, rv: Option<String>, alloc
         meta["annotations"] = json!({ ANN_ALLOCATED_FROM: from });
     }
     let patch = json!({ "apiVersion": "v1", "kind": "Service", "metadata": meta });
-    api.patch(&svc.name_any(), &PatchParams::apply(MANAGER), &Patch::Apply(&patch))
-        .await?;
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::apply(MANAGER),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -242,8 +257,7 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
     };
-    api.patch(&svc.name_any(), &pp, &Patch::<()>::Json(patch))
-        .await?;
+    api.patch(&svc.name_any(), &pp, &Patch::<()>::Json(patch)).await?;
     Ok(())
 }
 
