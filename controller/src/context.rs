@@ -1,8 +1,9 @@
 //! What every reconciler shares: clients, the cluster identity, the ClusterNetwork cache, the
-//! event recorder, metrics, and the set of Services waiting for a free VIP.
+//! event recorder, metrics, the set of Services waiting for a free VIP, and each object's count
+//! of failed reconciles (for its backoff).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -12,7 +13,9 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 use kube::{
     Client, Resource, ResourceExt,
+    api::DynamicObject,
     runtime::{
+        controller::Action,
         events::{Event, EventType, Recorder, Reporter},
         reflector::{ObjectRef, Store},
     },
@@ -41,6 +44,8 @@ pub struct Context {
     pending: Mutex<HashSet<ObjectRef<Service>>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
     store_ok: AtomicBool,
+    /// Failed reconciles in a row, per object; absent after a successful one.
+    failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
 }
 
 impl Context {
@@ -72,6 +77,7 @@ impl Context {
             pending: Mutex::new(HashSet::new()),
             retrigger,
             store_ok: AtomicBool::new(true),
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -147,7 +153,8 @@ impl Context {
         }
     }
 
-    /// Records whether the last store call went through (for `Degraded` and readiness).
+    /// Records whether the last store call went through (read by the `store_up` gauge; the
+    /// ClusterNetwork `Degraded` condition and readiness do not depend on it).
     pub fn set_store_ok(&self, ok: bool) {
         self.store_ok.store(ok, Ordering::Relaxed);
     }
@@ -155,5 +162,25 @@ impl Context {
     /// Whether the store answered last time.
     pub fn store_ok(&self) -> bool {
         self.store_ok.load(Ordering::Relaxed)
+    }
+
+    /// When to retry `obj` after `err`: exponential backoff with jitter over its failures in a
+    /// row (see [`Error::backoff`]).
+    pub fn retry_after<K: Resource<DynamicType = ()>>(&self, obj: &K, err: &Error) -> Action {
+        let attempt = {
+            let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let n = f.entry(ObjectRef::from_obj(obj).erase()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        Action::requeue(err.backoff(attempt))
+    }
+
+    /// Forgets `obj`'s failures: it reconciled successfully (or is gone).
+    pub fn reconciled_ok<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.is_empty() {
+            f.remove(&ObjectRef::from_obj(obj).erase());
+        }
     }
 }

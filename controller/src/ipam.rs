@@ -2,6 +2,10 @@
 //! retry of transient failures (every call the controller makes is idempotent: Allocate and
 //! UpsertNetwork per owner/definition, Release when nothing is held). Longer outages surface as
 //! `Error::StoreUnavailable` and the reconcilers back off.
+//!
+//! This is the only module that sees gRPC: a status the store answers with is decoded here,
+//! once, into [`StoreRefusal`] (the store's own error kinds) or `Error::StoreUnavailable`, so
+//! reconcilers decide on what the store meant, not on transport codes.
 
 use std::time::Duration;
 
@@ -21,19 +25,66 @@ pub struct Ipam {
     client: IpamServiceClient<Channel>,
 }
 
-fn map(s: Status) -> Error {
-    match s.code() {
+/// Why the store refused a request, mirroring the store's error kinds. Each carries the store's
+/// message, which names the field or the conflicting holder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreRefusal {
+    /// The request is malformed or outside the network's pools.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The network, pool or allocation does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The network overlaps another network.
+    #[error("overlap: {0}")]
+    Overlap(String),
+    /// Held elsewhere: the address by another owner, the network by another manager.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// No free address in the pool.
+    #[error("pool exhausted: {0}")]
+    Exhausted(String),
+    /// This client may not do that.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// This client is not known to the store.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A refusal the store does not document (e.g. an older or newer store).
+    #[error("refused ({code}): {message}")]
+    Other {
+        /// The gRPC code, for the log.
+        code: String,
+        /// The store's message.
+        message: String,
+    },
+}
+
+/// Decodes a store status: transient failures become `StoreUnavailable` (retried), the rest a
+/// [`StoreRefusal`].
+fn decode(s: Status) -> Error {
+    let message = s.message().to_string();
+    let refusal = match s.code() {
+        Code::InvalidArgument => StoreRefusal::Invalid(message),
+        Code::NotFound => StoreRefusal::NotFound(message),
+        Code::AlreadyExists => StoreRefusal::Overlap(message),
+        Code::FailedPrecondition => StoreRefusal::Conflict(message),
+        Code::ResourceExhausted => StoreRefusal::Exhausted(message),
+        Code::PermissionDenied => StoreRefusal::PermissionDenied(message),
+        Code::Unauthenticated => StoreRefusal::Unauthenticated(message),
+        // The store maps its storage failures to UNAVAILABLE; the rest are the transport's.
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Unknown
         | Code::Aborted
         | Code::Internal
-        | Code::Cancelled => Error::StoreUnavailable(format!("{:?}: {}", s.code(), s.message())),
-        code => Error::Store {
-            code,
-            message: s.message().to_string(),
+        | Code::Cancelled => return Error::StoreUnavailable(format!("{:?}: {message}", s.code())),
+        code => StoreRefusal::Other {
+            code: format!("{code:?}"),
+            message,
         },
-    }
+    };
+    Error::Store(refusal)
 }
 
 macro_rules! call {
@@ -46,7 +97,7 @@ macro_rules! call {
             match c.$method(r).await {
                 Ok(resp) => break Ok(resp.into_inner()),
                 Err(s) => {
-                    let e = map(s);
+                    let e = decode(s);
                     attempt += 1;
                     if !matches!(e, Error::StoreUnavailable(_)) || attempt >= ATTEMPTS {
                         break Err(e);
@@ -103,9 +154,7 @@ impl Ipam {
         };
         match call!(self, get_allocation, req) {
             Ok(a) => Ok(Some(a)),
-            Err(Error::Store {
-                code: Code::NotFound, ..
-            }) => Ok(None),
+            Err(Error::Store(StoreRefusal::NotFound(_))) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -144,7 +193,7 @@ impl Ipam {
         c.watch_allocations(pb::WatchAllocationsRequest::default())
             .await
             .map(|r| r.into_inner())
-            .map_err(map)
+            .map_err(decode)
     }
 }
 
@@ -156,5 +205,54 @@ pub fn owner(cluster_id: &str, kind: pb::OwnerKind, namespace: &str, name: &str,
         namespace: namespace.to_string(),
         name: name.to_string(),
         uid: uid.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_decoded_once_with_their_message() {
+        type Variant = fn(String) -> StoreRefusal;
+        let cases: [(Code, Variant); 7] = [
+            (Code::InvalidArgument, StoreRefusal::Invalid),
+            (Code::NotFound, StoreRefusal::NotFound),
+            (Code::AlreadyExists, StoreRefusal::Overlap),
+            (Code::FailedPrecondition, StoreRefusal::Conflict),
+            (Code::ResourceExhausted, StoreRefusal::Exhausted),
+            (Code::PermissionDenied, StoreRefusal::PermissionDenied),
+            (Code::Unauthenticated, StoreRefusal::Unauthenticated),
+        ];
+        for (code, want) in cases {
+            match decode(Status::new(code, "pool: web held by default/other")) {
+                Error::Store(r) => assert_eq!(r, want("pool: web held by default/other".into()), "{code:?}"),
+                e => panic!("{code:?} decoded as {e:?}"),
+            }
+        }
+        match decode(Status::new(Code::Unimplemented, "no such method")) {
+            Error::Store(StoreRefusal::Other { code, message }) => {
+                assert_eq!(code, "Unimplemented");
+                assert_eq!(message, "no such method");
+            }
+            e => panic!("Unimplemented decoded as {e:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_unavailable_not_refusals() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+            Code::Aborted,
+            Code::Internal,
+            Code::Cancelled,
+        ] {
+            match decode(Status::new(code, "storage: disk full")) {
+                Error::StoreUnavailable(m) => assert!(m.ends_with("storage: disk full"), "{m}"),
+                e => panic!("{code:?} decoded as {e:?}"),
+            }
+        }
     }
 }

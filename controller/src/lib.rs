@@ -3,7 +3,9 @@
 //! Each reconciler lives in its own module with `reconcile` + `error_policy` and holds every
 //! Kubernetes verb it uses: [`network`] (ClusterNetwork → store, status), [`service`]
 //! (LoadBalancer Services → VIPs), [`node`] (cloud node initialisation), [`repair`] (orphaned
-//! allocations). [`ipam`] is the store client; [`run`] wires them under leader election.
+//! allocations). [`svc`] reads Services for the reconciler, repair and the HAProxy model.
+//! [`ipam`] is the store client and the one place that decodes the store's refusals into
+//! [`StoreRefusal`]; [`run`] wires them under leader election.
 //!
 //! The store is the authority: the controller never decides an address itself, it asks the
 //! store (idempotently, per owner) and mirrors the answer into the cluster.
@@ -19,8 +21,11 @@ pub mod node;
 pub mod repair;
 pub mod run;
 pub mod service;
+pub mod svc;
 
 use std::time::Duration;
+
+pub use ipam::StoreRefusal;
 
 /// Finalizer on Services that hold a VIP.
 pub const SERVICE_FINALIZER: &str = "cairn.dev/vip-release";
@@ -40,7 +45,8 @@ pub const ANN_ALLOCATED_FROM: &str = "cairn.dev/allocated-from";
 pub const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 /// Owner name of a cluster's API-server VIP in the store (shared with the cloud service).
 pub const API_SERVER_OWNER: &str = "kube-apiserver";
-/// Field manager and event reporter.
+/// Field manager of every write the controller makes (server-side apply, and the JSON patches
+/// that remove fields it does not own), and the event reporter.
 pub const MANAGER: &str = "cairn-ccm";
 
 /// Everything a reconcile can fail with.
@@ -50,13 +56,8 @@ pub enum Error {
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
     /// The store refused the request (permanent until something changes).
-    #[error("store refused: {code:?}: {message}")]
-    Store {
-        /// gRPC code.
-        code: tonic::Code,
-        /// The store's message (names the field or the conflicting holder).
-        message: String,
-    },
+    #[error("store refused: {0}")]
+    Store(StoreRefusal),
     /// The store is unreachable or failed transiently; retried with backoff.
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
@@ -84,7 +85,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Store { .. } => "store_refused",
+            Error::Store(_) => "store_refused",
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::Invalid { .. } => "invalid",
             Error::NoNetwork(_) => "no_network",
@@ -93,15 +94,64 @@ impl Error {
         }
     }
 
-    /// How long to wait before retrying after this error.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let base = match self {
-            Error::StoreUnavailable(_) | Error::Kube(_) => Duration::from_millis(250),
-            _ => Duration::from_secs(5),
+    /// The longest wait before retry number `attempt` (1-based) after this error: doubles per
+    /// attempt from a base, up to a cap. Transient failures (store or API server) start short
+    /// and stay under half a minute so an outage's end is noticed soon; refusals that need a
+    /// change start at seconds.
+    pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
+        let (base, cap) = match self {
+            Error::StoreUnavailable(_) | Error::Kube(_) => {
+                (Duration::from_millis(250), Duration::from_secs(30))
+            }
+            _ => (Duration::from_secs(5), Duration::from_secs(120)),
         };
-        (base * 2u32.saturating_pow(attempt.min(8))).min(Duration::from_secs(120))
+        base.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(cap)
+    }
+
+    /// How long to wait before retry number `attempt`: a random point in the upper half of
+    /// [`Error::backoff_ceiling`], so objects that failed together do not retry together.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self.backoff_ceiling(attempt);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
     }
 }
 
 /// The controller's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        let transient = Error::StoreUnavailable("down".into());
+        let refused = Error::Store(StoreRefusal::Exhausted("full".into()));
+        let ceilings: Vec<_> = (1..=12).map(|a| transient.backoff_ceiling(a)).collect();
+        assert_eq!(ceilings[0], Duration::from_millis(500));
+        assert!(ceilings.windows(2).all(|w| w[1] >= w[0]), "{ceilings:?}");
+        assert_eq!(ceilings[1], 2 * ceilings[0]);
+        assert_eq!(*ceilings.last().unwrap(), Duration::from_secs(30));
+        assert_eq!(refused.backoff_ceiling(1), Duration::from_secs(10));
+        assert_eq!(refused.backoff_ceiling(u32::MAX), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn backoff_is_jittered_within_the_upper_half() {
+        let e = Error::StoreUnavailable("down".into());
+        for attempt in [1, 3, 20] {
+            let ceiling = e.backoff_ceiling(attempt);
+            let waits: Vec<_> = (0..200).map(|_| e.backoff(attempt)).collect();
+            assert!(
+                waits.iter().all(|w| *w >= ceiling / 2 && *w <= ceiling),
+                "attempt {attempt}: {waits:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+            assert!(
+                waits.iter().any(|w| *w != waits[0]),
+                "attempt {attempt}: no jitter in {waits:?}"
+            );
+        }
+    }
+}

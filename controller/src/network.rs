@@ -15,15 +15,14 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
-use tonic::Code;
 
 use crate::{
-    API_SERVER_OWNER, Error, Result,
+    API_SERVER_OWNER, Error, MANAGER, Result, StoreRefusal,
     context::Context,
     crd::{ClusterNetwork, ClusterNetworkStatus, PoolPurpose, PoolUsage},
     ipam::owner,
@@ -148,6 +147,11 @@ async fn api_server_vip(cn: &ClusterNetwork, ctx: &Context) -> Result<Option<Str
 }
 
 /// Reconciles one ClusterNetwork.
+#[tracing::instrument(name = "reconcile_clusternetwork", skip_all, fields(
+    name = cn.metadata.name.as_deref(),
+    generation = cn.metadata.generation,
+    resource_version = cn.metadata.resource_version.as_deref(),
+))]
 pub async fn reconcile(cn: Arc<ClusterNetwork>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
     let r = apply(&cn, &ctx).await;
@@ -156,6 +160,9 @@ pub async fn reconcile(cn: Arc<ClusterNetwork>, ctx: Arc<Context>) -> Result<Act
         r.as_ref().map_or_else(Error::metric_label, |_| "ok"),
         started.elapsed(),
     );
+    if r.is_ok() {
+        ctx.reconciled_ok(cn.as_ref());
+    }
     r
 }
 
@@ -220,12 +227,16 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
                 },
             }
         }
-        Err(Error::Store { code, message }) => {
-            let (reason, conflict) = match code {
-                Code::FailedPrecondition => ("ManagedElsewhere", true),
-                Code::AlreadyExists => ("Overlap", true),
-                Code::InvalidArgument => ("Invalid", false),
-                _ => ("Refused", false),
+        Err(Error::Store(refusal)) => {
+            let (reason, conflict, message) = match refusal {
+                StoreRefusal::Conflict(m) => ("ManagedElsewhere", true, m),
+                StoreRefusal::Overlap(m) => ("Overlap", true, m),
+                StoreRefusal::Invalid(m) => ("Invalid", false, m),
+                StoreRefusal::NotFound(m)
+                | StoreRefusal::Exhausted(m)
+                | StoreRefusal::PermissionDenied(m)
+                | StoreRefusal::Unauthenticated(m)
+                | StoreRefusal::Other { message: m, .. } => ("Refused", false, m),
             };
             conds.push(condition(
                 "Conflict",
@@ -278,8 +289,16 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     }
     st.conditions = conds;
     if st != old {
-        let patch = json!({ "status": st });
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        // The whole status, applied: only this controller writes it. Forced because a status
+        // written before the controller used apply belongs to an `Update` manager, whose
+        // ownership would otherwise make every changed field a conflict.
+        let patch = json!({
+            "apiVersion": ClusterNetwork::api_version(&()),
+            "kind": ClusterNetwork::kind(&()),
+            "metadata": { "name": name },
+            "status": st,
+        });
+        api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await?;
     }
     match unavailable {
@@ -288,8 +307,9 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     }
 }
 
-/// Retries with backoff; the store being down is logged, never a crash.
-pub fn error_policy(cn: Arc<ClusterNetwork>, err: &Error, _ctx: Arc<Context>) -> Action {
+/// Retries with per-object exponential backoff and jitter ([`Context::retry_after`]); the store
+/// being down is logged, never a crash.
+pub fn error_policy(cn: Arc<ClusterNetwork>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(clusternetwork = %cn.name_any(), error = %err, "reconcile failed");
-    Action::requeue(err.backoff(1))
+    ctx.retry_after(cn.as_ref(), err)
 }

@@ -18,7 +18,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    Error, NODE_FINALIZER, Result, UNINITIALIZED_TAINT, context::Context, crd::PoolPurpose, ipam::owner,
+    Error, MANAGER, NODE_FINALIZER, Result, UNINITIALIZED_TAINT, context::Context, crd::PoolPurpose,
+    ipam::owner,
 };
 
 /// The providerID Cairn gives a node.
@@ -37,7 +38,31 @@ fn has_finalizer(node: &Node) -> bool {
     node.finalizers().iter().any(|f| f == NODE_FINALIZER)
 }
 
+/// Patch parameters of the writes that are not applies: still under the controller's name.
+fn update_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// Removes the list entry at `/{path}/{i}` after testing that it is still `value` (or, for
+/// taints, still has that key): a stale index becomes a conflict and a retry, never the removal
+/// of someone else's entry. Used for what the controller takes away but does not own (the
+/// kubelet's taint, a finalizer however it was added), which an apply cannot remove.
+fn remove_at(path: &str, i: usize, test_path: &str, value: &str) -> Result<json_patch::Patch> {
+    Ok(serde_json::from_value(json!([
+        { "op": "test", "path": format!("{path}/{i}{test_path}"), "value": value },
+        { "op": "remove", "path": format!("{path}/{i}") },
+    ]))?)
+}
+
 /// Reconciles one Node.
+#[tracing::instrument(name = "reconcile_node", skip_all, fields(
+    name = node.metadata.name.as_deref(),
+    generation = node.metadata.generation,
+    resource_version = node.metadata.resource_version.as_deref(),
+))]
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
     let r = apply(&node, &ctx).await;
@@ -46,6 +71,9 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
         r.as_ref().map_or_else(Error::metric_label, |_| "ok"),
         started.elapsed(),
     );
+    if r.is_ok() {
+        ctx.reconciled_ok(node.as_ref());
+    }
     r
 }
 
@@ -70,18 +98,11 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
                 .await;
                 ctx.retrigger_pending();
             }
-            let fins: Vec<String> = node
-                .finalizers()
-                .iter()
-                .filter(|f| *f != NODE_FINALIZER)
-                .cloned()
-                .collect();
-            let patch: json_patch::Patch = serde_json::from_value(json!([
-                { "op": "test", "path": "/metadata/resourceVersion", "value": node.resource_version() },
-                { "op": "replace", "path": "/metadata/finalizers", "value": fins },
-            ]))?;
-            api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await?;
+            if let Some(i) = node.finalizers().iter().position(|f| f == NODE_FINALIZER) {
+                let patch = remove_at("/metadata/finalizers", i, "", NODE_FINALIZER)?;
+                api.patch(&name, &update_params(), &Patch::<()>::Json(patch))
+                    .await?;
+            }
         }
         return Ok(Action::await_change());
     }
@@ -104,22 +125,15 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
     };
     let a = match ctx.ipam.allocate(req).await {
         Ok(r) => r.allocation.ok_or(Error::MissingObjectKey("allocation"))?,
-        Err(e @ Error::Store { .. }) => return Err(allocation_failed(ctx, node, e).await),
+        Err(e @ Error::Store(_)) => return Err(allocation_failed(ctx, node, e).await),
         Err(e) => return Err(e),
     };
 
-    // Finalizer and providerID first (spec), then addresses (status), then the taint goes:
-    // the taint is removed only once everything else is in place.
-    let mut fins: Vec<String> = node.finalizers().to_vec();
-    if !fins.iter().any(|f| f == NODE_FINALIZER) {
-        fins.push(NODE_FINALIZER.into());
-    }
+    // Addresses (status), then finalizer and providerID (spec), then the taint goes: the taint
+    // is removed only once everything else is in place.
     let pid = provider_id(&ctx.cluster_id, &name);
     let current_pid = node.spec.as_ref().and_then(|s| s.provider_id.clone());
-    let mut ops = vec![json!({ "op": "add", "path": "/metadata/finalizers", "value": fins })];
-    if current_pid.is_none() {
-        ops.push(json!({ "op": "add", "path": "/spec/providerID", "value": pid }));
-    } else if current_pid.as_deref() != Some(pid.as_str()) {
+    if current_pid.as_deref().is_some_and(|p| p != pid) {
         ctx.event(
             node,
             EventType::Warning,
@@ -129,16 +143,6 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let taints: Vec<_> = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    let kept: Vec<_> = taints
-        .iter()
-        .filter(|t| t.key != UNINITIALIZED_TAINT)
-        .cloned()
-        .collect();
 
     let mut addrs: Vec<NodeAddress> = a
         .addresses
@@ -157,28 +161,49 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
         .as_ref()
         .and_then(|s| s.addresses.clone())
         .unwrap_or_default();
-    // The resourceVersion the spec patch is tested against: the status patch bumps it.
-    let mut rv = node.resource_version();
+    // The resourceVersion the spec apply is conditioned on: the status patch bumps it.
+    let no_rv = || Error::MissingObjectKey("metadata.resourceVersion");
+    let mut rv = node.resource_version().ok_or_else(no_rv)?;
     if shown != addrs {
+        // A merge patch, not an apply: the API declares addresses a map keyed by `type`, but a
+        // dual-stack node has two `InternalIP`s, which an apply rejects as duplicate keys. The
+        // merge patch replaces the whole list, as the cloud node controller's does.
         let patch = json!({ "status": { "addresses": addrs } });
         rv = api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &update_params(), &Patch::Merge(&patch))
             .await?
-            .resource_version();
+            .resource_version()
+            .ok_or_else(no_rv)?;
     }
-    let needs_spec = !has_finalizer(node) || current_pid.is_none() || kept.len() != taints.len();
-    if needs_spec {
-        if kept.len() != taints.len() {
-            ops.push(json!({ "op": "add", "path": "/spec/taints", "value": kept }));
+    let needs_apply = !has_finalizer(node) || current_pid.is_none();
+    if needs_apply {
+        // Everything the controller owns on the Node, applied together (an apply that leaves a
+        // field out gives it up): its finalizer, and the providerID unless another one is set.
+        // `resourceVersion` makes a concurrent edit a conflict and a retry, and keeps an apply
+        // from creating a Node that was deleted meanwhile.
+        let mut patch = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": name, "resourceVersion": rv, "finalizers": [NODE_FINALIZER] },
+        });
+        if current_pid.is_none() || current_pid.as_deref() == Some(pid.as_str()) {
+            patch["spec"] = json!({ "providerID": pid });
         }
-        // A concurrent edit (e.g. of taints) turns into a conflict and a retry, not a loss.
-        ops.insert(
-            0,
-            json!({ "op": "test", "path": "/metadata/resourceVersion", "value": rv }),
-        );
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))?;
-        api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        api.patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(&patch))
             .await?;
+    }
+    let taint = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .and_then(|t| t.iter().position(|t| t.key == UNINITIALIZED_TAINT));
+    if let Some(i) = taint {
+        // The kubelet's taint, in an atomic list: only a patch can take one entry out.
+        let patch = remove_at("/spec/taints", i, "/key", UNINITIALIZED_TAINT)?;
+        api.patch(&name, &update_params(), &Patch::<()>::Json(patch))
+            .await?;
+    }
+    if needs_apply || taint.is_some() {
         ctx.event(
             node,
             EventType::Normal,
@@ -209,8 +234,8 @@ async fn allocation_failed(ctx: &Context, node: &Node, e: Error) -> Error {
     e
 }
 
-/// Retries with backoff.
-pub fn error_policy(node: Arc<Node>, err: &Error, _ctx: Arc<Context>) -> Action {
+/// Retries with per-object exponential backoff and jitter ([`Context::retry_after`]).
+pub fn error_policy(node: Arc<Node>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(node = %node.name_any(), error = %err, "reconcile failed");
-    Action::requeue(err.backoff(1))
+    ctx.retry_after(node.as_ref(), err)
 }

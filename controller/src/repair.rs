@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{ResourceExt, runtime::reflector::Store};
 use tokio::sync::watch;
 
-use crate::{Result, context::Context, service::wants_lb};
+use crate::{Result, context::Context, svc::wants_lb};
 
 /// First time each allocation (by key) was seen orphaned.
 #[derive(Default)]

@@ -24,35 +24,26 @@ use kube::{
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use serde_json::json;
-use tonic::Code;
 
 use crate::{
-    ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, Result, SERVICE_FINALIZER, context::Context,
-    crd::PoolPurpose, ipam::owner,
+    ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, MANAGER, Result, SERVICE_FINALIZER,
+    StoreRefusal,
+    context::Context,
+    crd::PoolPurpose,
+    ipam::owner,
+    svc::{ann, family_named, family_of, other_family, wants_lb},
 };
+
+/// Re-exported for the tests and benchmark that read what the reconciler wrote.
+pub use crate::svc::ingress_ips;
 
 /// Periodic resync of allocated Services (cheap: an idempotent Allocate).
 const RESYNC: Duration = Duration::from_secs(600);
 /// Retry period of pending Services, besides the store-watch trigger.
 const PENDING_RETRY: Duration = Duration::from_secs(15);
 
-/// True when the Service is ours to serve.
-pub fn wants_lb(svc: &Service, class: Option<&str>) -> bool {
-    let Some(spec) = &svc.spec else { return false };
-    spec.type_.as_deref() == Some("LoadBalancer") && spec.load_balancer_class.as_deref() == class
-}
-
 fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == SERVICE_FINALIZER)
-}
-
-fn ann<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
-    svc.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
 }
 
 /// The store request for a Service, or the user error that prevents one.
@@ -106,25 +97,14 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
     }
 
     // Families from ipFamilies / ipFamilyPolicy.
-    let fam = |s: &str| {
-        if s == "IPv6" {
-            pb::IpFamily::Ipv6
-        } else {
-            pb::IpFamily::Ipv4
-        }
-    };
-    let mut families: Vec<pb::IpFamily> = spec.ip_families.iter().flatten().map(|s| fam(s)).collect();
+    let mut families: Vec<pb::IpFamily> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .map(|s| family_named(s))
+        .collect();
     if families.is_empty() {
-        families = requested
-            .iter()
-            .map(|ip| {
-                if ip.is_ipv4() {
-                    pb::IpFamily::Ipv4
-                } else {
-                    pb::IpFamily::Ipv6
-                }
-            })
-            .collect();
+        families = requested.iter().map(family_of).collect();
     }
     if families.is_empty() {
         families.push(pb::IpFamily::Ipv4);
@@ -137,12 +117,7 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
         }
         "PreferDualStack" | "RequireDualStack" => {
             if families.len() == 1 {
-                let other = if families[0] == pb::IpFamily::Ipv4 {
-                    pb::IpFamily::Ipv6
-                } else {
-                    pb::IpFamily::Ipv4
-                };
-                families.push(other);
+                families.push(other_family(families[0]));
             }
             policy == "PreferDualStack"
         }
@@ -155,11 +130,7 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
     };
     // A requested address's family must be served.
     for ip in &requested {
-        let f = if ip.is_ipv4() {
-            pb::IpFamily::Ipv4
-        } else {
-            pb::IpFamily::Ipv6
-        };
+        let f = family_of(ip);
         if !families.contains(&f) {
             return Err(invalid(
                 ANN_IPS,
@@ -174,13 +145,7 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
             .into_iter()
             .filter_map(|s| s.parse().ok())
             .collect();
-        requested.retain(|ip: &IpAddr| {
-            families.contains(&if ip.is_ipv4() {
-                pb::IpFamily::Ipv4
-            } else {
-                pb::IpFamily::Ipv6
-            })
-        });
+        requested.retain(|ip: &IpAddr| families.contains(&family_of(ip)));
         requested.dedup_by_key(|ip| ip.is_ipv4());
     }
 
@@ -217,34 +182,82 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
     })
 }
 
-/// The ingress IPs a Service shows.
-pub fn ingress_ips(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|i| i.iter().filter_map(|x| x.ip.clone()).collect())
-        .unwrap_or_default()
-}
-
-async fn set_finalizer(api: &Api<Service>, svc: &Service, present: bool) -> Result<()> {
-    let mut fins: Vec<String> = svc.finalizers().to_vec();
-    fins.retain(|f| f != SERVICE_FINALIZER);
-    if present {
-        fins.push(SERVICE_FINALIZER.into());
+/// Server-side applies what the controller owns on the Service itself: its finalizer and, when
+/// given, the `cairn.dev/allocated-from` annotation. Every apply states all of them: a field
+/// left out of an apply is a field given up. `resourceVersion` keeps the old guarantee that an
+/// apply never creates a Service that was deleted meanwhile.
+async fn apply_meta(
+    api: &Api<Service>,
+    svc: &Service,
+    rv: Option<String>,
+    allocated_from: Option<&str>,
+) -> Result<()> {
+    let rv = rv.ok_or(Error::MissingObjectKey("metadata.resourceVersion"))?;
+    let mut meta = json!({
+        "name": svc.name_any(),
+        "resourceVersion": rv,
+        "finalizers": [SERVICE_FINALIZER],
+    });
+    if let Some(from) = allocated_from {
+        meta["annotations"] = json!({ ANN_ALLOCATED_FROM: from });
     }
-    // The resourceVersion test makes a concurrent finalizer edit a conflict, not a loss.
-    let patch = json!([
-        { "op": "test", "path": "/metadata/resourceVersion", "value": svc.resource_version() },
-        { "op": "add", "path": "/metadata/finalizers", "value": fins },
-    ]);
-    let patch: json_patch::Patch = serde_json::from_value(patch)?;
+    let patch = json!({ "apiVersion": "v1", "kind": "Service", "metadata": meta });
     api.patch(
         &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::<()>::Json(patch),
+        &PatchParams::apply(MANAGER),
+        &Patch::Apply(&patch),
     )
     .await?;
+    Ok(())
+}
+
+/// Server-side applies the Service's `status.loadBalancer.ingress` (an atomic list: the
+/// controller owns all of it) and, riding along in the same write, the allocated-from
+/// annotation. Forced: these are the load balancer's fields by contract, and an earlier writer
+/// (another LB implementation being replaced, or this controller before it used apply) must
+/// not turn every allocation into a conflict; the old merge patches overwrote them too.
+async fn apply_status(
+    api: &Api<Service>,
+    svc: &Service,
+    allocated_from: Option<&str>,
+    ingress: Vec<serde_json::Value>,
+) -> Result<Service> {
+    let mut meta = json!({ "name": svc.name_any() });
+    if let Some(from) = allocated_from {
+        meta["annotations"] = json!({ ANN_ALLOCATED_FROM: from });
+    }
+    let patch = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "status": { "loadBalancer": { "ingress": ingress } },
+    });
+    Ok(api
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?)
+}
+
+/// Drops the finalizer. A JSON patch, not an apply: leaving the finalizer out of an apply only
+/// gives up this manager's claim, while a finalizer written by someone else (an older version of
+/// this controller, a user) must go too. The `test` makes a stale index a conflict, not the
+/// removal of another finalizer.
+async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
+    let Some(i) = svc.finalizers().iter().position(|f| f == SERVICE_FINALIZER) else {
+        return Ok(());
+    };
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": SERVICE_FINALIZER },
+        { "op": "remove", "path": format!("/metadata/finalizers/{i}") },
+    ]))?;
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch(&svc.name_any(), &pp, &Patch::<()>::Json(patch)).await?;
     Ok(())
 }
 
@@ -266,9 +279,7 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
         }
         match ctx.ipam.release(&cn.spec.network, o.clone()).await {
             Ok(r) => released.extend(r.allocation.map(|a| a.addresses).unwrap_or_default()),
-            Err(Error::Store {
-                code: Code::NotFound, ..
-            }) => {}
+            Err(Error::Store(StoreRefusal::NotFound(_))) => {}
             Err(e) => return Err(e),
         }
     }
@@ -281,9 +292,8 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
             .map(|ip| json!({ "ip": ip }))
             .collect();
         if svc.metadata.deletion_timestamp.is_none() {
-            let patch = json!({ "status": { "loadBalancer": { "ingress": keep } } });
-            api.patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            // The annotation is restated so the apply keeps it, as the merge patch used to.
+            apply_status(api, svc, ann(svc, ANN_ALLOCATED_FROM), keep).await?;
         }
         ctx.event(
             svc,
@@ -299,6 +309,12 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
 }
 
 /// Reconciles one Service.
+#[tracing::instrument(name = "reconcile_service", skip_all, fields(
+    namespace = svc.metadata.namespace.as_deref(),
+    name = svc.metadata.name.as_deref(),
+    generation = svc.metadata.generation,
+    resource_version = svc.metadata.resource_version.as_deref(),
+))]
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
     let r = apply(&svc, &ctx).await;
@@ -307,6 +323,9 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
         r.as_ref().map_or_else(Error::metric_label, |_| "ok"),
         started.elapsed(),
     );
+    if r.is_ok() {
+        ctx.reconciled_ok(svc.as_ref());
+    }
     r
 }
 
@@ -320,13 +339,13 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
     if svc.metadata.deletion_timestamp.is_some() || !ours {
         if has_finalizer(svc) {
             release(svc, ctx, &api).await?;
-            set_finalizer(&api, svc, false).await?;
+            remove_finalizer(&api, svc).await?;
         }
         return Ok(Action::await_change());
     }
     if !has_finalizer(svc) {
         // The watch event of this patch brings the Service back with the finalizer on.
-        set_finalizer(&api, svc, true).await?;
+        apply_meta(&api, svc, svc.resource_version(), None).await?;
         return Ok(Action::await_change());
     }
 
@@ -371,9 +390,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
 
     let alloc = match ctx.ipam.allocate(req.clone()).await {
         Ok(r) => r,
-        Err(Error::Store { code, message })
-            if adopting && matches!(code, Code::FailedPrecondition | Code::InvalidArgument) =>
-        {
+        Err(Error::Store(StoreRefusal::Conflict(message) | StoreRefusal::Invalid(message))) if adopting => {
             // The shown IP cannot be kept (outside the pool, or held by another owner).
             ctx.event(
                 svc,
@@ -407,6 +424,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
     let shown = ingress_ips(svc);
     let from = format!("{}/{}", a.network, a.pool);
     let mut annotated = ann(svc, ANN_ALLOCATED_FROM) == Some(from.as_str());
+    let mut rv = svc.resource_version();
     if shown != a.addresses {
         let ingress: Vec<_> = a
             .addresses
@@ -415,14 +433,9 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
             .collect();
         // One write for both: the status subresource also stores metadata changes, which
         // halves the Service writes per allocation (each is an etcd write and a watch fan-out).
-        let patch = json!({
-            "metadata": { "annotations": { ANN_ALLOCATED_FROM: &from } },
-            "status": { "loadBalancer": { "ingress": ingress } },
-        });
-        let after = api
-            .patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        let after = apply_status(&api, svc, Some(&from), ingress).await?;
         annotated = ann(&after, ANN_ALLOCATED_FROM) == Some(from.as_str());
+        rv = after.resource_version();
         ctx.event(
             svc,
             EventType::Normal,
@@ -433,9 +446,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
         .await;
     }
     if !annotated {
-        let patch = json!({ "metadata": { "annotations": { ANN_ALLOCATED_FROM: from } } });
-        api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        apply_meta(&api, svc, rv, Some(&from)).await?;
     }
     Ok(Action::requeue(RESYNC))
 }
@@ -443,22 +454,15 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
 /// Records a Service the store cannot serve now.
 async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error) -> Result<Action> {
     match e {
-        Error::Store { code, message } => {
+        Error::Store(refusal) => {
             ctx.set_store_ok(true);
             ctx.set_pending(me, true);
-            let reason = match code {
-                Code::ResourceExhausted => "pool exhausted",
-                Code::FailedPrecondition => "conflict",
-                Code::InvalidArgument => "invalid request",
-                Code::NotFound => "not found",
-                _ => "refused",
-            };
             ctx.event(
                 svc,
                 EventType::Warning,
                 "AllocationFailed",
                 "Allocate",
-                format!("{reason}: {message}"),
+                refusal.to_string(),
             )
             .await;
             Ok(Action::requeue(PENDING_RETRY))
@@ -471,10 +475,11 @@ async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error)
     }
 }
 
-/// Backs off per object; a store outage never drops a finalizer or crashes the process.
-pub fn error_policy(svc: Arc<Service>, err: &Error, _ctx: Arc<Context>) -> Action {
+/// Backs off per object, exponentially with jitter ([`Context::retry_after`]); a store outage
+/// never drops a finalizer or crashes the process.
+pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), error = %err, "reconcile failed");
-    Action::requeue(err.backoff(1))
+    ctx.retry_after(svc.as_ref(), err)
 }
 
 #[cfg(test)]
@@ -552,17 +557,5 @@ mod tests {
         assert!(e.to_string().contains("one address per family"), "{e}");
         let e = allocate_request(&svc(&[(ANN_IPS, "fd00::1")], None, &["IPv4"], None), "c", "n").unwrap_err();
         assert!(e.to_string().contains("ipFamilies"), "{e}");
-    }
-
-    #[test]
-    fn class_filter() {
-        let mut s = svc(&[], None, &["IPv4"], None);
-        assert!(wants_lb(&s, None));
-        assert!(!wants_lb(&s, Some("cairn")));
-        s.spec.as_mut().unwrap().load_balancer_class = Some("cairn".into());
-        assert!(wants_lb(&s, Some("cairn")));
-        assert!(!wants_lb(&s, None));
-        s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-        assert!(!wants_lb(&s, Some("cairn")));
     }
 }

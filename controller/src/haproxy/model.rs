@@ -2,7 +2,7 @@
 //! the same objects give the same [`LbConfig`], whatever order they come in.
 //!
 //! - One proxy (frontend + backend) per Service port: `VIP:port` for every ingress VIP of a
-//!   LoadBalancer Service this agent serves ([`crate::service::wants_lb`]), to
+//!   LoadBalancer Service this agent serves ([`crate::svc::wants_lb`]), to
 //!   `nodeIP:nodePort` of the eligible nodes. Only TCP ports: UDP and SCTP ports are skipped
 //!   with a [`Warning`].
 //! - Eligible node: `Ready=True`, schedulable, not being deleted, initialised (no
@@ -29,7 +29,10 @@ use k8s_openapi::api::{
 };
 use kube::ResourceExt;
 
-use crate::{UNINITIALIZED_TAINT, service};
+use crate::{
+    UNINITIALIZED_TAINT,
+    svc::{ingress_ips, wants_lb},
+};
 
 /// Nodes with this label never receive load-balancer traffic.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -304,7 +307,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
     let mut svcs: Vec<&Arc<Service>> = inputs
         .services
         .iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none() && service::wants_lb(s, inputs.class))
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && wants_lb(s, inputs.class))
         .collect();
     svcs.sort_by(|a, b| {
         (a.creation_timestamp(), a.namespace(), a.name_any()).cmp(&(
@@ -326,7 +329,7 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
             });
         };
         let mut vips: Vec<IpAddr> = Vec::new();
-        for s in service::ingress_ips(svc) {
+        for s in ingress_ips(svc) {
             match s.trim().parse::<IpAddr>() {
                 Ok(ip) if !vips.contains(&ip) => vips.push(ip),
                 Ok(_) => {}
@@ -443,278 +446,4 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use serde_json::json;
-
-    pub(crate) fn node(name: &str, ip: &str, ready: bool, labels: serde_json::Value) -> Arc<Node> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": { "name": name, "labels": labels },
-                "spec": {},
-                "status": {
-                    "addresses": [ { "type": "Hostname", "address": name }, { "type": "InternalIP", "address": ip } ],
-                    "conditions": [ { "type": "Ready", "status": if ready { "True" } else { "False" } } ],
-                },
-            }))
-            .unwrap(),
-        )
-    }
-
-    pub(crate) fn lb(
-        ns: &str,
-        name: &str,
-        created: &str,
-        ips: &[&str],
-        ports: serde_json::Value,
-        extra: serde_json::Value,
-    ) -> Arc<Service> {
-        let mut v = json!({
-            "metadata": { "name": name, "namespace": ns, "creationTimestamp": created },
-            "spec": { "type": "LoadBalancer", "ports": ports },
-            "status": { "loadBalancer": { "ingress": ips.iter().map(|ip| json!({ "ip": ip })).collect::<Vec<_>>() } },
-        });
-        if let (Some(spec), Some(e)) = (v["spec"].as_object_mut(), extra.as_object()) {
-            for (k, x) in e {
-                spec.insert(k.clone(), x.clone());
-            }
-        }
-        Arc::new(serde_json::from_value(v).unwrap())
-    }
-
-    pub(crate) fn slice(ns: &str, svc: &str, eps: &[(&str, Option<bool>)]) -> Arc<EndpointSlice> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": { "name": format!("{svc}-x"), "namespace": ns, "labels": { SERVICE_NAME_LABEL: svc } },
-                "addressType": "IPv4",
-                "endpoints": eps.iter().map(|(n, ready)| json!({
-                    "addresses": ["10.244.0.9"],
-                    "nodeName": n,
-                    "conditions": { "ready": ready },
-                })).collect::<Vec<_>>(),
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn run(
-        services: &[Arc<Service>],
-        nodes: &[Arc<Node>],
-        slices: &[Arc<EndpointSlice>],
-        api: &ApiServer,
-    ) -> (LbConfig, Vec<Warning>) {
-        build(
-            &Inputs {
-                services,
-                nodes,
-                slices,
-                class: None,
-                api_server: api,
-            },
-            Settings::default(),
-        )
-    }
-
-    fn no_api() -> ApiServer {
-        ApiServer {
-            vips: vec![],
-            port: 6443,
-            backend_port: 6443,
-        }
-    }
-
-    #[test]
-    fn node_eligibility() {
-        assert!(lb_eligible(&node("a", "10.0.0.1", true, json!({}))));
-        assert!(!lb_eligible(&node("a", "10.0.0.1", false, json!({}))));
-        assert!(!lb_eligible(&node(
-            "a",
-            "10.0.0.1",
-            true,
-            json!({ EXCLUDE_LABEL: "" })
-        )));
-        let mut n = (*node("a", "10.0.0.1", true, json!({}))).clone();
-        n.spec.as_mut().unwrap().unschedulable = Some(true);
-        assert!(!lb_eligible(&n));
-        let mut n = (*node("a", "10.0.0.1", true, json!({}))).clone();
-        n.spec.as_mut().unwrap().taints = Some(vec![k8s_openapi::api::core::v1::Taint {
-            key: UNINITIALIZED_TAINT.into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        }]);
-        assert!(!lb_eligible(&n));
-        assert!(api_server_eligible(&node(
-            "cp",
-            "10.0.0.1",
-            true,
-            json!({ CONTROL_PLANE_LABEL: "" })
-        )));
-        assert!(!api_server_eligible(&node("w", "10.0.0.1", true, json!({}))));
-    }
-
-    #[test]
-    fn ports_protocols_and_conflicts() {
-        let services = vec![
-            lb(
-                "default",
-                "web",
-                "2024-01-01T00:00:00Z",
-                &["10.20.1.2"],
-                json!([
-                    { "port": 80, "protocol": "TCP", "nodePort": 30080 },
-                    { "port": 53, "protocol": "UDP", "nodePort": 30053 },
-                    { "port": 81, "protocol": "TCP" },
-                ]),
-                json!({}),
-            ),
-            // Younger, same VIP:port (a stale status): loses.
-            lb(
-                "default",
-                "copy",
-                "2024-02-01T00:00:00Z",
-                &["10.20.1.2"],
-                json!([{ "port": 80, "nodePort": 30081 }]),
-                json!({}),
-            ),
-            // Another class: not ours.
-            lb(
-                "default",
-                "other",
-                "2024-01-01T00:00:00Z",
-                &["10.20.1.9"],
-                json!([{ "port": 80, "nodePort": 30082 }]),
-                json!({ "loadBalancerClass": "x" }),
-            ),
-        ];
-        let nodes = vec![node("n1", "10.20.2.1", true, json!({}))];
-        let (cfg, warnings) = run(&services, &nodes, &[], &no_api());
-        let names: Vec<_> = cfg.proxies.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, vec!["svc:default:web:80"]);
-        let reasons: Vec<_> = warnings
-            .iter()
-            .map(|w| (w.owner.as_ref().unwrap().name.as_str(), w.reason))
-            .collect();
-        assert_eq!(
-            reasons,
-            vec![
-                ("copy", "VIPConflict"),
-                ("web", "NoNodePort"),
-                ("web", "UnsupportedProtocol")
-            ]
-        );
-    }
-
-    #[test]
-    fn local_policy_follows_ready_endpoints() {
-        let services = vec![lb(
-            "default",
-            "loc",
-            "2024-01-01T00:00:00Z",
-            &["10.20.1.3"],
-            json!([{ "port": 80, "nodePort": 30080 }]),
-            json!({ "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000 }),
-        )];
-        let nodes = vec![
-            node("n1", "10.20.2.1", true, json!({})),
-            node("n2", "10.20.2.2", true, json!({})),
-            node("n3", "10.20.2.3", false, json!({})),
-        ];
-        let slices = vec![slice(
-            "default",
-            "loc",
-            &[("n2", Some(true)), ("n1", Some(false)), ("n3", None)],
-        )];
-        let (cfg, _) = run(&services, &nodes, &slices, &no_api());
-        let p = &cfg.proxies[0];
-        assert_eq!(
-            p.check,
-            Check::Http {
-                path: "/healthz",
-                port: 32000
-            }
-        );
-        let names: Vec<_> = p.servers.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, vec!["n2"], "n1 not ready endpoint, n3 node not ready");
-    }
-
-    #[test]
-    fn api_server_wins_and_family_is_preferred() {
-        let api = ApiServer {
-            vips: vec!["10.20.1.1".parse().unwrap()],
-            port: 6443,
-            backend_port: 6443,
-        };
-        let services = vec![lb(
-            "default",
-            "grab",
-            "2024-01-01T00:00:00Z",
-            &["10.20.1.1", "fd00::1"],
-            json!([{ "port": 6443, "nodePort": 30443 }]),
-            json!({}),
-        )];
-        let mut dual = (*node("cp", "10.20.2.9", true, json!({ CONTROL_PLANE_LABEL: "" }))).clone();
-        dual.status.as_mut().unwrap().addresses.as_mut().unwrap().push(
-            k8s_openapi::api::core::v1::NodeAddress {
-                type_: "InternalIP".into(),
-                address: "fd00:2::9".into(),
-            },
-        );
-        let nodes = vec![Arc::new(dual)];
-        let (cfg, warnings) = run(&services, &nodes, &[], &api);
-        assert_eq!(cfg.proxies[0].name, API_SERVER_PROXY);
-        assert_eq!(cfg.proxies[0].servers[0].addr, "10.20.2.9:6443".parse().unwrap());
-        // The Service keeps only its IPv6 VIP, which picks the node's IPv6 address.
-        let svc = &cfg.proxies[1];
-        assert_eq!(svc.binds, vec!["[fd00::1]:6443".parse().unwrap()]);
-        assert_eq!(svc.servers[0].addr, "[fd00:2::9]:30443".parse().unwrap());
-        assert_eq!(warnings.len(), 1);
-        assert_eq!(warnings[0].reason, "VIPConflict");
-    }
-
-    #[test]
-    fn source_ranges_are_an_allow_list() {
-        let mk = |ranges: serde_json::Value| {
-            let services = vec![lb(
-                "default",
-                "s",
-                "2024-01-01T00:00:00Z",
-                &["10.20.1.4"],
-                json!([{ "port": 80, "nodePort": 30080 }]),
-                json!({ "loadBalancerSourceRanges": ranges }),
-            )];
-            let (cfg, w) = run(&services, &[], &[], &no_api());
-            (cfg.proxies[0].source_ranges.clone(), w.len())
-        };
-        assert_eq!(mk(json!([])), (None, 0));
-        assert_eq!(
-            mk(json!(["192.168.0.0/16", " 10.0.0.0/8", "fd00::/8", "10.0.0.0/8"])),
-            (
-                Some(vec![
-                    "10.0.0.0/8".to_string(),
-                    "192.168.0.0/16".into(),
-                    "fd00::/8".into()
-                ]),
-                0
-            )
-        );
-        assert_eq!(mk(json!(["nope", "10.0.0.0/33"])), (Some(vec![]), 2));
-    }
-
-    #[test]
-    fn deleting_services_are_dropped() {
-        let mut s = (*lb(
-            "default",
-            "bye",
-            "2024-01-01T00:00:00Z",
-            &["10.20.1.4"],
-            json!([{ "port": 80, "nodePort": 30080 }]),
-            json!({}),
-        ))
-        .clone();
-        s.metadata.deletion_timestamp = s.metadata.creation_timestamp.clone();
-        let (cfg, _) = run(&[Arc::new(s)], &[], &[], &no_api());
-        assert!(cfg.proxies.is_empty());
-    }
-}
+pub(crate) mod tests;
