@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -65,7 +66,13 @@ func WithTLS(caFile, certFile, keyFile string) Option {
 
 // WithTLSConfig connects over TLS with a configuration built by the caller.
 func WithTLSConfig(cfg *tls.Config) Option {
-	return func(o *options) { o.tls = cfg.Clone() }
+	return func(o *options) {
+		if cfg == nil {
+			o.tlsErr = errors.New("ipam: WithTLSConfig: nil *tls.Config")
+			return
+		}
+		o.tls = cfg.Clone()
+	}
 }
 
 // WithDialOptions passes extra options to grpc.NewClient (interceptors, keepalive, ...).
@@ -101,8 +108,10 @@ func tlsConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// Dial returns a Client for target ("host:port", or any grpc.NewClient target). Like
-// grpc.NewClient it does not wait for the connection: the first call does.
+// Dial returns a Client for target: "host:port" or any grpc.NewClient target, or a URL as the
+// Rust tools take it (CAIRN_IPAM_ENDPOINT): "http://host:port" is plaintext, "https://host:port"
+// is TLS (the system's roots unless WithTLS/WithTLSConfig say otherwise). Like grpc.NewClient
+// it does not wait for the connection: the first call does.
 func Dial(target string, opts ...Option) (*Client, error) {
 	if target == "" {
 		return nil, errors.New("ipam: target: must not be empty")
@@ -113,6 +122,20 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	}
 	if o.tlsErr != nil {
 		return nil, o.tlsErr
+	}
+	if rest, ok := strings.CutPrefix(target, "http://"); ok {
+		if o.tls != nil {
+			return nil, fmt.Errorf("ipam: target %q: http:// is plaintext, but TLS options were given (use https://)", target)
+		}
+		target = strings.TrimSuffix(rest, "/")
+	} else if rest, ok := strings.CutPrefix(target, "https://"); ok {
+		if o.tls == nil {
+			o.tls = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		target = strings.TrimSuffix(rest, "/")
+	}
+	if target == "" {
+		return nil, errors.New("ipam: target: no host:port")
 	}
 	creds := insecure.NewCredentials()
 	if o.tls != nil {

@@ -189,6 +189,14 @@ func TestWithTLSPresentsTheClientCertificate(t *testing.T) {
 	if _, err := usageCN(t, addr); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("plaintext to a TLS server: err=%v", err)
 	}
+	// The URL form of the Rust tools: https:// with the options works...
+	if cn, err := usageCN(t, "https://"+addr, WithTLS(p.caFile, p.certFile, p.keyFile)); err != nil || cn != "cloud" {
+		t.Fatalf("https:// target: %q, %v", cn, err)
+	}
+	// ...and without options means TLS with the system roots, which do not hold the test CA.
+	if _, err := usageCN(t, "https://"+addr); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("https:// with system roots against a private CA: err=%v", err)
+	}
 }
 
 func TestWithTLSNamesTheBadInput(t *testing.T) {
@@ -209,7 +217,15 @@ func TestWithTLSNamesTheBadInput(t *testing.T) {
 			t.Errorf("%s: err=%v, want one naming %q", tc.name, err, tc.msg)
 		}
 	}
-	if _, err := Dial(""); err == nil || !strings.Contains(err.Error(), "target") {
-		t.Errorf("empty target: err=%v", err)
+	for _, target := range []string{"", "http://", "https://"} {
+		if _, err := Dial(target); err == nil || !strings.Contains(err.Error(), "target") {
+			t.Errorf("target %q: err=%v", target, err)
+		}
+	}
+	if _, err := Dial("http://127.0.0.1:1", WithTLS(p.caFile, "", "")); err == nil || !strings.Contains(err.Error(), "plaintext") {
+		t.Errorf("http:// with TLS options: err=%v", err)
+	}
+	if _, err := Dial("127.0.0.1:1", WithTLSConfig(nil)); err == nil || !strings.Contains(err.Error(), "WithTLSConfig") {
+		t.Errorf("WithTLSConfig(nil): err=%v", err)
 	}
 }

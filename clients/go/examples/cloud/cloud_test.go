@@ -180,11 +180,11 @@ func TestCloudFlowAgainstLiveStore(t *testing.T) {
 	}
 }
 
-// The command itself, as a user runs it.
+// The command itself, as a user runs it (with the URL form CAIRN_IPAM_ENDPOINT takes).
 func TestDemoCommandAgainstLiveStore(t *testing.T) {
 	srv := storetest.Start(t, "--default-reuse-grace", "0s")
 	var out bytes.Buffer
-	if err := run([]string{"-endpoint", srv.Addr, "-cluster", "k1", "-nodes", "2", "demo"}, &out); err != nil {
+	if err := run([]string{"-endpoint", "http://" + srv.Addr, "-cluster", "k1", "-nodes", "2", "demo"}, &out); err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
 	for _, want := range []string{

@@ -3,7 +3,7 @@
 // nodes' addresses when the cluster's VMs are created, and gives them back when they are
 // deleted.
 //
-//	cloud [-endpoint 127.0.0.1:50051] [-ca ca.pem -cert client.pem -key client-key.pem] CMD
+//	cloud [-endpoint 127.0.0.1:50051 | http://HOST:PORT] [-ca ca.pem -cert client.pem -key client-key.pem] CMD
 //
 //	network                          create or update the shared network (managed by "cloud")
 //	create  -cluster ID -nodes N     allocate the API-server VIP and N node addresses; print them
@@ -188,7 +188,7 @@ func main() {
 
 func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("cloud", flag.ContinueOnError)
-	endpoint := fs.String("endpoint", envOr("CAIRN_IPAM_ENDPOINT", "127.0.0.1:50051"), "store address (host:port)")
+	endpoint := fs.String("endpoint", envOr("CAIRN_IPAM_ENDPOINT", "127.0.0.1:50051"), "store address: host:port, http://host:port or https://host:port (default $CAIRN_IPAM_ENDPOINT)")
 	network := fs.String("network", "net-a", "network name")
 	ca := fs.String("ca", "", "PEM CA bundle of the store's certificate (enables TLS)")
 	cert := fs.String("cert", "", "PEM client certificate (mutual TLS; with -key)")
