@@ -198,6 +198,12 @@ func TestDemoCommandAgainstLiveStore(t *testing.T) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out.String())
 		}
 	}
+	// Flags after the command, as the package documentation shows them.
+	out.Reset()
+	if err := run([]string{"create", "-endpoint", srv.Addr, "-cluster", "k2", "-nodes", "1"}, &out); err != nil ||
+		!strings.Contains(out.String(), "cluster k2: node k2-node-1 10.20.2.") {
+		t.Fatalf("create with flags after the command: %v\n%s", err, out.String())
+	}
 	if err := run([]string{"-endpoint", srv.Addr, "frobnicate"}, &out); err == nil || !strings.Contains(err.Error(), "frobnicate") {
 		t.Fatalf("unknown command: err=%v", err)
 	}

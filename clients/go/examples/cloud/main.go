@@ -197,15 +197,23 @@ func run(args []string, out io.Writer) error {
 	nodes := fs.Int("nodes", 3, "node VMs of the cluster")
 	timeout := fs.Duration("timeout", 30*time.Second, "deadline for the whole command")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: cloud [flags] network|create|delete|demo")
+		fmt.Fprintln(fs.Output(), "usage: cloud network|create|delete|demo [flags]")
 		fs.PrintDefaults()
 	}
+	// Flags may come before or after the command: `cloud -endpoint X create -cluster c1`.
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 {
+	if fs.NArg() == 0 {
 		fs.Usage()
-		return errors.New("exactly one command is required: network, create, delete or demo")
+		return errors.New("a command is required: network, create, delete or demo")
+	}
+	cmd := fs.Arg(0)
+	if err := fs.Parse(fs.Args()[1:]); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("unexpected arguments after %s: %v", cmd, fs.Args())
 	}
 	if *nodes < 0 {
 		return fmt.Errorf("-nodes: %d is negative", *nodes)
@@ -246,7 +254,7 @@ func run(args []string, out io.Writer) error {
 		fmt.Fprintf(out, "cluster %s: released %d addresses\n", *cluster, n)
 		return nil
 	}
-	switch cmd := fs.Arg(0); cmd {
+	switch cmd {
 	case "network":
 		return doNetwork()
 	case "create":
