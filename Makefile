@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
-.PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache \
+.PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache reliability \
 	test-go check-go-generated check-monitoring
 
 all: build
@@ -67,3 +67,10 @@ bench-smoke:
 
 clean-cache:
 	rm -rf .cache
+
+# Long reliability runs (figures in docs/reliability.md; CI runs short versions of each):
+# 1,000 kill -9 cycles of cairn-ipam under load from 3 clusters, and two clusters racing for
+# 100,000 addresses on one network through separate connections.
+reliability:
+	CAIRN_CRASH_CYCLES=1000 $(CARGO) test -p cairn-ipam --test crash -- --nocapture
+	CAIRN_RACE_ALLOCS=100000 $(CARGO) test -p cairn-ipam --test race -- --nocapture
