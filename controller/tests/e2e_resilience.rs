@@ -141,6 +141,8 @@ async fn store_outage_degrades_and_keeps_finalizers() {
     const ATTEMPTS: u64 = 4;
     let deadline = Instant::now() + ACT;
     loop {
+        // Counted first, so the Service read below is the state after those failures.
+        let failed = service_reconcile_errors(&metrics).await - before;
         let s = svcs
             .get_opt("web")
             .await
@@ -151,7 +153,6 @@ async fn store_outage_degrades_and_keeps_finalizers() {
             s.finalizers().iter().any(|f| f == "cairn.dev/vip-release"),
             "the finalizer was dropped while the store was down"
         );
-        let failed = service_reconcile_errors(&metrics).await - before;
         if failed >= ATTEMPTS {
             // The VIP is still shown: nothing was cleared without a release.
             assert_eq!(ingress(&s), ip, "the VIP was cleared without a release");
