@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
-.PHONY: all build toolchain tools test test-unit test-store test-controller test-harness lint deny demo bench bench-smoke clean-cache
+.PHONY: all build toolchain tools test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache
 
 all: build
 
@@ -27,15 +27,21 @@ toolchain:
 tools:
 	e2e/tools/build.sh all
 
-# Formatting, clippy (warnings are errors) and cargo-deny (deny.toml: licenses, advisories,
-# duplicate versions, sources).
+# Formatting, clippy (warnings are errors) and cargo-deny's offline checks (deny.toml).
 lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) deny --workspace --all-features check
+	$(MAKE) --no-print-directory deny
 
+# Licenses, duplicate versions, sources. Needs cargo-deny (`cargo install --locked cargo-deny`;
+# .ci/run installs it).
 deny: toolchain
-	$(CARGO) deny --workspace --all-features check
+	$(CARGO) deny --workspace check bans licenses sources
+
+# RustSec advisories: cargo-deny clones the advisory database from GitHub, so this runs only
+# where GitHub is reachable (not on these machines, hence not in `lint`).
+advisories: toolchain
+	$(CARGO) deny --workspace check advisories
 
 # Every test, each suite named for what it runs: pure unit tests, the store against real
 # processes, the controller on real etcd + kube-apiserver, the control-plane harness itself;
