@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod grpc;
@@ -14,5 +15,6 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use error::{Error, Result};
