@@ -77,6 +77,63 @@ pub enum TlsError {
         /// What is wrong.
         msg: String,
     },
+    /// The flags do not go together.
+    #[error("{0}")]
+    Flags(String),
+}
+
+/// `cairn-ipam serve`'s TLS flags besides `--tls-cert`/`--tls-key` (which `serve` shares with
+/// the client subcommands: "this process's certificate and key").
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServeTlsArgs {
+    /// CA bundle that client certificates must chain to. With --tls-cert and --tls-key the store
+    /// speaks TLS only and requires a client certificate from this CA.
+    #[arg(long, env = "CAIRN_IPAM_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) of the client CA, PEM; repeatable. Re-read like the
+    /// certificates.
+    #[arg(long, env = "CAIRN_IPAM_CLIENT_CRL", value_delimiter = ',')]
+    pub client_crl: Vec<PathBuf>,
+    /// SPIFFE trust domain of client identities (spiffe://<this>/cluster/<id>, /cloud, /reader).
+    #[arg(long, env = "CAIRN_IPAM_TRUST_DOMAIN", default_value = "cairn.local")]
+    pub trust_domain: String,
+}
+
+impl ServeTlsArgs {
+    /// The files for [`ServerTls::load`], `None` for plaintext (no TLS flag at all). mTLS
+    /// needs all of `--tls-cert`, `--tls-key`, `--client-ca`; a partial set is an error naming
+    /// the missing flag.
+    pub fn files(&self, cert: Option<&Path>, key: Option<&Path>) -> Result<Option<TlsFiles>, TlsError> {
+        match (cert, key, &self.client_ca) {
+            (None, None, None) if self.client_crl.is_empty() => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                client_ca: ca.clone(),
+                crls: self.client_crl.clone(),
+            })),
+            _ => {
+                let missing: Vec<&str> = [
+                    (cert.is_none(), "--tls-cert"),
+                    (key.is_none(), "--tls-key"),
+                    (self.client_ca.is_none(), "--client-ca"),
+                ]
+                .into_iter()
+                .filter_map(|(m, f)| m.then_some(f))
+                .collect();
+                Err(TlsError::Flags(format!(
+                    "mutual TLS needs --tls-cert, --tls-key and --client-ca together; missing {}",
+                    missing.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// `--trust-domain`, checked.
+    pub fn trust_domain(&self) -> Result<crate::auth::TrustDomain, TlsError> {
+        crate::auth::TrustDomain::new(&self.trust_domain)
+            .map_err(|e| TlsError::Flags(format!("--trust-domain {:?}: {e}", self.trust_domain)))
+    }
 }
 
 /// The PEM bytes of every file, in [`TlsFiles`] order (cert, key, CA, CRLs...).

@@ -387,3 +387,109 @@ async fn watch_files_picks_up_a_rotation() {
     let _ = stop_tx.send(());
     w.await.expect("watcher stops");
 }
+
+#[test]
+fn serve_flags_go_together() {
+    let none = ServeTlsArgs {
+        trust_domain: "cairn.local".into(),
+        ..Default::default()
+    };
+    assert_eq!(none.files(None, None).expect("plaintext"), None);
+    assert_eq!(none.trust_domain().expect("td").as_str(), "cairn.local");
+    let ca = ServeTlsArgs {
+        client_ca: Some("ca.pem".into()),
+        ..none.clone()
+    };
+    let f = ca
+        .files(Some(Path::new("c.pem")), Some(Path::new("k.pem")))
+        .expect("mtls")
+        .expect("some");
+    assert_eq!(f.client_ca, PathBuf::from("ca.pem"));
+    let e = ca.files(Some(Path::new("c.pem")), None).expect_err("no key");
+    assert_eq!(
+        e.to_string(),
+        "mutual TLS needs --tls-cert, --tls-key and --client-ca together; missing --tls-key"
+    );
+    let e = none.files(Some(Path::new("c.pem")), Some(Path::new("k.pem"))).expect_err("no ca");
+    assert!(e.to_string().ends_with("missing --client-ca"), "{e}");
+    let crl_only = ServeTlsArgs {
+        client_crl: vec!["crl.pem".into()],
+        ..none.clone()
+    };
+    assert!(crl_only.files(None, None).is_err());
+    let bad = ServeTlsArgs {
+        trust_domain: "Bad Domain".into(),
+        ..none
+    };
+    assert!(bad.trust_domain().expect_err("bad").to_string().starts_with("--trust-domain \"Bad Domain\": "));
+}
+
+/// The whole path phase B wires: tonic serving over `incoming`, a handler seeing the caller's
+/// identity through `Request::peer_certs()`, a client built by `cairn_proto::tls`.
+#[tokio::test]
+async fn tonic_over_incoming_sees_the_identity_of_a_cairn_proto_client() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let ca = ca("cairn test ca");
+    let f = Files::new(&server_leaf(&ca), &ca);
+    let tls = ServerTls::load(f.files.clone()).expect("load");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let td = TrustDomain::new(TD).expect("td");
+    let svc = tonic::service::interceptor::InterceptedService::new(health, move |req: tonic::Request<()>| {
+        let id = crate::auth::identity_of(&req, &td)?;
+        record.lock().expect("lock").push(id);
+        Ok(req)
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tls.incoming(listener)),
+    );
+
+    let client = client_leaf(&ca, "cluster/a", 20, false);
+    let files = cairn_proto::tls::ClientTlsFiles {
+        ca: Some(f.files.client_ca.clone()),
+        cert: Some(f.files.cert.with_file_name("client.pem")),
+        key: Some(f.files.cert.with_file_name("client-key.pem")),
+    };
+    std::fs::write(files.cert.as_ref().expect("cert"), &client.cert).expect("write");
+    std::fs::write(files.key.as_ref().expect("key"), &client.key).expect("write");
+    let ch = files
+        .endpoint(&format!("http://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(ch)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health over mTLS");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![Some(Identity::Cluster("a".into()))]
+    );
+
+    // A plaintext client is refused with the clear message.
+    let plain = cairn_proto::tls::ClientTlsFiles::default()
+        .endpoint(&format!("http://127.0.0.1:{port}"))
+        .expect("endpoint");
+    let e: Box<dyn std::error::Error + Send + Sync> = match plain.connect().await {
+        Err(e) => e.into(),
+        Ok(ch) => HealthClient::new(ch)
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+            .expect_err("plaintext refused")
+            .into(),
+    };
+    assert_eq!(
+        cairn_proto::tls::diagnose(&*e),
+        Some(cairn_proto::tls::Mismatch::PlaintextToTls),
+        "{}",
+        cairn_proto::tls::explain(&*e)
+    );
+}
