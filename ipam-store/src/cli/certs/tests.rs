@@ -9,7 +9,7 @@ use rustls::{
     RootCertStore,
     client::{WebPkiServerVerifier, danger::ServerCertVerifier as _},
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
-    server::{WebPkiClientVerifier, danger::ClientCertVerifier as _},
+    server::WebPkiClientVerifier,
 };
 
 use super::*;
