@@ -265,7 +265,7 @@ impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Mismatch::PlaintextToTls => f.write_str(
-                "the store speaks TLS but this client connected in plaintext: set --tls-ca, --tls-cert and --tls-key",
+                "the store closed a plaintext connection at once, so it speaks TLS: set --tls-ca, --tls-cert and --tls-key",
             ),
             Mismatch::TlsToPlaintext => f.write_str(
                 "this client speaks TLS but the store is plaintext: drop --tls-ca/--tls-cert/--tls-key or start the store with --tls-cert/--tls-key/--client-ca",
@@ -298,9 +298,9 @@ fn chain(err: &(dyn StdError + 'static)) -> Vec<String> {
     out
 }
 
-/// Classifies a connection or call error (`tonic::transport::Error`, `tonic::Status`, ...).
-/// `None` when it is not a TLS disagreement.
-pub fn diagnose(err: &(dyn StdError + 'static)) -> Option<Mismatch> {
+/// Classifies a connection or call error (`tonic::transport::Error`, `tonic::Status`, ...);
+/// `client_tls`: whether this client used TLS. `None` when it is not a TLS disagreement.
+pub fn diagnose(err: &(dyn StdError + 'static), client_tls: bool) -> Option<Mismatch> {
     let text = chain(err).join(": ");
     let has = |s: &str| text.contains(s);
     // Order matters: the more specific markers first.
@@ -321,8 +321,13 @@ pub fn diagnose(err: &(dyn StdError + 'static)) -> Option<Mismatch> {
     } else if has("InvalidContentType") || has("corrupt message") {
         // A TLS client reading HTTP/2 frames from a plaintext server.
         Some(Mismatch::TlsToPlaintext)
-    } else if has("frame with invalid size") || has("invalid HTTP version") {
-        // An HTTP/2 client reading a TLS alert record from a TLS server.
+    } else if !client_tls
+        && (has("frame with invalid size")
+            || has("broken pipe")
+            || has("connection reset")
+            || has("connection closed before message completed"))
+    {
+        // A TLS server hangs up on (or answers with a TLS alert to) an HTTP/2 preface.
         Some(Mismatch::PlaintextToTls)
     } else {
         None
@@ -330,9 +335,9 @@ pub fn diagnose(err: &(dyn StdError + 'static)) -> Option<Mismatch> {
 }
 
 /// One line for the user: the mismatch, if recognised, followed by the underlying error chain.
-pub fn explain(err: &(dyn StdError + 'static)) -> String {
+pub fn explain(err: &(dyn StdError + 'static), client_tls: bool) -> String {
     let detail = chain(err).join(": ");
-    match diagnose(err) {
+    match diagnose(err, client_tls) {
         Some(m) => format!("{m} ({detail})"),
         None => detail,
     }

@@ -73,10 +73,10 @@ pub struct IssueArgs {
     #[command(flatten)]
     pub role: RoleArgs,
     /// DNS names of the store (with --server).
-    #[arg(long, requires = "server")]
+    #[arg(long)]
     pub dns: Vec<String>,
     /// IP addresses of the store (with --server).
-    #[arg(long, requires = "server")]
+    #[arg(long)]
     pub ip: Vec<IpAddr>,
     /// Validity in days.
     #[arg(long, default_value_t = 365)]
@@ -134,6 +134,9 @@ impl IssueArgs {
     /// The role these flags select.
     pub fn role(&self) -> anyhow::Result<Role> {
         let r = &self.role;
+        if !r.server && !(self.dns.is_empty() && self.ip.is_empty()) {
+            bail!("--dns and --ip apply only to --server");
+        }
         if let Some(id) = &r.cluster {
             check_cluster_id("--cluster", id)?;
             return Ok(Role::Client(Identity::Cluster(id.clone())));

@@ -487,9 +487,9 @@ async fn tonic_over_incoming_sees_the_identity_of_a_cairn_proto_client() {
             .into(),
     };
     assert_eq!(
-        cairn_proto::tls::diagnose(&*e),
+        cairn_proto::tls::diagnose(&*e, false),
         Some(cairn_proto::tls::Mismatch::PlaintextToTls),
         "{}",
-        cairn_proto::tls::explain(&*e)
+        cairn_proto::tls::explain(&*e, false)
     );
 }

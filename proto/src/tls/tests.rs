@@ -117,8 +117,8 @@ async fn call(files: &ClientTlsFiles, uri: &str) -> Result<(), Box<dyn StdError 
 
 async fn mismatch(files: &ClientTlsFiles, uri: &str) -> Mismatch {
     let e = call(files, uri).await.expect_err("the call must fail");
-    let explained = explain(&*e);
-    diagnose(&*e).unwrap_or_else(|| panic!("not recognised: {explained}"))
+    let explained = explain(&*e, files.is_set());
+    diagnose(&*e, files.is_set()).unwrap_or_else(|| panic!("not recognised: {explained}"))
 }
 
 #[tokio::test]
