@@ -116,7 +116,9 @@ pub enum IdentityError {
         trust_domain: String,
     },
     /// The path names no role.
-    #[error("client certificate's SPIFFE id {0:?} names no role: the path must be /cluster/<id>, /cloud or /reader")]
+    #[error(
+        "client certificate's SPIFFE id {0:?} names no role: the path must be /cluster/<id>, /cloud or /reader"
+    )]
     UnknownRole(String),
     /// `/cluster/<id>` with an invalid id.
     #[error("client certificate's SPIFFE id {uri:?} has an invalid cluster id: {reason}")]
@@ -293,7 +295,11 @@ impl Call<'_> {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Call::UpsertNetwork { .. } | Call::DeleteNetwork | Call::Allocate { .. } | Call::Release { .. } | Call::Import
+            Call::UpsertNetwork { .. }
+                | Call::DeleteNetwork
+                | Call::Allocate { .. }
+                | Call::Release { .. }
+                | Call::Import
         )
     }
 }
@@ -355,7 +361,9 @@ pub fn authorize(identity: Option<&Identity>, call: &Call<'_>) -> Result<(), Den
             | Call::ListAllocations { .. }
             | Call::WatchAllocations { .. }
             | Call::GetUsage => Ok(()),
-            Call::Export => Err(deny("may not export: a full backup is for the cloud identity".into())),
+            Call::Export => Err(deny(
+                "may not export: a full backup is for the cloud identity".into(),
+            )),
             _ => Err(deny("is read-only".into())),
         },
         Identity::Cluster(me) => {

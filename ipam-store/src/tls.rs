@@ -259,7 +259,9 @@ impl ServerTls {
             match self.reload_if_changed() {
                 Ok(true) => tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded"),
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "TLS files changed but cannot be used; keeping the previous certificates"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS files changed but cannot be used; keeping the previous certificates")
+                }
             }
         }
     }
@@ -324,16 +326,27 @@ fn read_all(files: &TlsFiles) -> Result<Contents, TlsError> {
     Ok(out)
 }
 
-fn build(files: &TlsFiles, provider: &Arc<CryptoProvider>, contents: &Contents) -> Result<Arc<ServerConfig>, TlsError> {
+fn build(
+    files: &TlsFiles,
+    provider: &Arc<CryptoProvider>,
+    contents: &Contents,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certs("--tls-cert", &files.cert, &contents[0])?;
     let key = PrivateKeyDer::from_pem_slice(&contents[1])
         .map_err(|e| invalid("--tls-key", &files.key, format!("no usable private key: {e}")))?;
 
     let mut roots = RootCertStore::empty();
-    for (i, ca) in certs("--client-ca", &files.client_ca, &contents[2])?.into_iter().enumerate() {
-        roots
-            .add(ca)
-            .map_err(|e| invalid("--client-ca", &files.client_ca, format!("certificate #{}: {e}", i + 1)))?;
+    for (i, ca) in certs("--client-ca", &files.client_ca, &contents[2])?
+        .into_iter()
+        .enumerate()
+    {
+        roots.add(ca).map_err(|e| {
+            invalid(
+                "--client-ca",
+                &files.client_ca,
+                format!("certificate #{}: {e}", i + 1),
+            )
+        })?;
     }
     let mut crls = Vec::new();
     for (path, pem) in files.crls.iter().zip(&contents[3..]) {
@@ -367,7 +380,10 @@ fn build(files: &TlsFiles, provider: &Arc<CryptoProvider>, contents: &Contents) 
             invalid(
                 "--tls-key",
                 &files.key,
-                format!("does not fit the certificate in --tls-cert {}: {e}", files.cert.display()),
+                format!(
+                    "does not fit the certificate in --tls-cert {}: {e}",
+                    files.cert.display()
+                ),
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];

@@ -103,7 +103,11 @@ fn invalid(flag: &'static str, path: &Path, msg: impl Into<String>) -> ClientTls
     }
 }
 
-fn certs(flag: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ClientTlsError> {
+fn certs(
+    flag: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, ClientTlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(flag, path, format!("not a PEM certificate file: {e}")))?;
@@ -125,7 +129,11 @@ impl ClientTlsFiles {
             return Ok(None);
         }
         let Some(ca) = &self.ca else {
-            let flag = if self.cert.is_some() { "--tls-cert" } else { "--tls-key" };
+            let flag = if self.cert.is_some() {
+                "--tls-cert"
+            } else {
+                "--tls-key"
+            };
             return Err(ClientTlsError::Missing {
                 flag,
                 missing: "--tls-ca",
@@ -179,7 +187,9 @@ impl ClientTlsFiles {
             ("http", None) | ("https", Some(_)) => uri.to_string(),
             ("http", Some(_)) => format!("https://{rest}"),
             ("https", None) => {
-                return Err(bad("https:// needs --tls-ca (and --tls-cert/--tls-key for the store's mTLS)".into()));
+                return Err(bad(
+                    "https:// needs --tls-ca (and --tls-cert/--tls-key for the store's mTLS)".into(),
+                ));
             }
             _ => return Err(bad(format!("unknown scheme {scheme:?}; use http:// or https://"))),
         };

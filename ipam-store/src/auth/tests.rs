@@ -21,7 +21,10 @@ fn identity_from_each_role_uri() {
     let td = td();
     for (uri, want) in [
         ("spiffe://cairn.test/cluster/a", Identity::Cluster("a".into())),
-        ("spiffe://cairn.test/cluster/prod.eu-1", Identity::Cluster("prod.eu-1".into())),
+        (
+            "spiffe://cairn.test/cluster/prod.eu-1",
+            Identity::Cluster("prod.eu-1".into()),
+        ),
         ("spiffe://cairn.test/cloud", Identity::Cloud),
         ("spiffe://cairn.test/reader", Identity::Reader),
     ] {
@@ -45,12 +48,14 @@ fn identity_errors_name_what_is_wrong() {
     );
     let e = identity_from_cert(&cert_with_uris(&["spiffe://cairn.test/admin"]), &td).expect_err("role");
     assert!(matches!(e, IdentityError::UnknownRole(_)), "{e}");
-    let e = identity_from_cert(&cert_with_uris(&["spiffe://cairn.test/cluster/Bad_ID"]), &td).expect_err("id");
+    let e =
+        identity_from_cert(&cert_with_uris(&["spiffe://cairn.test/cluster/Bad_ID"]), &td).expect_err("id");
     assert!(
         e.to_string().contains("invalid cluster id") && e.to_string().contains("Bad_ID"),
         "{e}"
     );
-    let e = identity_from_cert(&cert_with_uris(&["spiffe://cairn.test/cluster/"]), &td).expect_err("empty id");
+    let e =
+        identity_from_cert(&cert_with_uris(&["spiffe://cairn.test/cluster/"]), &td).expect_err("empty id");
     assert!(matches!(e, IdentityError::BadClusterId { .. }), "{e}");
     let e = identity_from_cert(
         &cert_with_uris(&["spiffe://cairn.test/cloud", "spiffe://cairn.test/reader"]),
@@ -111,11 +116,27 @@ fn table_method_by_role() {
     assert_eq!(calls.len(), want.len());
     for (call, &(method, c, cloud, reader)) in calls.iter().zip(want) {
         assert_eq!(call.method(), method);
-        assert_eq!(authorize(Some(&cluster("a")), call).is_ok(), c, "cluster/a {method}");
-        assert_eq!(authorize(Some(&Identity::Cloud), call).is_ok(), cloud, "cloud {method}");
-        assert_eq!(authorize(Some(&Identity::Reader), call).is_ok(), reader, "reader {method}");
+        assert_eq!(
+            authorize(Some(&cluster("a")), call).is_ok(),
+            c,
+            "cluster/a {method}"
+        );
+        assert_eq!(
+            authorize(Some(&Identity::Cloud), call).is_ok(),
+            cloud,
+            "cloud {method}"
+        );
+        assert_eq!(
+            authorize(Some(&Identity::Reader), call).is_ok(),
+            reader,
+            "reader {method}"
+        );
         let e = authorize(None, call).expect_err("unauthenticated");
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated, "{method}");
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::Unauthenticated,
+            "{method}"
+        );
     }
 }
 
@@ -132,14 +153,23 @@ fn cross_cluster_denials_name_both_ids() {
         let e = authorize(Some(&a), &call).expect_err("cross-cluster");
         assert_eq!(
             e.to_string(),
-            format!("{}: identity cluster/a may not act for cluster \"b\"", call.method())
+            format!(
+                "{}: identity cluster/a may not act for cluster \"b\"",
+                call.method()
+            )
         );
         let s = tonic::Status::from(e);
         assert_eq!(s.code(), tonic::Code::PermissionDenied);
         // cloud acts for anyone; reader reads anyone's.
         assert!(authorize(Some(&Identity::Cloud), &call).is_ok());
     }
-    assert!(authorize(Some(&Identity::Reader), &Call::GetAllocation { owner_cluster: "b" }).is_ok());
+    assert!(
+        authorize(
+            Some(&Identity::Reader),
+            &Call::GetAllocation { owner_cluster: "b" }
+        )
+        .is_ok()
+    );
     assert!(authorize(Some(&Identity::Reader), &Call::Allocate { owner_cluster: "b" }).is_err());
 }
 
@@ -171,7 +201,13 @@ fn unfiltered_list_is_refused_unfiltered_watch_is_allowed_for_a_cluster() {
         "ListAllocations: identity cluster/a must set cluster_id to \"a\" to list allocations"
     );
     assert!(authorize(Some(&a), &Call::WatchAllocations { cluster_filter: "" }).is_ok());
-    assert!(authorize(Some(&Identity::Reader), &Call::ListAllocations { cluster_filter: "" }).is_ok());
+    assert!(
+        authorize(
+            Some(&Identity::Reader),
+            &Call::ListAllocations { cluster_filter: "" }
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -198,7 +234,11 @@ fn upsert_network_rules_for_a_cluster() {
     assert!(authorize(Some(&a), &up("cluster/a", managed("cluster/a", false))).is_ok());
     assert!(authorize(Some(&a), &up("", managed("cluster/a", false))).is_ok());
     let e = authorize(Some(&a), &up("cloud", managed("cluster/a", false))).expect_err("hand over");
-    assert!(e.to_string().contains("may not hand network \"shared\" to manager \"cloud\""), "{e}");
+    assert!(
+        e.to_string()
+            .contains("may not hand network \"shared\" to manager \"cloud\""),
+        "{e}"
+    );
     // Someone else's (or nobody's): binding without change only.
     for manager in ["cloud", "cluster/b", ""] {
         assert!(authorize(Some(&a), &up("cluster/a", managed(manager, true))).is_ok());
@@ -209,10 +249,7 @@ fn upsert_network_rules_for_a_cluster() {
                 "UpsertNetwork: identity cluster/a may not change network \"shared\", which is managed by {manager:?}; only re-applying its definition unchanged is allowed"
             )
         );
-        assert_eq!(
-            tonic::Status::from(e).code(),
-            tonic::Code::PermissionDenied
-        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
     }
     assert!(authorize(Some(&Identity::Cloud), &up("cloud", managed("cluster/b", false))).is_ok());
     assert!(authorize(Some(&Identity::Reader), &up("", managed("cloud", true))).is_err());
@@ -274,7 +311,10 @@ fn watch_events_of_other_clusters_are_redacted() {
     redact(Some(&a), &mut theirs);
     assert_eq!(theirs.owner, None);
     assert!(theirs.addresses.is_empty() && theirs.sharing_key.is_empty());
-    assert_eq!((theirs.network.as_str(), theirs.pool.as_str(), theirs.revision), ("shared", "p", 9));
+    assert_eq!(
+        (theirs.network.as_str(), theirs.pool.as_str(), theirs.revision),
+        ("shared", "p", 9)
+    );
     for who in [Identity::Cloud, Identity::Reader] {
         let mut x = alloc("b");
         redact(Some(&who), &mut x);

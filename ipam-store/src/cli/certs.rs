@@ -24,8 +24,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -247,11 +247,19 @@ pub fn init(dir: &Path, trust_domain: &str, days: u32, force: bool) -> anyhow::R
 pub fn issue(dir: &Path, role: &Role, days: u32, force: bool) -> anyhow::Result<Vec<PathBuf>> {
     let read = |name: &str| {
         let p = dir.join(name);
-        std::fs::read_to_string(&p).with_context(|| format!("{} (run `cairn-ipam certs init --dir {}` first)", p.display(), dir.display()))
+        std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{} (run `cairn-ipam certs init --dir {}` first)",
+                p.display(),
+                dir.display()
+            )
+        })
     };
     let td_path = dir.join(TRUST_DOMAIN);
-    let td = TrustDomain::new(read(TRUST_DOMAIN)?.trim()).with_context(|| format!("{}", td_path.display()))?;
-    let ca_key = KeyPair::from_pem(&read(CA_KEY)?).with_context(|| format!("{}", dir.join(CA_KEY).display()))?;
+    let td =
+        TrustDomain::new(read(TRUST_DOMAIN)?.trim()).with_context(|| format!("{}", td_path.display()))?;
+    let ca_key =
+        KeyPair::from_pem(&read(CA_KEY)?).with_context(|| format!("{}", dir.join(CA_KEY).display()))?;
     let issuer = Issuer::from_ca_cert_pem(&read(CA_CERT)?, ca_key)
         .with_context(|| format!("{}", dir.join(CA_CERT).display()))?;
 
@@ -266,7 +274,10 @@ pub fn issue(dir: &Path, role: &Role, days: u32, force: bool) -> anyhow::Result<
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
         Role::Server { dns, ip } => {
-            dn.push(DnType::CommonName, dns.first().map_or("cairn-ipam", String::as_str));
+            dn.push(
+                DnType::CommonName,
+                dns.first().map_or("cairn-ipam", String::as_str),
+            );
             for name in dns {
                 let san = name
                     .as_str()
@@ -274,7 +285,8 @@ pub fn issue(dir: &Path, role: &Role, days: u32, force: bool) -> anyhow::Result<
                     .with_context(|| format!("--dns {name:?}: not a DNS name"))?;
                 p.subject_alt_names.push(SanType::DnsName(san));
             }
-            p.subject_alt_names.extend(ip.iter().copied().map(SanType::IpAddress));
+            p.subject_alt_names
+                .extend(ip.iter().copied().map(SanType::IpAddress));
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         }
     }

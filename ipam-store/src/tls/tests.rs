@@ -28,7 +28,11 @@ struct Ca {
 fn ca(name: &str) -> Ca {
     let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
@@ -82,7 +86,13 @@ fn server_leaf(ca: &Ca) -> Leaf {
 
 fn client_leaf(ca: &Ca, path: &str, serial: u64, expired: bool) -> Leaf {
     let uri = format!("spiffe://{TD}/{path}");
-    leaf(ca, vec![SanType::URI(uri.as_str().try_into().expect("uri"))], false, serial, expired)
+    leaf(
+        ca,
+        vec![SanType::URI(uri.as_str().try_into().expect("uri"))],
+        false,
+        serial,
+        expired,
+    )
 }
 
 struct Files {
@@ -144,7 +154,11 @@ async fn serve(tls: Arc<ServerTls>) -> Server {
             });
         }
     });
-    Server { addr, tls, identities }
+    Server {
+        addr,
+        tls,
+        identities,
+    }
 }
 
 fn client_config(trust: &Ca, me: Option<&Leaf>) -> Arc<ClientConfig> {
@@ -175,7 +189,10 @@ type Conn = tokio_rustls::client::TlsStream<TcpStream>;
 async fn connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> Result<Conn, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").expect("name");
-    let mut s = TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let mut s = TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     echo(&mut s).await?;
     Ok(s)
 }
@@ -207,10 +224,17 @@ async fn client_from_the_ca_is_accepted_and_identified() {
     let f = Files::new(&server_leaf(&ca), &ca);
     let mut srv = serve(ServerTls::load(f.files.clone()).expect("load")).await;
     let a = client_leaf(&ca, "cluster/a", 10, false);
-    let _c = connect(srv.addr, client_config(&ca, Some(&a))).await.expect("accepted");
-    assert_eq!(srv.identities.recv().await, Some(Ok(Identity::Cluster("a".into()))));
+    let _c = connect(srv.addr, client_config(&ca, Some(&a)))
+        .await
+        .expect("accepted");
+    assert_eq!(
+        srv.identities.recv().await,
+        Some(Ok(Identity::Cluster("a".into())))
+    );
     let cloud = client_leaf(&ca, "cloud", 11, false);
-    let _c = connect(srv.addr, client_config(&ca, Some(&cloud))).await.expect("accepted");
+    let _c = connect(srv.addr, client_config(&ca, Some(&cloud)))
+        .await
+        .expect("accepted");
     assert_eq!(srv.identities.recv().await, Some(Ok(Identity::Cloud)));
     assert_eq!(srv.tls.stats().handshakes.load(Ordering::Relaxed), 2);
     // The server speaks h2 to gRPC clients.
@@ -227,7 +251,10 @@ async fn assert_refused(srv: &mut Server, cfg: Arc<ClientConfig>, alert: &str) {
         srv.tls.stats().handshake_failures.load(Ordering::Relaxed) == before + 1
     })
     .await;
-    assert!(srv.identities.try_recv().is_err(), "a refused connection reached the server");
+    assert!(
+        srv.identities.try_recv().is_err(),
+        "a refused connection reached the server"
+    );
 }
 
 #[tokio::test]
@@ -240,13 +267,20 @@ async fn other_ca_expired_and_missing_client_certificates_are_refused_at_the_han
     let foreign = client_leaf(&other, "cluster/a", 10, false);
     assert_refused(&mut srv, client_config(&ca1, Some(&foreign)), "UnknownCA").await;
     let expired = client_leaf(&ca1, "cluster/a", 11, true);
-    assert_refused(&mut srv, client_config(&ca1, Some(&expired)), "CertificateExpired").await;
+    assert_refused(
+        &mut srv,
+        client_config(&ca1, Some(&expired)),
+        "CertificateExpired",
+    )
+    .await;
     assert_refused(&mut srv, client_config(&ca1, None), "CertificateRequired").await;
 
     // Plaintext is refused too (no stream reaches the server).
     let before = srv.tls.stats().handshake_failures.load(Ordering::Relaxed);
     let mut tcp = TcpStream::connect(srv.addr).await.expect("tcp");
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
     wait_for("the plaintext failure", || {
         srv.tls.stats().handshake_failures.load(Ordering::Relaxed) == before + 1
     })
@@ -255,7 +289,9 @@ async fn other_ca_expired_and_missing_client_certificates_are_refused_at_the_han
 
     // And a good client still gets in afterwards.
     let good = client_leaf(&ca1, "reader", 12, false);
-    connect(srv.addr, client_config(&ca1, Some(&good))).await.expect("accepted");
+    connect(srv.addr, client_config(&ca1, Some(&good)))
+        .await
+        .expect("accepted");
     assert_eq!(srv.identities.recv().await, Some(Ok(Identity::Reader)));
 }
 
@@ -286,7 +322,9 @@ async fn revoked_client_certificate_is_refused() {
     let revoked = client_leaf(&ca, "cluster/a", 42, false);
     assert_refused(&mut srv, client_config(&ca, Some(&revoked)), "CertificateRevoked").await;
     let fine = client_leaf(&ca, "cluster/a", 43, false);
-    connect(srv.addr, client_config(&ca, Some(&fine))).await.expect("accepted");
+    connect(srv.addr, client_config(&ca, Some(&fine)))
+        .await
+        .expect("accepted");
 }
 
 #[tokio::test]
@@ -299,7 +337,9 @@ async fn rotation_swaps_certificate_and_ca_for_new_handshakes_only() {
     let c1 = client_leaf(&ca1, "cluster/a", 10, false);
     let c2 = client_leaf(&ca2, "cluster/b", 11, false);
 
-    let mut established = connect(srv.addr, client_config(&ca1, Some(&c1))).await.expect("accepted");
+    let mut established = connect(srv.addr, client_config(&ca1, Some(&c1)))
+        .await
+        .expect("accepted");
     assert_eq!(tls.reload_if_changed().expect("unchanged"), false);
 
     f.write(&server_leaf(&ca2), &ca2);
@@ -308,12 +348,26 @@ async fn rotation_swaps_certificate_and_ca_for_new_handshakes_only() {
 
     // New handshakes: the new server certificate (a client trusting only CA one refuses it)
     // and the new client CA.
-    let e = connect(srv.addr, client_config(&ca1, Some(&c1))).await.map(|_| ()).expect_err("old ca");
+    let e = connect(srv.addr, client_config(&ca1, Some(&c1)))
+        .await
+        .map(|_| ())
+        .expect_err("old ca");
     assert!(e.contains("UnknownIssuer"), "{e}");
-    let _new = connect(srv.addr, client_config(&ca2, Some(&c2))).await.expect("new pair");
-    assert_eq!(srv.identities.recv().await, Some(Ok(Identity::Cluster("a".into()))));
-    assert_eq!(srv.identities.recv().await, Some(Ok(Identity::Cluster("b".into()))));
-    let e = connect(srv.addr, client_config(&ca2, Some(&c1))).await.map(|_| ()).expect_err("old client");
+    let _new = connect(srv.addr, client_config(&ca2, Some(&c2)))
+        .await
+        .expect("new pair");
+    assert_eq!(
+        srv.identities.recv().await,
+        Some(Ok(Identity::Cluster("a".into())))
+    );
+    assert_eq!(
+        srv.identities.recv().await,
+        Some(Ok(Identity::Cluster("b".into())))
+    );
+    let e = connect(srv.addr, client_config(&ca2, Some(&c1)))
+        .await
+        .map(|_| ())
+        .expect_err("old client");
     assert!(e.contains("UnknownCA"), "{e}");
 
     // The connection made before the swap keeps working.
@@ -331,13 +385,18 @@ async fn a_bad_new_file_keeps_the_old_config_and_names_the_file() {
     std::fs::write(&f.files.key, "not a key").expect("write");
     let e = tls.reload_if_changed().expect_err("bad key");
     assert!(
-        e.to_string().starts_with(&format!("--tls-key {}: no usable private key", f.files.key.display())),
+        e.to_string().starts_with(&format!(
+            "--tls-key {}: no usable private key",
+            f.files.key.display()
+        )),
         "{e}"
     );
     // Reported once; the old config still serves.
     assert_eq!(tls.reload_if_changed().expect("same bad content"), false);
     assert_eq!(tls.stats().reload_failures.load(Ordering::Relaxed), 1);
-    connect(srv.addr, client_config(&ca, Some(&c))).await.expect("old config serves");
+    connect(srv.addr, client_config(&ca, Some(&c)))
+        .await
+        .expect("old config serves");
 
     // A key that belongs to another certificate.
     let other = server_leaf(&ca);
@@ -348,12 +407,17 @@ async fn a_bad_new_file_keeps_the_old_config_and_names_the_file() {
     std::fs::write(&f.files.client_ca, "garbage").expect("write");
     std::fs::write(&f.files.key, &server_leaf(&ca).key).expect("write");
     let e = tls.reload_if_changed().expect_err("bad ca");
-    assert!(e.to_string().starts_with("--tls-key") || e.to_string().starts_with("--client-ca"), "{e}");
+    assert!(
+        e.to_string().starts_with("--tls-key") || e.to_string().starts_with("--client-ca"),
+        "{e}"
+    );
 
     // Fixed files load again.
     f.write(&server_leaf(&ca), &ca);
     assert_eq!(tls.reload_if_changed().expect("fixed"), true);
-    connect(srv.addr, client_config(&ca, Some(&c))).await.expect("new config serves");
+    connect(srv.addr, client_config(&ca, Some(&c)))
+        .await
+        .expect("new config serves");
 }
 
 #[test]
@@ -364,12 +428,21 @@ fn load_errors_name_flag_and_file() {
     missing.client_ca = f.files.client_ca.with_file_name("nope.pem");
     let e = ServerTls::load(missing).expect_err("missing");
     assert!(
-        e.to_string().starts_with(&format!("--client-ca {}: ", f.files.client_ca.with_file_name("nope.pem").display())),
+        e.to_string().starts_with(&format!(
+            "--client-ca {}: ",
+            f.files.client_ca.with_file_name("nope.pem").display()
+        )),
         "{e}"
     );
     std::fs::write(&f.files.cert, "").expect("write");
     let e = ServerTls::load(f.files.clone()).expect_err("empty cert");
-    assert_eq!(e.to_string(), format!("--tls-cert {}: no CERTIFICATE block found", f.files.cert.display()));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "--tls-cert {}: no CERTIFICATE block found",
+            f.files.cert.display()
+        )
+    );
 }
 
 #[tokio::test]
@@ -410,7 +483,9 @@ fn serve_flags_go_together() {
         e.to_string(),
         "mutual TLS needs --tls-cert, --tls-key and --client-ca together; missing --tls-key"
     );
-    let e = none.files(Some(Path::new("c.pem")), Some(Path::new("k.pem"))).expect_err("no ca");
+    let e = none
+        .files(Some(Path::new("c.pem")), Some(Path::new("k.pem")))
+        .expect_err("no ca");
     assert!(e.to_string().ends_with("missing --client-ca"), "{e}");
     let crl_only = ServeTlsArgs {
         client_crl: vec!["crl.pem".into()],
@@ -421,7 +496,12 @@ fn serve_flags_go_together() {
         trust_domain: "Bad Domain".into(),
         ..none
     };
-    assert!(bad.trust_domain().expect_err("bad").to_string().starts_with("--trust-domain \"Bad Domain\": "));
+    assert!(
+        bad.trust_domain()
+            .expect_err("bad")
+            .to_string()
+            .starts_with("--trust-domain \"Bad Domain\": ")
+    );
 }
 
 /// The whole path phase B wires: tonic serving over `incoming`, a handler seeing the caller's

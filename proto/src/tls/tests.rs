@@ -40,7 +40,10 @@ fn leaf(ca: &Ca, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose) -> (String, S
     p.subject_alt_names = sans;
     p.extended_key_usages = vec![eku];
     let key = KeyPair::generate().expect("key");
-    (p.signed_by(&key, &ca.issuer).expect("sign").pem(), key.serialize_pem())
+    (
+        p.signed_by(&key, &ca.issuer).expect("sign").pem(),
+        key.serialize_pem(),
+    )
 }
 
 fn server_cert(ca: &Ca, host: &str) -> (String, String) {
@@ -127,16 +130,23 @@ async fn mtls_call_succeeds() {
     let d = Dir::new();
     let addr = serve(Some((server_cert(&ca, "localhost"), &ca))).await;
     let me = client_cert(&ca, "spiffe://cairn.test/cluster/a");
-    call(&d.client(&ca, Some(&me)), &format!("http://127.0.0.1:{}", addr.port()))
-        .await
-        .expect("mTLS call over an http:// endpoint upgraded to https");
+    call(
+        &d.client(&ca, Some(&me)),
+        &format!("http://127.0.0.1:{}", addr.port()),
+    )
+    .await
+    .expect("mTLS call over an http:// endpoint upgraded to https");
 }
 
 #[tokio::test]
 async fn plaintext_client_to_tls_server() {
     let ca = ca("store ca");
     let addr = serve(Some((server_cert(&ca, "localhost"), &ca))).await;
-    let m = mismatch(&ClientTlsFiles::default(), &format!("http://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &ClientTlsFiles::default(),
+        &format!("http://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert_eq!(m, Mismatch::PlaintextToTls);
     assert!(m.to_string().contains("set --tls-ca, --tls-cert and --tls-key"));
 }
@@ -147,7 +157,11 @@ async fn tls_client_to_plaintext_server() {
     let d = Dir::new();
     let addr = serve(None).await;
     let me = client_cert(&ca, "spiffe://cairn.test/cluster/a");
-    let m = mismatch(&d.client(&ca, Some(&me)), &format!("https://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &d.client(&ca, Some(&me)),
+        &format!("https://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert_eq!(m, Mismatch::TlsToPlaintext);
 }
 
@@ -158,7 +172,11 @@ async fn server_certificate_from_another_ca() {
     let d = Dir::new();
     let addr = serve(Some((server_cert(&ca1, "localhost"), &ca1))).await;
     let me = client_cert(&ca1, "spiffe://cairn.test/cluster/a");
-    let m = mismatch(&d.client(&other, Some(&me)), &format!("https://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &d.client(&other, Some(&me)),
+        &format!("https://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert_eq!(m, Mismatch::UnknownServerCa);
 }
 
@@ -168,7 +186,11 @@ async fn server_certificate_for_another_name() {
     let d = Dir::new();
     let addr = serve(Some((server_cert(&ca, "store.example.invalid"), &ca))).await;
     let me = client_cert(&ca, "spiffe://cairn.test/cluster/a");
-    let m = mismatch(&d.client(&ca, Some(&me)), &format!("https://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &d.client(&ca, Some(&me)),
+        &format!("https://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert_eq!(m, Mismatch::WrongServerName);
 }
 
@@ -177,7 +199,11 @@ async fn no_client_certificate() {
     let ca = ca("store ca");
     let d = Dir::new();
     let addr = serve(Some((server_cert(&ca, "localhost"), &ca))).await;
-    let m = mismatch(&d.client(&ca, None), &format!("https://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &d.client(&ca, None),
+        &format!("https://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert_eq!(m, Mismatch::ClientCertRequired);
 }
 
@@ -188,7 +214,11 @@ async fn client_certificate_from_another_ca() {
     let d = Dir::new();
     let addr = serve(Some((server_cert(&ca1, "localhost"), &ca1))).await;
     let me = client_cert(&other, "spiffe://cairn.test/cluster/a");
-    let m = mismatch(&d.client(&ca1, Some(&me)), &format!("https://127.0.0.1:{}", addr.port())).await;
+    let m = mismatch(
+        &d.client(&ca1, Some(&me)),
+        &format!("https://127.0.0.1:{}", addr.port()),
+    )
+    .await;
     assert!(matches!(m, Mismatch::ClientCertRefused(_)), "{m:?}");
 }
 
@@ -201,7 +231,10 @@ fn flag_errors_name_flag_and_file() {
     assert!(good.config().expect("config").is_some());
     assert!(ClientTlsFiles::default().config().expect("plaintext").is_none());
 
-    let no_ca = ClientTlsFiles { ca: None, ..good.clone() };
+    let no_ca = ClientTlsFiles {
+        ca: None,
+        ..good.clone()
+    };
     assert_eq!(
         no_ca.config().expect_err("no ca").to_string(),
         "--tls-cert is set but --tls-ca is not; the store's certificate is checked against that CA only"
@@ -210,12 +243,24 @@ fn flag_errors_name_flag_and_file() {
         key: None,
         ..good.clone()
     };
-    assert!(no_key.config().expect_err("no key").to_string().starts_with("--tls-cert is set but --tls-key is not"));
+    assert!(
+        no_key
+            .config()
+            .expect_err("no key")
+            .to_string()
+            .starts_with("--tls-cert is set but --tls-key is not")
+    );
     let no_cert = ClientTlsFiles {
         cert: None,
         ..good.clone()
     };
-    assert!(no_cert.config().expect_err("no cert").to_string().starts_with("--tls-key is set but --tls-cert is not"));
+    assert!(
+        no_cert
+            .config()
+            .expect_err("no cert")
+            .to_string()
+            .starts_with("--tls-key is set but --tls-cert is not")
+    );
 
     let missing = d.dir.path().join("missing.pem");
     let e = ClientTlsFiles {
@@ -224,7 +269,11 @@ fn flag_errors_name_flag_and_file() {
     }
     .config()
     .expect_err("missing file");
-    assert!(e.to_string().starts_with(&format!("--tls-ca {}: ", missing.display())), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("--tls-ca {}: ", missing.display())),
+        "{e}"
+    );
     let junk = d.file("junk.pem", "hello");
     let e = ClientTlsFiles {
         cert: Some(junk.clone()),
@@ -232,14 +281,21 @@ fn flag_errors_name_flag_and_file() {
     }
     .config()
     .expect_err("junk cert");
-    assert_eq!(e.to_string(), format!("--tls-cert {}: no CERTIFICATE block found", junk.display()));
+    assert_eq!(
+        e.to_string(),
+        format!("--tls-cert {}: no CERTIFICATE block found", junk.display())
+    );
     let e = ClientTlsFiles {
         key: Some(junk.clone()),
         ..good.clone()
     }
     .config()
     .expect_err("junk key");
-    assert!(e.to_string().starts_with(&format!("--tls-key {}: no usable private key", junk.display())), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("--tls-key {}: no usable private key", junk.display())),
+        "{e}"
+    );
 }
 
 #[test]
@@ -247,13 +303,31 @@ fn endpoint_scheme_follows_the_tls_flags() {
     let ca = ca("store ca");
     let d = Dir::new();
     let tls = d.client(&ca, None);
-    assert_eq!(tls.endpoint("http://127.0.0.1:1").expect("upgraded").uri().scheme_str(), Some("https"));
+    assert_eq!(
+        tls.endpoint("http://127.0.0.1:1")
+            .expect("upgraded")
+            .uri()
+            .scheme_str(),
+        Some("https")
+    );
     let plain = ClientTlsFiles::default();
-    assert_eq!(plain.endpoint("http://127.0.0.1:1").expect("plain").uri().scheme_str(), Some("http"));
-    let e = plain.endpoint("https://127.0.0.1:1").expect_err("https without tls");
+    assert_eq!(
+        plain
+            .endpoint("http://127.0.0.1:1")
+            .expect("plain")
+            .uri()
+            .scheme_str(),
+        Some("http")
+    );
+    let e = plain
+        .endpoint("https://127.0.0.1:1")
+        .expect_err("https without tls");
     assert!(e.to_string().contains("https:// needs --tls-ca"), "{e}");
     let e = plain.endpoint("127.0.0.1:1").expect_err("no scheme");
-    assert!(e.to_string().contains("must start with http:// or https://"), "{e}");
+    assert!(
+        e.to_string().contains("must start with http:// or https://"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -262,7 +336,10 @@ fn controller_identity_must_match_its_cluster_id() {
     let d = Dir::new();
     let a = d.client(&ca, Some(&client_cert(&ca, "spiffe://cairn.test/cluster/a")));
     a.check_cluster_identity("a").expect("matches");
-    assert_eq!(a.spiffe_ids().expect("ids"), vec!["spiffe://cairn.test/cluster/a".to_string()]);
+    assert_eq!(
+        a.spiffe_ids().expect("ids"),
+        vec!["spiffe://cairn.test/cluster/a".to_string()]
+    );
     let e = a.check_cluster_identity("b").expect_err("other cluster");
     assert!(
         e.to_string().ends_with(
@@ -275,5 +352,7 @@ fn controller_identity_must_match_its_cluster_id() {
     // A longer id that merely starts with the cluster id is not it.
     let ab = d.client(&ca, Some(&client_cert(&ca, "spiffe://cairn.test/cluster/ab")));
     assert!(ab.check_cluster_identity("a").is_err());
-    ClientTlsFiles::default().check_cluster_identity("a").expect("no certificate, nothing to check");
+    ClientTlsFiles::default()
+        .check_cluster_identity("a")
+        .expect("no certificate, nothing to check");
 }

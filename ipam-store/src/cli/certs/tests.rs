@@ -46,13 +46,20 @@ fn init_and_issue_write_0600_files_that_validate_against_each_other() {
         assert_eq!(mode(p), 0o600, "{}", p.display());
     }
 
-    let now = UnixTime::since_unix_epoch(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("time"));
+    let now = UnixTime::since_unix_epoch(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("time"),
+    );
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots(&dir), provider())
         .build()
         .expect("client verifier");
     let td = TrustDomain::new("fleet.example").expect("td");
     for (role, want) in [
-        (Role::Client(Identity::Cluster("prod-a".into())), Identity::Cluster("prod-a".into())),
+        (
+            Role::Client(Identity::Cluster("prod-a".into())),
+            Identity::Cluster("prod-a".into()),
+        ),
         (Role::Client(Identity::Cloud), Identity::Cloud),
         (Role::Client(Identity::Reader), Identity::Reader),
     ] {
@@ -90,7 +97,11 @@ fn init_and_issue_write_0600_files_that_validate_against_each_other() {
             .unwrap_or_else(|e| panic!("{name:?}: {e}"));
     }
     let other = ServerName::try_from("other.example").expect("name");
-    assert!(server_verifier.verify_server_cert(&leaf, &[], &other, &[], now).is_err());
+    assert!(
+        server_verifier
+            .verify_server_cert(&leaf, &[], &other, &[], now)
+            .is_err()
+    );
 
     // The store loads the server pair with the CA as its client CA.
     ServerTls::load(TlsFiles {
@@ -109,7 +120,13 @@ fn existing_files_are_kept_without_force() {
     init(dir, "cairn.local", 30, false).expect("init");
     let ca_before = std::fs::read(dir.join(CA_CERT)).expect("read");
     let e = init(dir, "cairn.local", 30, false).expect_err("second init");
-    assert_eq!(e.to_string(), format!("{} exists; pass --force to overwrite it", dir.join(CA_CERT).display()));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{} exists; pass --force to overwrite it",
+            dir.join(CA_CERT).display()
+        )
+    );
     assert_eq!(std::fs::read(dir.join(CA_CERT)).expect("read"), ca_before);
 
     let role = Role::Client(Identity::Cluster("a".into()));
@@ -119,7 +136,8 @@ fn existing_files_are_kept_without_force() {
     assert_eq!(std::fs::read(dir.join("cluster-a.pem")).expect("read"), before);
 
     // --force replaces, and resets a loosened mode to 0600.
-    std::fs::set_permissions(dir.join("cluster-a.pem"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(dir.join("cluster-a.pem"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
     issue(dir, &role, 1, true).expect("forced");
     assert_ne!(std::fs::read(dir.join("cluster-a.pem")).expect("read"), before);
     assert_eq!(mode(&dir.join("cluster-a.pem")), 0o600);
@@ -129,7 +147,10 @@ fn existing_files_are_kept_without_force() {
 fn bad_input_is_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let e = init(tmp.path(), "Not A Domain", 30, false).expect_err("td");
-    assert!(format!("{e:#}").starts_with("--trust-domain: trust_domain: "), "{e:#}");
+    assert!(
+        format!("{e:#}").starts_with("--trust-domain: trust_domain: "),
+        "{e:#}"
+    );
     let e = issue(tmp.path(), &Role::Client(Identity::Cloud), 1, false).expect_err("no ca");
     assert!(format!("{e:#}").contains("run `cairn-ipam certs init"), "{e:#}");
     init(tmp.path(), "cairn.local", 30, false).expect("init");
@@ -153,29 +174,53 @@ fn command_line() {
     else {
         panic!("issue --cluster parses");
     };
-    assert_eq!(a.role().expect("role"), Role::Client(Identity::Cluster("a".into())));
+    assert_eq!(
+        a.role().expect("role"),
+        Role::Client(Identity::Cluster("a".into()))
+    );
     assert!(parse(&["issue", "--dir", "d"]).is_err(), "a role is required");
-    assert!(parse(&["issue", "--dir", "d", "--cloud", "--reader"]).is_err(), "one role");
+    assert!(
+        parse(&["issue", "--dir", "d", "--cloud", "--reader"]).is_err(),
+        "one role"
+    );
     let Ok(Cli {
         cmd: CertsCmd::Issue(a),
     }) = parse(&["issue", "--dir", "d", "--cloud", "--dns", "x"])
     else {
         panic!("parses");
     };
-    assert_eq!(a.role().expect_err("--dns without --server").to_string(), "--dns and --ip apply only to --server");
+    assert_eq!(
+        a.role().expect_err("--dns without --server").to_string(),
+        "--dns and --ip apply only to --server"
+    );
     let Ok(Cli {
         cmd: CertsCmd::Issue(a),
     }) = parse(&["issue", "--dir", "d", "--server"])
     else {
         panic!("issue --server parses");
     };
-    assert!(a.role().expect_err("no names").to_string().contains("--server needs at least one --dns or --ip"));
+    assert!(
+        a.role()
+            .expect_err("no names")
+            .to_string()
+            .contains("--server needs at least one --dns or --ip")
+    );
     let Ok(Cli {
         cmd: CertsCmd::Issue(a),
     }) = parse(&["issue", "--dir", "d", "--cluster", "Bad_Id"])
     else {
         panic!("parses");
     };
-    assert!(a.role().expect_err("bad id").to_string().starts_with("--cluster: "));
-    assert!(matches!(parse(&["init", "--dir", "d"]), Ok(Cli { cmd: CertsCmd::Init { .. } })));
+    assert!(
+        a.role()
+            .expect_err("bad id")
+            .to_string()
+            .starts_with("--cluster: ")
+    );
+    assert!(matches!(
+        parse(&["init", "--dir", "d"]),
+        Ok(Cli {
+            cmd: CertsCmd::Init { .. }
+        })
+    ));
 }
