@@ -134,7 +134,8 @@ impl IssueArgs {
     /// The role these flags select.
     pub fn role(&self) -> anyhow::Result<Role> {
         let r = &self.role;
-        if !r.server && !(self.dns.is_empty() && self.ip.is_empty()) {
+        let has_names = !self.dns.is_empty() || !self.ip.is_empty();
+        if has_names && !r.server {
             bail!("--dns and --ip apply only to --server");
         }
         if let Some(id) = &r.cluster {

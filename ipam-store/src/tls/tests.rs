@@ -340,10 +340,10 @@ async fn rotation_swaps_certificate_and_ca_for_new_handshakes_only() {
     let mut established = connect(srv.addr, client_config(&ca1, Some(&c1)))
         .await
         .expect("accepted");
-    assert_eq!(tls.reload_if_changed().expect("unchanged"), false);
+    assert!(!tls.reload_if_changed().expect("unchanged"));
 
     f.write(&server_leaf(&ca2), &ca2);
-    assert_eq!(tls.reload_if_changed().expect("reload"), true);
+    assert!(tls.reload_if_changed().expect("reload"));
     assert_eq!(tls.stats().reloads.load(Ordering::Relaxed), 1);
 
     // New handshakes: the new server certificate (a client trusting only CA one refuses it)
@@ -392,7 +392,7 @@ async fn a_bad_new_file_keeps_the_old_config_and_names_the_file() {
         "{e}"
     );
     // Reported once; the old config still serves.
-    assert_eq!(tls.reload_if_changed().expect("same bad content"), false);
+    assert!(!tls.reload_if_changed().expect("same bad content"));
     assert_eq!(tls.stats().reload_failures.load(Ordering::Relaxed), 1);
     connect(srv.addr, client_config(&ca, Some(&c)))
         .await
@@ -414,7 +414,7 @@ async fn a_bad_new_file_keeps_the_old_config_and_names_the_file() {
 
     // Fixed files load again.
     f.write(&server_leaf(&ca), &ca);
-    assert_eq!(tls.reload_if_changed().expect("fixed"), true);
+    assert!(tls.reload_if_changed().expect("fixed"));
     connect(srv.addr, client_config(&ca, Some(&c)))
         .await
         .expect("new config serves");
