@@ -1,6 +1,7 @@
 //! Admin subcommands: a gRPC client of a running `cairn-ipam serve`. Human tables by default,
 //! `-o json` (proto3 JSON, the same as grpcurl prints) for scripts.
 
+pub mod certs;
 mod file;
 
 use std::{net::IpAddr, path::PathBuf};
