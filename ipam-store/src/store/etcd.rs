@@ -362,6 +362,27 @@ fn tls_options(tls: &EtcdTls) -> Result<TlsOptions> {
     Ok(o)
 }
 
+impl EtcdEngine {
+    fn parse_into(&self, snap: &mut Snapshot, k: &[u8], v: &[u8]) -> Result<()> {
+        let key = String::from_utf8_lossy(k);
+        let rest = key.strip_prefix(self.root.as_str()).unwrap_or(&key);
+        let (kind, _) = rest.split_once('/').unwrap_or((rest, ""));
+        match kind {
+            "networks" => snap.networks.push(parse(&key, v)?),
+            "allocations" => snap.allocations.push(parse(&key, v)?),
+            "quarantine" => snap.quarantined.push(parse(&key, v)?),
+            "meta" if rest == "meta/seq" => snap.seq = parse(&key, v)?,
+            "meta" => {}
+            _ => {
+                return Err(Error::Storage(format!(
+                    "etcd: unknown key {key:?} under the store's prefix"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs `fut` on `rt` and blocks the calling (non-runtime or foreign-runtime) thread for it.
 fn on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
@@ -380,62 +401,45 @@ fn on<T: Send + 'static>(
 
 impl Engine for EtcdEngine {
     fn load(&self) -> Result<Snapshot> {
-        let (root, end) = (self.root.clone(), prefix_end(&self.root));
-        // Every page at the first page's revision: one consistent snapshot.
-        let kvs = self.call("load", move |mut kv| {
-            let (root, end) = (root.clone(), end.clone());
-            async move {
-                let mut out = Vec::new();
-                let mut from = root.into_bytes();
-                let mut rev = 0;
-                loop {
-                    let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-                    if rev != 0 {
-                        o = o.with_revision(rev);
-                    }
-                    let mut resp = kv.get(from.clone(), Some(o)).await?;
-                    if rev == 0 {
-                        rev = resp.header().map_or(0, |h| h.revision());
-                    }
-                    let more = resp.more();
-                    let page: Vec<(Vec<u8>, Vec<u8>)> = resp
+        let end = prefix_end(&self.root);
+        let mut snap = Snapshot::default();
+        let mut from = self.root.clone().into_bytes();
+        // Every page after the first at the first page's revision: one consistent snapshot.
+        // Pages are parsed as they come, so at most one page of raw values is held.
+        let mut rev = 0;
+        loop {
+            let (start, end) = (from.clone(), end.clone());
+            let (r, more, page) = self.call("load", move |mut kv| {
+                let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+                if rev != 0 {
+                    o = o.with_revision(rev);
+                }
+                let start = start.clone();
+                async move {
+                    let mut resp = kv.get(start, Some(o)).await?;
+                    let r = resp.header().map_or(0, |h| h.revision());
+                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp
                         .take_kvs()
                         .into_iter()
                         .map(|kv| kv.into_key_value())
                         .collect();
-                    match page.last() {
-                        Some((k, _)) if more => {
-                            from = k.clone();
-                            from.push(0);
-                        }
-                        _ => {
-                            out.extend(page);
-                            return Ok(out);
-                        }
-                    }
-                    out.extend(page);
+                    Ok((r, resp.more(), kvs))
                 }
+            })?;
+            if rev == 0 {
+                rev = r;
             }
-        })?;
-        let mut snap = Snapshot::default();
-        for (k, v) in kvs {
-            let key = String::from_utf8_lossy(&k);
-            let rest = key.strip_prefix(self.root.as_str()).unwrap_or(&key);
-            let (kind, _) = rest.split_once('/').unwrap_or((rest, ""));
-            match kind {
-                "networks" => snap.networks.push(parse(&key, &v)?),
-                "allocations" => snap.allocations.push(parse(&key, &v)?),
-                "quarantine" => snap.quarantined.push(parse(&key, &v)?),
-                "meta" if rest == "meta/seq" => snap.seq = parse(&key, &v)?,
-                "meta" => {}
-                _ => {
-                    return Err(Error::Storage(format!(
-                        "etcd: unknown key {key:?} under the store's prefix"
-                    )));
-                }
+            if let Some((k, _)) = page.last() {
+                from = k.clone();
+                from.push(0);
+            }
+            for (k, v) in &page {
+                self.parse_into(&mut snap, k, v)?;
+            }
+            if !more || page.is_empty() {
+                return Ok(snap);
             }
         }
-        Ok(snap)
     }
 
     fn commit(&self, ops: &[Op], seq: u64) -> Result<()> {
@@ -639,7 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn load_pages_at_one_revision() {
+    fn load_reads_every_page() {
         let c = EtcdCluster::start(1, &server_flags());
         let e = engine(&c, "/cairn");
         let n = (PAGE as usize) * 2 + 17;
