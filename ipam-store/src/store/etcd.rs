@@ -222,7 +222,7 @@ impl EtcdEngine {
             fence: Mutex::new(None),
             timeout: opts.request_timeout,
         };
-        engine.probe()?;
+        engine.probe(&opts.endpoints.join(","))?;
         Ok(engine)
     }
 
@@ -280,9 +280,9 @@ impl EtcdEngine {
 
     /// A read-only transaction of [`MAX_TXN_OPS`] gets: refused by a server whose
     /// `--max-txn-ops` is lower.
-    fn probe(&self) -> Result<()> {
+    fn probe(&self, endpoints: &str) -> Result<()> {
         let key = format!("{}meta/probe", self.root);
-        self.call("start-up probe", move |mut kv| {
+        self.call(&format!("start-up probe of {endpoints}"), move |mut kv| {
             let ops: Vec<TxnOp> = (0..MAX_TXN_OPS).map(|_| TxnOp::get(key.clone(), None)).collect();
             async move { kv.txn(Txn::new().and_then(ops)).await }
         })

@@ -56,6 +56,8 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// Plain-HTTP `/health` (and `/metrics`) listener, also when clients use TLS.
+    metrics: u16,
     child: Option<Child>,
 }
 
@@ -64,12 +66,41 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     flags: Vec<String>,
+    /// `http` or `https` (client URLs).
+    scheme: &'static str,
     members: Vec<Member>,
+}
+
+/// Files for a TLS client listener: the CA that signs client certificates and the server's
+/// certificate (for 127.0.0.1) and key, PEM.
+pub struct ServerTls<'a> {
+    /// CA of client certificates (`--trusted-ca-file`, with `--client-cert-auth`).
+    pub ca: &'a Path,
+    /// Server certificate.
+    pub cert: &'a Path,
+    /// Server key.
+    pub key: &'a Path,
 }
 
 impl EtcdCluster {
     /// Starts `n` members with the extra server `flags` and waits until each reports healthy.
     pub fn start(n: usize, flags: &[String]) -> Self {
+        Self::start_scheme(n, flags.to_vec(), "http")
+    }
+
+    /// Like [`EtcdCluster::start`], with clients on TLS that must present a certificate.
+    pub fn start_tls(n: usize, flags: &[String], tls: &ServerTls<'_>) -> Self {
+        let mut flags = flags.to_vec();
+        flags.extend([
+            format!("--cert-file={}", tls.cert.display()),
+            format!("--key-file={}", tls.key.display()),
+            format!("--trusted-ca-file={}", tls.ca.display()),
+            "--client-cert-auth".into(),
+        ]);
+        Self::start_scheme(n, flags, "https")
+    }
+
+    fn start_scheme(n: usize, flags: Vec<String>, scheme: &'static str) -> Self {
         let bin = etcd_binary();
         let dir = tempfile::Builder::new().prefix("cairn-etcd-").tempdir().unwrap();
         let members: Vec<Member> = (0..n)
@@ -77,13 +108,15 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client: free_port(),
                 peer: free_port(),
+                metrics: free_port(),
                 child: None,
             })
             .collect();
         let mut c = EtcdCluster {
             dir,
             bin,
-            flags: flags.to_vec(),
+            flags,
+            scheme,
             members,
         };
         for i in 0..n {
@@ -107,7 +140,7 @@ impl EtcdCluster {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = format!("{}://127.0.0.1:{}", self.scheme, m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
         let child = Command::new(&self.bin)
             .arg(format!("--name={}", m.name))
@@ -116,6 +149,7 @@ impl EtcdCluster {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--listen-metrics-urls=http://127.0.0.1:{}", m.metrics))
             .arg(format!("--initial-cluster={}", cluster.join(",")))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=cairn-test")
@@ -133,7 +167,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme, m.client))
             .collect()
     }
 
@@ -160,7 +194,7 @@ impl EtcdCluster {
     /// Polls member `i`'s `/health` (true once it has a leader) until the deadline.
     pub fn wait_healthy(&mut self, i: usize) {
         let deadline = Instant::now() + START_DEADLINE;
-        let port = self.members[i].client;
+        let port = self.members[i].metrics;
         loop {
             if health(port) {
                 return;
