@@ -34,6 +34,10 @@
 //! fails (the leader's lease expired and its key was deleted or re-created by another
 //! replica) the commit is refused with "fenced: lost leadership" and nothing of it is applied.
 //!
+//! Election (the building block of phase B): [`EtcdEngine::try_lead`] grants a lease, creates
+//! `<prefix>/meta/leader` under it only if absent, sets the fence to that key's create
+//! revision and keeps the lease alive on the engine's runtime ([`Leadership`]).
+//!
 //! Runtime: the [`Engine`] trait is synchronous and is called from the committer's std thread
 //! and from `Ledger::open` inside the server's async `main`. The engine owns a one-worker tokio
 //! runtime; each call spawns its future there and waits on a std channel, so it never enters
@@ -50,8 +54,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn,
-    TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -143,6 +147,45 @@ pub struct Fence {
     pub key: String,
     /// Its create revision when this replica won the election.
     pub create_revision: i64,
+}
+
+/// The leader key, under the prefix: the id of the replica holding it, under its lease.
+pub const LEADER_KEY: &str = "meta/leader";
+
+/// The outcome of [`EtcdEngine::try_lead`].
+pub enum Campaign {
+    /// This replica leads; the engine's fence is set to its key.
+    Won(Leadership),
+    /// Another replica leads.
+    Held {
+        /// Its id (the leader key's value).
+        by: String,
+    },
+}
+
+/// A won election: the lease is kept alive by a task on the engine's runtime until this is
+/// dropped or a keep-alive fails. Losing the lease locally is only a hint (step down); the
+/// fence on every commit is what keeps a former leader from writing.
+pub struct Leadership {
+    /// The fence now set on the engine.
+    pub fence: Fence,
+    /// The lease the leader key is attached to.
+    pub lease: i64,
+    lost: tokio::sync::watch::Receiver<bool>,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Leadership {
+    /// True once the lease could not be kept alive (expired, revoked, or etcd unreachable).
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// etcd behind the [`Engine`] trait.
@@ -298,6 +341,78 @@ impl EtcdEngine {
                 e
             }
         })
+    }
+
+    /// One attempt to become the writer: grants a lease of `ttl_secs`, and creates
+    /// `<prefix>/meta/leader` = `id` under it if no one holds it. On success the engine's
+    /// fence is set to that key's create revision and the lease is kept alive.
+    pub fn try_lead(&self, id: &str, ttl_secs: i64) -> Result<Campaign> {
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| storage("election", "the client runtime stopped"))?;
+        let key = format!("{}{LEADER_KEY}", self.root);
+        let (client, k, me) = (self.client.clone(), key.clone(), id.to_string());
+        let won = on(rt, async move {
+            let mut leases = client.lease_client();
+            let lease = leases.grant(ttl_secs, None).await?.id();
+            let txn = Txn::new()
+                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    k.clone(),
+                    me,
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(k, None)]);
+            let resp = client.kv_client().txn(txn).await?;
+            if resp.succeeded() {
+                return Ok(Ok((lease, resp.header().map_or(0, |h| h.revision()))));
+            }
+            leases.revoke(lease).await?;
+            let by = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            });
+            Ok(Err(by.unwrap_or_default()))
+        })
+        .map_err(|e| storage("election", e))?;
+        let (lease, create_revision) = match won {
+            Ok(w) => w,
+            Err(by) => return Ok(Campaign::Held { by }),
+        };
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let mut leases = self.client.lease_client();
+        let period = Duration::from_millis((ttl_secs.max(1) as u64) * 1000 / 3);
+        let keeper = rt
+            .spawn(async move {
+                let kept = async {
+                    let (mut keeper, mut stream) = leases.keep_alive(lease).await?;
+                    loop {
+                        keeper.keep_alive().await?;
+                        match stream.message().await? {
+                            Some(m) if m.ttl() > 0 => {}
+                            _ => return Ok::<(), etcd_client::Error>(()),
+                        }
+                        tokio::time::sleep(period).await;
+                    }
+                };
+                if let Err(e) = kept.await {
+                    tracing::warn!(error = %e, "keeping the leader lease alive failed");
+                }
+                lost_tx.send_replace(true);
+            })
+            .abort_handle();
+        let fence = Fence { key, create_revision };
+        self.set_fence(Some(fence.clone()));
+        Ok(Campaign::Won(Leadership {
+            fence,
+            lease,
+            lost,
+            keeper,
+        }))
     }
 
     fn record_key(&self, op: &Op) -> String {
@@ -566,6 +681,57 @@ mod tests {
         // Deleted alone (lease expired, nobody took over yet) also fences.
         block(kv.delete(leader, None)).unwrap();
         assert!(e.commit(&[], 3).unwrap_err().to_string().contains("fenced"));
+    }
+
+    #[test]
+    fn one_replica_leads_and_a_revoked_lease_fences_it_until_another_takes_over() {
+        let c = EtcdCluster::start(1, &server_flags());
+        let (a, b) = (engine(&c, "/cairn"), engine(&c, "/cairn"));
+        let Campaign::Won(lead) = a.try_lead("a", 5).unwrap() else {
+            panic!("a did not win an empty election")
+        };
+        assert!(matches!(b.try_lead("b", 5).unwrap(), Campaign::Held { by } if by == "a"));
+        a.commit(&[Op::PutAlloc(alloc("by-a"))], 1).unwrap();
+        assert!(!lead.is_lost());
+        // a's lease ends (as on expiry after a pause): its key goes, its commits are fenced.
+        block(a.client().lease_client().revoke(lead.lease)).unwrap();
+        let err = a
+            .commit(&[Op::PutAlloc(alloc("late"))], 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fenced"), "{err}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lead.is_lost() {
+            assert!(Instant::now() < deadline, "a never noticed its lease ended");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Campaign::Won(_b_lead) = b.try_lead("b", 5).unwrap() else {
+            panic!("b did not take over a free key")
+        };
+        b.commit(&[Op::PutAlloc(alloc("by-b"))], 2).unwrap();
+        let s = a.load().unwrap();
+        let mut names: Vec<_> = s.allocations.iter().map(|x| x.owner.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!((names, s.seq), (vec!["by-a", "by-b"], 2));
+        assert!(a.commit(&[], 3).unwrap_err().to_string().contains("fenced"));
+    }
+
+    #[test]
+    fn the_leader_keeps_its_lease_past_its_ttl() {
+        let c = EtcdCluster::start(1, &server_flags());
+        let a = engine(&c, "/cairn");
+        let Campaign::Won(lead) = a.try_lead("a", 2).unwrap() else {
+            panic!("a did not win an empty election")
+        };
+        // Three TTLs of commits: without keep-alives the key would be gone and these fenced.
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut seq = 0;
+        while Instant::now() < until {
+            seq += 1;
+            a.commit(&[], seq).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(!lead.is_lost());
     }
 
     #[test]
