@@ -10,7 +10,10 @@
 //! - `<prefix>/allocations/<network>/<cluster>/<kind>/<namespace>/<name>` — an [`Allocation`]
 //!   (the suffix is [`Allocation::key`])
 //! - `<prefix>/quarantine/<network>/<address>` — a [`Quarantined`]
-//! - `<prefix>/meta/seq` — the last commit sequence (a JSON number)
+//! - `<prefix>/meta/seq` — the last commit sequence (a JSON number); every commit requires
+//!   its mod revision unchanged since this engine's last load or commit, so a stale retry or a
+//!   second store writing the same prefix fails instead of interleaving
+//! - `<prefix>/meta/writer` — the id (pid-nanos) of the engine instance of the last commit
 //! - `<prefix>/meta/…` — reserved for the engine (e.g. the leader key of phase B); `load`
 //!   skips other `meta/` keys and refuses any other unknown key, naming it.
 //!
@@ -63,7 +66,7 @@ use super::{Engine, Op, Snapshot};
 use crate::error::{Error, Result};
 
 /// Operations per transaction the etcd server must allow (`--max-txn-ops`): the largest
-/// commit batch (distinct keys + the sequence) this engine can write.
+/// commit batch (distinct keys + `meta/seq` + `meta/writer`) this engine can write.
 pub const MAX_TXN_OPS: usize = 16_384;
 /// Request size the etcd server must allow (`--max-request-bytes`).
 pub const MAX_REQUEST_BYTES: usize = 32 << 20;
@@ -197,6 +200,11 @@ pub struct EtcdEngine {
     /// `<prefix>/`.
     root: String,
     fence: Mutex<Option<Fence>>,
+    /// The mod revision `meta/seq` had after this engine's last load or commit: every commit
+    /// requires it unchanged, so a stale retry or a second writer on the prefix cannot land.
+    seq_rev: Mutex<Option<i64>>,
+    /// This engine instance's id, written to `meta/writer` with every commit.
+    writer: String,
     timeout: Duration,
 }
 
@@ -265,6 +273,14 @@ impl EtcdEngine {
             client,
             root: format!("{}/", opts.prefix),
             fence: Mutex::new(None),
+            seq_rev: Mutex::new(None),
+            writer: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
             timeout: opts.request_timeout,
         };
         engine.probe(&opts.endpoints.join(","))?;
@@ -417,6 +433,18 @@ impl EtcdEngine {
         }))
     }
 
+    fn seq_key(&self) -> String {
+        format!("{}meta/seq", self.root)
+    }
+
+    fn writer_key(&self) -> String {
+        format!("{}meta/writer", self.root)
+    }
+
+    fn seq_rev(&self) -> std::sync::MutexGuard<'_, Option<i64>> {
+        self.seq_rev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn record_key(&self, op: &Op) -> String {
         let r = &self.root;
         match op {
@@ -450,7 +478,8 @@ impl EtcdEngine {
                 }
             });
         }
-        out.push(TxnOp::put(format!("{}meta/seq", self.root), json(&seq)?, None));
+        out.push(TxnOp::put(self.seq_key(), json(&seq)?, None));
+        out.push(TxnOp::put(self.writer_key(), self.writer.clone(), None));
         if out.len() > MAX_TXN_OPS {
             return Err(Error::Storage(format!(
                 "a commit batch of {} keys exceeds the etcd engine's limit of {MAX_TXN_OPS} \
@@ -524,6 +553,8 @@ impl Engine for EtcdEngine {
         // Every page after the first at the first page's revision: one consistent snapshot.
         // Pages are parsed as they come, so at most one page of raw values is held.
         let mut rev = 0;
+        let seq_key = self.seq_key();
+        let mut seq_rev = 0;
         loop {
             let (start, end) = (from.clone(), end.clone());
             let (r, more, page) = self.call("load", move |mut kv| {
@@ -535,10 +566,14 @@ impl Engine for EtcdEngine {
                 async move {
                     let mut resp = kv.get(start, Some(o)).await?;
                     let r = resp.header().map_or(0, |h| h.revision());
-                    let kvs: Vec<(Vec<u8>, Vec<u8>)> = resp
+                    let kvs: Vec<(Vec<u8>, Vec<u8>, i64)> = resp
                         .take_kvs()
                         .into_iter()
-                        .map(|kv| kv.into_key_value())
+                        .map(|kv| {
+                            let m = kv.mod_revision();
+                            let (k, v) = kv.into_key_value();
+                            (k, v, m)
+                        })
                         .collect();
                     Ok((r, resp.more(), kvs))
                 }
@@ -546,14 +581,18 @@ impl Engine for EtcdEngine {
             if rev == 0 {
                 rev = r;
             }
-            if let Some((k, _)) = page.last() {
+            if let Some((k, ..)) = page.last() {
                 from = k.clone();
                 from.push(0);
             }
-            for (k, v) in &page {
+            for (k, v, m) in &page {
+                if *k == seq_key.as_bytes() {
+                    seq_rev = *m;
+                }
                 self.parse_into(&mut snap, k, v)?;
             }
             if !more || page.is_empty() {
+                *self.seq_rev() = Some(seq_rev);
                 return Ok(snap);
             }
         }
@@ -561,24 +600,75 @@ impl Engine for EtcdEngine {
 
     fn commit(&self, ops: &[Op], seq: u64) -> Result<()> {
         let ops = self.txn_ops(ops, seq)?;
+        let known = *self.seq_rev();
+        let expected = match known {
+            Some(r) => r,
+            // Never loaded: take the current revision (a fresh engine on a store).
+            None => self.load().map(|_| self.seq_rev().unwrap_or(0))?,
+        };
         let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let when: Vec<Compare> = fence
-            .iter()
-            .map(|f| Compare::create_revision(f.key.clone(), CompareOp::Equal, f.create_revision))
-            .collect();
-        let ok = self.call("commit", move |mut kv| {
-            let txn = Txn::new().when(when.clone()).and_then(ops.clone());
-            async move { kv.txn(txn).await.map(|r| r.succeeded()) }
+        let (seq_key, writer_key) = (self.seq_key(), self.writer_key());
+        let mut when = vec![Compare::mod_revision(seq_key.clone(), CompareOp::Equal, expected)];
+        let mut check = vec![TxnOp::get(seq_key.clone(), None), TxnOp::get(writer_key, None)];
+        if let Some(f) = &fence {
+            when.push(Compare::create_revision(
+                f.key.clone(),
+                CompareOp::Equal,
+                f.create_revision,
+            ));
+            check.push(TxnOp::get(f.key.clone(), None));
+        }
+        let (ok, rev, found) = self.call("commit", move |mut kv| {
+            let txn = Txn::new()
+                .when(when.clone())
+                .and_then(ops.clone())
+                .or_else(check.clone());
+            async move {
+                let r = kv.txn(txn).await?;
+                let rev = r.header().map_or(0, |h| h.revision());
+                // On failure: (value, mod revision, create revision) of seq, writer, fence key.
+                let found: Vec<Option<(Vec<u8>, i64, i64)>> = r
+                    .op_responses()
+                    .into_iter()
+                    .map(|o| match o {
+                        TxnOpResponse::Get(g) => g
+                            .kvs()
+                            .first()
+                            .map(|kv| (kv.value().to_vec(), kv.mod_revision(), kv.create_revision())),
+                        _ => None,
+                    })
+                    .collect();
+                Ok((r.succeeded(), rev, found))
+            }
         })?;
         if ok {
+            *self.seq_rev() = Some(rev);
             return Ok(());
         }
-        let f = fence.map_or_else(String::new, |f| {
-            format!(" ({} no longer has create revision {})", f.key, f.create_revision)
-        });
-        Err(Error::Storage(format!(
-            "fenced: lost leadership{f}; nothing of the batch was written"
-        )))
+        let get = |i: usize| found.get(i).cloned().flatten();
+        if let Some(f) = &fence
+            && get(2).map(|(_, _, c)| c) != Some(f.create_revision)
+        {
+            return Err(Error::Storage(format!(
+                "fenced: lost leadership ({} no longer has create revision {}); nothing of the \
+                 batch was written",
+                f.key, f.create_revision
+            )));
+        }
+        let landed = get(0).and_then(|(v, m, _)| serde_json::from_slice::<u64>(&v).ok().map(|s| (s, m)));
+        let by_us =
+            get(1).is_some_and(|(w, m, _)| w == self.writer.as_bytes() && Some(m) == landed.map(|l| l.1));
+        match landed {
+            // An earlier attempt of this very commit landed (its reply was lost).
+            Some((s, m)) if s == seq && by_us => {
+                *self.seq_rev() = Some(m);
+                Ok(())
+            }
+            _ => Err(Error::Storage(format!(
+                "{seq_key} changed under this store (expected mod revision {expected}, found \
+                 {landed:?}): another writer on the same prefix? nothing of the batch was written"
+            ))),
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -737,6 +827,27 @@ mod tests {
     }
 
     #[test]
+    fn a_second_writer_on_the_same_prefix_is_refused_and_writes_nothing() {
+        let c = EtcdCluster::start(1, &server_flags());
+        let (a, b) = (engine(&c, "/cairn"), engine(&c, "/cairn"));
+        assert_eq!(b.load().unwrap().seq, 0);
+        a.commit(&[Op::PutAlloc(alloc("by-a"))], 1).unwrap();
+        // b loaded before a wrote: its view is stale, so its commit must not land.
+        let err = b
+            .commit(&[Op::PutAlloc(alloc("by-b"))], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another writer on the same prefix"), "{err}");
+        let s = a.load().unwrap();
+        assert_eq!((s.allocations, s.seq), (vec![alloc("by-a")], 1));
+        // a goes on; b, reloaded, sees a's state and may write after it.
+        a.commit(&[], 2).unwrap();
+        assert_eq!(b.load().unwrap().seq, 2);
+        b.commit(&[Op::PutAlloc(alloc("by-b"))], 3).unwrap();
+        assert!(a.commit(&[], 4).is_err(), "a's view is now stale");
+    }
+
+    #[test]
     fn a_server_with_the_default_txn_limit_is_refused_at_start_up() {
         let c = EtcdCluster::start(1, &[]);
         let err = EtcdEngine::connect(&EtcdOptions::new(c.endpoints()))
@@ -816,7 +927,7 @@ mod tests {
         let e = engine(&c, "/cairn");
         let n = (PAGE as usize) * 2 + 17;
         let all: Vec<Op> = (0..n).map(|i| Op::PutAlloc(alloc(&format!("s{i:06}")))).collect();
-        for (i, chunk) in all.chunks(MAX_TXN_OPS - 1).enumerate() {
+        for (i, chunk) in all.chunks(MAX_TXN_OPS - 2).enumerate() {
             e.commit(chunk, i as u64 + 1).unwrap();
         }
         assert_eq!(e.load().unwrap().allocations.len(), n);
