@@ -6,9 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use cairn_ipam::{
     cli::{self, AllocCmd, ClientArgs, NetworkCmd},
     server::{ServeOptions, serve},
+    store::etcd::{EtcdOptions, EtcdTls},
 };
 use cairn_runtime::{LogFormat, parse_duration, shutdown_signal};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +24,48 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Embedded sled database in --data-dir.
+    Sled,
+    /// An etcd cluster (docs/etcd.md).
+    Etcd,
+}
+
+/// `--backend etcd` settings.
+#[derive(clap::Args, Debug)]
+struct EtcdArgs {
+    /// etcd client URLs, comma-separated (http:// or https://).
+    #[arg(long, env = "CAIRN_IPAM_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this store in etcd.
+    #[arg(long, default_value = "/cairn")]
+    etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd servers.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn options(self) -> EtcdOptions {
+        let mut o = EtcdOptions::new(self.etcd_endpoints);
+        o.prefix = self.etcd_prefix;
+        if self.etcd_ca.is_some() || self.etcd_cert.is_some() {
+            o.tls = Some(EtcdTls {
+                ca: self.etcd_ca,
+                cert_key: self.etcd_cert.zip(self.etcd_key),
+            });
+        }
+        o
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the store.
@@ -30,9 +73,14 @@ enum Cmd {
         /// gRPC listen address.
         #[arg(long, env = "CAIRN_IPAM_LISTEN", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Data directory (sled database; one process at a time).
+        /// Data directory (sled database; one process at a time). Required with --backend sled.
         #[arg(long, env = "CAIRN_IPAM_DATA_DIR")]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        /// Storage engine.
+        #[arg(long, value_enum, default_value = "sled")]
+        backend: Backend,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// Prometheus /metrics, /healthz and /readyz listen address.
         #[arg(long, env = "CAIRN_IPAM_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -82,6 +130,8 @@ async fn main() -> ExitCode {
         Cmd::Serve {
             listen,
             data_dir,
+            backend,
+            etcd,
             metrics_listen,
             default_reuse_grace,
             cache_mib,
@@ -98,10 +148,18 @@ async fn main() -> ExitCode {
                 eprintln!("error: --default-reuse-grace: at most 7 days");
                 return ExitCode::from(2);
             }
+            let data_dir = match (backend, data_dir) {
+                (Backend::Sled, None) => {
+                    eprintln!("error: --data-dir: required with --backend sled");
+                    return ExitCode::from(2);
+                }
+                (_, d) => d.unwrap_or_default(),
+            };
             let opts = ServeOptions {
                 listen,
                 metrics_listen,
                 data_dir,
+                etcd: (backend == Backend::Etcd).then(|| etcd.options()),
                 default_grace_secs: grace,
                 cache_bytes: cache_mib << 20,
                 addr_file,

@@ -12,7 +12,7 @@ use crate::{
     grpc::IpamService,
     ledger::Ledger,
     metrics::{CommitMetrics, Metrics},
-    store::sled_engine::SledEngine,
+    store::{Engine, etcd::EtcdEngine, etcd::EtcdOptions, sled_engine::SledEngine},
 };
 
 /// What `serve` needs.
@@ -22,8 +22,10 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Metrics/health HTTP address; None = off.
     pub metrics_listen: Option<SocketAddr>,
-    /// sled directory.
+    /// sled directory (unused with `etcd`).
     pub data_dir: PathBuf,
+    /// The etcd backend's settings; `None` = sled in `data_dir`.
+    pub etcd: Option<EtcdOptions>,
     /// Reuse grace for networks that set none.
     pub default_grace_secs: u32,
     /// sled page cache bound.
@@ -62,9 +64,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    std::fs::create_dir_all(&opts.data_dir)
-        .with_context(|| format!("creating --data-dir {}", opts.data_dir.display()))?;
-    let engine = Arc::new(SledEngine::open(&opts.data_dir, opts.cache_bytes)?);
+    let engine: Arc<dyn Engine> = match &opts.etcd {
+        Some(etcd) => Arc::new(EtcdEngine::connect(etcd)?),
+        None => {
+            std::fs::create_dir_all(&opts.data_dir)
+                .with_context(|| format!("creating --data-dir {}", opts.data_dir.display()))?;
+            Arc::new(SledEngine::open(&opts.data_dir, opts.cache_bytes)?)
+        }
+    };
+    let backend = engine.name();
     let metrics = Arc::new(Metrics::new());
     let ledger = Ledger::open(
         engine,
@@ -74,6 +82,7 @@ pub async fn serve(
     tracing::info!(
         allocations = ledger.allocation_count(),
         load_ms = started.elapsed().as_millis() as u64,
+        backend,
         data_dir = %opts.data_dir.display(),
         "ledger loaded"
     );

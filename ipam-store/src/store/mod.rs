@@ -16,6 +16,9 @@ use crate::{
     model::{Allocation, NetworkRecord, Quarantined},
 };
 
+pub mod etcd;
+#[cfg(test)]
+pub(crate) mod etcd_cluster;
 pub mod failing;
 pub mod memory;
 pub mod sled_engine;
