@@ -4,7 +4,7 @@ CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
 .PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache \
-	test-go check-go-generated check-monitoring
+	test-go check-go-generated check-monitoring fuzz fuzz-smoke
 
 all: build
 
@@ -64,6 +64,19 @@ bench: tools
 bench-smoke:
 	$(CARGO) test -p cairn-ipam --bench store -- --quick
 	$(CARGO) test -p cairn-ccm --bench burst -- --quick
+
+# cargo-fuzz targets of cairn-ipam (fuzz/, its own workspace; nightly + cargo-fuzz:
+# `cargo install cargo-fuzz --locked`). Figures in docs/reliability.md, "Fuzzing".
+FUZZ_CARGO ?= cargo +nightly
+FUZZ_TARGETS := requests ledger_ops cli_files
+fuzz:
+	for t in $(FUZZ_TARGETS); do $(FUZZ_CARGO) fuzz run $$t -- -runs=1000000 || exit 1; done
+
+# A short run of each (20k executions or 20 s, whichever comes first): keeps the targets
+# building and their contracts holding.
+fuzz-smoke:
+	for t in $(FUZZ_TARGETS); do \
+		$(FUZZ_CARGO) fuzz run $$t -- -runs=20000 -max_total_time=20 || exit 1; done
 
 clean-cache:
 	rm -rf .cache

@@ -1,7 +1,7 @@
 //! Admin subcommands: a gRPC client of a running `cairn-ipam serve`. Human tables by default,
 //! `-o json` (proto3 JSON, the same as grpcurl prints) for scripts.
 
-mod file;
+pub mod file;
 
 use std::{net::IpAddr, path::PathBuf};
 
