@@ -2,7 +2,7 @@
 //! `-o json` (proto3 JSON, the same as grpcurl prints) for scripts.
 
 pub mod certs;
-mod file;
+pub mod file;
 
 use std::{net::IpAddr, path::PathBuf};
 
