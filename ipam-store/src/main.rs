@@ -4,8 +4,9 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cairn_ipam::{
-    cli::{self, AllocCmd, ClientArgs, NetworkCmd},
+    cli::{self, AllocCmd, ClientArgs, NetworkCmd, certs::CertsCmd},
     server::{ServeOptions, serve},
+    tls::ServeTlsArgs,
 };
 use cairn_runtime::{LogFormat, parse_duration, shutdown_signal};
 use clap::{Parser, Subcommand};
@@ -48,7 +49,13 @@ enum Cmd {
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
+        /// Mutual TLS (with the global --tls-cert and --tls-key: the server's own certificate).
+        #[command(flatten)]
+        tls: ServeTlsArgs,
     },
+    /// Certificates for a store without a PKI: a CA, and client/server certificates from it.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Networks.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -78,6 +85,9 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client errors are explained (plaintext vs TLS, wrong CA, refused certificate).
+    let client_tls =
+        (!matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Certs(_))).then(|| cli.client.tls().is_set());
     let r = match cli.cmd {
         Cmd::Serve {
             listen,
@@ -87,6 +97,7 @@ async fn main() -> ExitCode {
             cache_mib,
             addr_file,
             log_format,
+            tls,
         } => {
             cairn_runtime::logging::init(log_format);
             if default_reuse_grace.subsec_nanos() != 0 {
@@ -98,6 +109,23 @@ async fn main() -> ExitCode {
                 eprintln!("error: --default-reuse-grace: at most 7 days");
                 return ExitCode::from(2);
             }
+            let files = match tls.files(cli.client.tls_cert.as_deref(), cli.client.tls_key.as_deref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let tls = match files {
+                None => None,
+                Some(files) => match tls.trust_domain() {
+                    Ok(td) => Some((files, td)),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let opts = ServeOptions {
                 listen,
                 metrics_listen,
@@ -105,9 +133,11 @@ async fn main() -> ExitCode {
                 default_grace_secs: grace,
                 cache_bytes: cache_mib << 20,
                 addr_file,
+                tls,
             };
             serve(opts, shutdown_signal()).await
         }
+        Cmd::Certs(c) => cli::certs::run(c),
         Cmd::Network(c) => cli::network(&cli.client, c).await,
         Cmd::Alloc(c) => cli::alloc(&cli.client, c).await,
         Cmd::Usage { network } => cli::usage(&cli.client, network).await,
@@ -117,7 +147,10 @@ async fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match client_tls {
+                Some(tls) => eprintln!("error: {}", cairn_proto::tls::explain(e.as_ref(), tls)),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -304,8 +304,6 @@ pub fn check_dns_subdomain(field: &str, v: &str) -> Result<()> {
 pub fn check_cluster_id(field: &str, v: &str) -> Result<()> {
     cairn_runtime::check_cluster_id(field, v).map_err(|e| Error::invalid(e.field, e.message))
 }
-    Ok(())
-}
 
 /// Validates ports: 1..=65535, no duplicates. Returns them sorted.
 pub fn check_ports(field: &str, ports: &[(Protocol, u32)]) -> Result<Vec<Port>> {
