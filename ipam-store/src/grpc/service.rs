@@ -195,12 +195,15 @@ impl IpamService {
     }
 }
 
-/// `network=<n> owner=<cluster>/<kind>/<namespace>/<name>` for audit lines.
+/// `network=<n> owner=<cluster>/<KIND>/<namespace>/<name>` for audit lines.
 fn owner_target(network: &str, owner: Option<&pb::Owner>) -> String {
     match owner {
         Some(o) => format!(
             "network={network} owner={}/{}/{}/{}",
-            o.cluster_id, o.kind, o.namespace, o.name
+            o.cluster_id,
+            pb::OwnerKind::try_from(o.kind).map_or("?", |k| k.as_str_name()),
+            o.namespace,
+            o.name
         ),
         None => format!("network={network}"),
     }
