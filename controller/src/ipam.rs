@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
+use cairn_proto::{
+    tls::ClientTlsFiles,
+    v1::{self as pb, ipam_service_client::IpamServiceClient},
+};
 use tonic::{Code, Status, transport::Channel};
 
 use crate::{Error, Result};
@@ -110,10 +113,13 @@ macro_rules! call {
 }
 
 impl Ipam {
-    /// A client of the store at `endpoint` (e.g. `http://cairn-ipam:50051`); connects lazily,
-    /// so a store that is down at start-up delays work instead of failing it.
-    pub fn new(endpoint: &str) -> Result<Self> {
-        let ch = Channel::from_shared(endpoint.to_string())
+    /// A client of the store at `endpoint` (e.g. `http://cairn-ipam:50051`), over mutual TLS
+    /// when `tls` is set (`http://` then means `https://`); connects lazily, so a store that is
+    /// down at start-up delays work instead of failing it. Bad TLS files fail here, naming the
+    /// flag and file.
+    pub fn new(endpoint: &str, tls: &ClientTlsFiles) -> Result<Self> {
+        let ch = tls
+            .endpoint(endpoint)
             .map_err(|e| Error::Invalid {
                 field: "--ipam-endpoint".into(),
                 message: e.to_string(),

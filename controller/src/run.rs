@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use cairn_proto::tls::ClientTlsFiles;
 use cairn_runtime::check_cluster_id;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -38,6 +39,16 @@ pub struct RunArgs {
     /// The store's gRPC endpoint.
     #[arg(long, env = "CAIRN_IPAM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     pub ipam_endpoint: String,
+    /// CA bundle the store's certificate must chain to; turns on TLS to the store.
+    #[arg(long, env = "CAIRN_IPAM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This cluster's client certificate for the store (PEM); its SPIFFE id must be
+    /// spiffe://<trust domain>/cluster/<--cluster-id>.
+    #[arg(long, env = "CAIRN_IPAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CAIRN_IPAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Kubeconfig file (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -126,8 +137,18 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     {
         anyhow::bail!("--load-balancer-class: must not be empty");
     }
+    let tls = ClientTlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    };
+    // Never run with another cluster's identity: the store would refuse every call anyway.
+    tls.check_cluster_identity(&cluster_id)?;
+    if !tls.is_set() {
+        tracing::warn!("no --tls-ca/--tls-cert/--tls-key: talking to the store in plaintext");
+    }
+    let ipam = Ipam::new(&args.ipam_endpoint, &tls)?;
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
-    let ipam = Ipam::new(&args.ipam_endpoint)?;
     let metrics = Arc::new(Metrics::new());
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -4,9 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cairn_ipam::{
-    cli::{self, AllocCmd, ClientArgs, NetworkCmd},
+    cli::{self, AllocCmd, ClientArgs, NetworkCmd, certs::CertsCmd},
     server::{ServeOptions, serve},
     store::etcd::{EtcdOptions, EtcdTls},
+    tls::ServeTlsArgs,
 };
 use cairn_runtime::{LogFormat, parse_duration, shutdown_signal};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -96,7 +97,13 @@ enum Cmd {
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
+        /// Mutual TLS (with the global --tls-cert and --tls-key: the server's own certificate).
+        #[command(flatten)]
+        tls: ServeTlsArgs,
     },
+    /// Certificates for a store without a PKI: a CA, and client/server certificates from it.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Networks.
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -126,6 +133,9 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client errors are explained (plaintext vs TLS, wrong CA, refused certificate).
+    let client_tls =
+        (!matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Certs(_))).then(|| cli.client.tls().is_set());
     let r = match cli.cmd {
         Cmd::Serve {
             listen,
@@ -137,6 +147,7 @@ async fn main() -> ExitCode {
             cache_mib,
             addr_file,
             log_format,
+            tls,
         } => {
             cairn_runtime::logging::init(log_format);
             if default_reuse_grace.subsec_nanos() != 0 {
@@ -155,6 +166,23 @@ async fn main() -> ExitCode {
                 }
                 (_, d) => d.unwrap_or_default(),
             };
+            let files = match tls.files(cli.client.tls_cert.as_deref(), cli.client.tls_key.as_deref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let tls = match files {
+                None => None,
+                Some(files) => match tls.trust_domain() {
+                    Ok(td) => Some((files, td)),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let opts = ServeOptions {
                 listen,
                 metrics_listen,
@@ -163,9 +191,11 @@ async fn main() -> ExitCode {
                 default_grace_secs: grace,
                 cache_bytes: cache_mib << 20,
                 addr_file,
+                tls,
             };
             serve(opts, shutdown_signal()).await
         }
+        Cmd::Certs(c) => cli::certs::run(c),
         Cmd::Network(c) => cli::network(&cli.client, c).await,
         Cmd::Alloc(c) => cli::alloc(&cli.client, c).await,
         Cmd::Usage { network } => cli::usage(&cli.client, network).await,
@@ -175,7 +205,10 @@ async fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match client_tls {
+                Some(tls) => eprintln!("error: {}", cairn_proto::tls::explain(e.as_ref(), tls)),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

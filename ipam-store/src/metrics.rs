@@ -17,6 +17,13 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditLabels {
+    method: &'static str,
+    role: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: &'static str,
 }
@@ -34,6 +41,7 @@ pub struct Metrics {
     registry: MetricsRegistry,
     rpcs: Family<RpcLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
+    audit: Family<AuditLabels, Counter>,
     commits: Counter,
     commit_seconds: Histogram,
     commit_requests: Histogram,
@@ -55,6 +63,11 @@ impl Metrics {
                 "rpc_duration_seconds",
                 "gRPC call latency, including the durable commit",
                 Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 18))),
+            ),
+            audit: r.register(
+                "audit",
+                "mutating gRPC calls by method, caller role (cluster, cloud, reader, none, plaintext) and result",
+                Family::default(),
             ),
             commits: r.register(
                 "commits",
@@ -87,6 +100,13 @@ impl Metrics {
         self.rpc_seconds
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one audited (mutating) call.
+    pub fn observe_audit(&self, method: &'static str, role: &'static str, code: &'static str) {
+        self.audit
+            .get_or_create(&AuditLabels { method, role, code })
+            .inc();
     }
 
     /// The text exposition, with gauges refreshed from the ledger.

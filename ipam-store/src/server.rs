@@ -1,7 +1,18 @@
 //! `cairn-ipam serve`: wires the ledger, the gRPC services (IpamService, health, reflection)
 //! and the metrics endpoint, and shuts down gracefully.
+//!
+//! With [`ServeOptions::tls`] the gRPC port speaks mutual TLS only (a plaintext or
+//! certificate-less client fails at the handshake), the certificate files are re-read when they
+//! change, and IpamService authorizes every call by the client's identity. Health and
+//! reflection are served on the same port without authorization. Without TLS the store warns
+//! that nothing is authorized.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use cairn_proto::v1::ipam_service_server::IpamServiceServer;
@@ -9,11 +20,16 @@ use cairn_runtime::{Endpoints, ProbeServer, Status};
 use tokio::net::TcpListener;
 
 use crate::{
+    auth::TrustDomain,
     grpc::IpamService,
     ledger::Ledger,
     metrics::{CommitMetrics, Metrics},
     store::{Engine, etcd::EtcdEngine, etcd::EtcdOptions, sled_engine::SledEngine},
+    tls::{ServerTls, TlsFiles},
 };
+
+/// How often the TLS files are checked for changes.
+pub const TLS_RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// What `serve` needs.
 #[derive(Clone, Debug)]
@@ -32,6 +48,9 @@ pub struct ServeOptions {
     pub cache_bytes: u64,
     /// Where to write the bound addresses once serving (for tests and scripts using port 0).
     pub addr_file: Option<PathBuf>,
+    /// Mutual TLS and authorization: the files and the trust domain of client identities;
+    /// `None` = plaintext, no authorization.
+    pub tls: Option<(TlsFiles, TrustDomain)>,
 }
 
 /// What `/metrics`, `/healthz` and `/readyz` answer: the ledger's figures, and whether it
@@ -64,6 +83,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Loaded first: bad certificate files fail startup before the ledger is opened.
+    let tls = match &opts.tls {
+        Some((files, td)) => Some((ServerTls::load(files.clone())?, td.clone())),
+        None => {
+            tracing::warn!(
+                "serving plaintext without --tls-cert/--tls-key/--client-ca: any client that reaches the port may change anything (no authorization)"
+            );
+            None
+        }
+    };
     let engine: Arc<dyn Engine> = match &opts.etcd {
         Some(etcd) => Arc::new(EtcdEngine::connect(etcd)?),
         None => {
@@ -99,8 +128,11 @@ pub async fn serve(
         .build_v1alpha()?;
     // Set when shutdown begins, so open watch streams end and the graceful drain can finish.
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
-    let svc =
-        IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs).with_shutdown(stopping_rx);
+    let mut svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs)
+        .with_shutdown(stopping_rx.clone());
+    if let Some((_, td)) = &tls {
+        svc = svc.with_auth(td.clone());
+    }
 
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -128,7 +160,7 @@ pub async fn serve(
         std::fs::write(&tmp, &addrs).with_context(|| format!("writing --addr-file {}", tmp.display()))?;
         std::fs::rename(&tmp, f)?;
     }
-    tracing::info!(%grpc_addr, ready_ms = started.elapsed().as_millis() as u64, "serving cairn.ipam.v1.IpamService");
+    tracing::info!(%grpc_addr, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "serving cairn.ipam.v1.IpamService");
 
     let failure = {
         let ledger = ledger.clone();
@@ -145,18 +177,35 @@ pub async fn serve(
         }
         let _ = stopping_tx.send(true);
     };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(IpamServiceServer::new(svc))
-        // TCP_NODELAY on every accepted connection: with Nagle on (a plain TcpListenerStream), a
-        // reply's last small write waits for the client's delayed ACK, ~40 ms (docs/benchmarks.md).
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop,
-        )
-        .await;
+        .add_service(IpamServiceServer::new(svc));
+    let served = match tls {
+        Some((tls, _)) => {
+            let mut stopping = stopping_rx;
+            let watcher = tokio::spawn(tls.clone().watch_files(TLS_RELOAD_EVERY, async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            }));
+            // `incoming` sets TCP_NODELAY too and yields only completed handshakes.
+            let served = router
+                .serve_with_incoming_shutdown(tls.incoming(listener), stop)
+                .await;
+            watcher.abort();
+            served
+        }
+        None => {
+            // TCP_NODELAY on every accepted connection: with Nagle on (a plain TcpListenerStream), a
+            // reply's last small write waits for the client's delayed ACK, ~40 ms (docs/benchmarks.md).
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stop,
+                )
+                .await
+        }
+    };
     if let Some(p) = probes {
         p.stop().await;
     }

@@ -7,32 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use cairn_proto::v1 as pb;
 use common::*;
 use serde_json::{Value, json};
-
-fn grpcurl_bin() -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut candidates = Vec::new();
-    if let Ok(d) = std::env::var("CAIRN_BIN_DIR") {
-        candidates.push(PathBuf::from(d).join("grpcurl"));
-    }
-    if let Ok(d) = std::env::var("CAIRN_CACHE") {
-        candidates.push(PathBuf::from(d).join("bin/grpcurl"));
-    }
-    candidates.push(workspace.join(".cache/bin/grpcurl"));
-    for c in &candidates {
-        if c.is_file() {
-            return c.clone();
-        }
-    }
-    panic!(
-        "grpcurl not found (looked at {candidates:?}); build it with `e2e/tools/build.sh grpcurl` \
-         (or point CAIRN_BIN_DIR at a directory holding it)"
-    );
-}
 
 struct Out {
     ok: bool,

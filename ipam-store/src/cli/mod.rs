@@ -7,7 +7,10 @@ pub mod file;
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
-use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
+use cairn_proto::{
+    tls::ClientTlsFiles,
+    v1::{self as pb, ipam_service_client::IpamServiceClient},
+};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
 use tonic::transport::Channel;
@@ -38,6 +41,26 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// CA bundle the store's certificate must chain to; turns on TLS (http:// becomes https://).
+    #[arg(long, global = true, env = "CAIRN_IPAM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM): the client certificate, or for `serve` the server's.
+    #[arg(long, global = true, env = "CAIRN_IPAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "CAIRN_IPAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The client TLS files (all `None` = plaintext).
+    pub fn tls(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
 }
 
 /// `network ...`
@@ -179,9 +202,13 @@ pub enum AllocCmd {
     },
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<IpamServiceClient<Channel>> {
-    let ch = Channel::from_shared(endpoint.to_string())
-        .with_context(|| format!("--endpoint {endpoint:?} is not a URL"))?
+/// A client of the store at `--endpoint`, over TLS when `--tls-ca`/`--tls-cert`/`--tls-key`
+/// are set. Errors keep their source chain so `main` can explain a TLS mismatch.
+async fn connect(c: &ClientArgs) -> anyhow::Result<IpamServiceClient<Channel>> {
+    let endpoint = &c.endpoint;
+    let ch = c
+        .tls()
+        .endpoint(endpoint)?
         .connect()
         .await
         .with_context(|| format!("connecting to the store at {endpoint}"))?;
@@ -189,7 +216,13 @@ async fn connect(endpoint: &str) -> anyhow::Result<IpamServiceClient<Channel>> {
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+    let msg = format!("{:?}: {}", e.code(), e.message());
+    if std::error::Error::source(&e).is_some() {
+        // A transport failure (e.g. a refused handshake): keep the chain for `explain`.
+        anyhow::Error::new(e).context(msg)
+    } else {
+        anyhow::anyhow!(msg)
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -312,7 +345,7 @@ fn port_arg(i: usize, s: &str) -> anyhow::Result<pb::PortSpec> {
 
 /// Runs `network ...`.
 pub async fn network(c: &ClientArgs, cmd: NetworkCmd) -> anyhow::Result<()> {
-    let mut cl = connect(&c.endpoint).await?;
+    let mut cl = connect(c).await?;
     match cmd {
         NetworkCmd::Apply { file, dry_run } => {
             let nets = read_networks(&file)?;
@@ -395,7 +428,7 @@ pub async fn network(c: &ClientArgs, cmd: NetworkCmd) -> anyhow::Result<()> {
 
 /// Runs `alloc ...`.
 pub async fn alloc(c: &ClientArgs, cmd: AllocCmd) -> anyhow::Result<()> {
-    let mut cl = connect(&c.endpoint).await?;
+    let mut cl = connect(c).await?;
     match cmd {
         AllocCmd::List {
             network,
@@ -510,7 +543,7 @@ pub async fn alloc(c: &ClientArgs, cmd: AllocCmd) -> anyhow::Result<()> {
 
 /// Runs `usage`.
 pub async fn usage(c: &ClientArgs, network: Option<String>) -> anyhow::Result<()> {
-    let mut cl = connect(&c.endpoint).await?;
+    let mut cl = connect(c).await?;
     let r = cl
         .get_usage(pb::GetUsageRequest {
             network: network.unwrap_or_default(),
@@ -557,7 +590,7 @@ pub async fn usage(c: &ClientArgs, network: Option<String>) -> anyhow::Result<()
 
 /// Runs `export`: writes the backup (proto3 JSON) to `file` or standard output.
 pub async fn export(c: &ClientArgs, file: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut cl = connect(&c.endpoint).await?;
+    let mut cl = connect(c).await?;
     let r = cl
         .export(pb::ExportRequest {})
         .await
@@ -586,7 +619,7 @@ pub async fn import(c: &ClientArgs, file: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let backup: pb::ExportResponse = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a cairn-ipam backup", file.display()))?;
-    let mut cl = connect(&c.endpoint).await?;
+    let mut cl = connect(c).await?;
     let r = cl
         .import(pb::ImportRequest { backup: Some(backup) })
         .await

@@ -1,8 +1,16 @@
-//! The service: one method per RPC, each parse → ledger call → metrics → status mapping.
+//! The service: one method per RPC, each authorize → parse → ledger call → metrics → status
+//! mapping.
+//!
+//! Authorization happens here, once, before the ledger is touched: with TLS on
+//! ([`IpamService::with_auth`]) every RPC derives the caller's identity from its client
+//! certificate and asks [`auth::authorize`] about one [`Call`]; without TLS nothing is checked
+//! (the server warns at startup). Each mutating call is audited once (a structured log line and
+//! `cairn_ipam_audit_total{method,role,code}`), allowed or not.
 
 use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use cairn_proto::v1 as pb;
+use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -11,6 +19,7 @@ use super::{
     watch::{self, WatchStream},
 };
 use crate::{
+    auth::{self, Call, Existing, Identity, TrustDomain},
     error::Error,
     ledger::{AllocateReq, Ledger},
     metrics::Metrics,
@@ -25,6 +34,45 @@ pub struct IpamService {
     /// Becomes true when the server starts shutting down: open watches end then, since a
     /// graceful shutdown waits for every stream to finish.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The trust domain of client identities when the server speaks mTLS; `None` = plaintext,
+    /// no authorization.
+    trust_domain: Option<TrustDomain>,
+}
+
+/// Who is calling, as far as authorization is concerned.
+#[derive(Clone, Debug)]
+enum Caller {
+    /// Plaintext server: nobody is checked.
+    Open,
+    /// mTLS server: the identity in the client certificate (`None` = none presented).
+    Tls(Option<Identity>),
+}
+
+impl Caller {
+    fn identity(&self) -> Option<&Identity> {
+        match self {
+            Caller::Open => None,
+            Caller::Tls(i) => i.as_ref(),
+        }
+    }
+
+    /// The metric label: `cluster`, `cloud`, `reader`, `none` (TLS without identity) or
+    /// `plaintext`.
+    fn role(&self) -> &'static str {
+        match self {
+            Caller::Open => "plaintext",
+            Caller::Tls(None) => "none",
+            Caller::Tls(Some(Identity::Cluster(_))) => "cluster",
+            Caller::Tls(Some(Identity::Cloud)) => "cloud",
+            Caller::Tls(Some(Identity::Reader)) => "reader",
+        }
+    }
+
+    /// For logs: `cluster/<id>`, `cloud`, `reader`, `-`.
+    fn name(&self) -> String {
+        self.identity()
+            .map_or_else(|| "-".to_string(), ToString::to_string)
+    }
 }
 
 impl IpamService {
@@ -35,7 +83,94 @@ impl IpamService {
             metrics,
             default_grace_secs,
             stopping: tokio::sync::watch::channel(false).1,
+            trust_domain: None,
         }
+    }
+
+    /// Authorizes every call by the client certificate's identity in `trust_domain` (the server
+    /// speaks mTLS).
+    pub fn with_auth(mut self, trust_domain: TrustDomain) -> Self {
+        self.trust_domain = Some(trust_domain);
+        self
+    }
+
+    /// The caller of `req`. A certificate without a usable identity is `UNAUTHENTICATED`.
+    fn caller<T>(&self, method: &'static str, started: Instant, req: &Request<T>) -> Result<Caller, Status> {
+        let Some(td) = &self.trust_domain else {
+            return Ok(Caller::Open);
+        };
+        match auth::identity_of(req, td) {
+            Ok(id) => Ok(Caller::Tls(id)),
+            Err(e) => {
+                self.metrics
+                    .observe_rpc(method, "unauthenticated", started.elapsed());
+                Err(Status::unauthenticated(format!("{method}: {e}")))
+            }
+        }
+    }
+
+    /// Checks `call` for `caller` (nothing on a plaintext server). A refusal is counted, and
+    /// audited when the call mutates.
+    fn admit(&self, caller: &Caller, call: &Call<'_>, target: &str, started: Instant) -> Result<(), Status> {
+        if matches!(caller, Caller::Open) {
+            return Ok(());
+        }
+        match auth::authorize(caller.identity(), call) {
+            Ok(()) => Ok(()),
+            Err(denied) => {
+                let status = Status::from(denied);
+                let code = if status.code() == tonic::Code::Unauthenticated {
+                    "unauthenticated"
+                } else {
+                    "permission_denied"
+                };
+                self.metrics.observe_rpc(call.method(), code, started.elapsed());
+                if call.mutates() {
+                    self.audit(caller, call.method(), target, code, Some(status.message()));
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// One audit record of a mutating call.
+    fn audit(
+        &self,
+        caller: &Caller,
+        method: &'static str,
+        target: &str,
+        code: &'static str,
+        error: Option<&str>,
+    ) {
+        self.metrics.observe_audit(method, caller.role(), code);
+        tracing::info!(
+            target: "cairn_ipam::audit",
+            identity = %caller.name(),
+            role = caller.role(),
+            method,
+            target,
+            outcome = code,
+            error = error.unwrap_or(""),
+            "audit"
+        );
+    }
+
+    /// [`Self::done`] for a mutating call: also audited.
+    fn done_audited<T>(
+        &self,
+        caller: &Caller,
+        method: &'static str,
+        target: &str,
+        started: Instant,
+        r: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(_) => "ok",
+            Err(e) => e.label(),
+        };
+        let msg = r.as_ref().err().map(ToString::to_string);
+        self.audit(caller, method, target, code, msg.as_deref());
+        self.done(method, started, r)
     }
 
     /// Ends open watches (UNAVAILABLE, "shutting down") once `stopping` becomes true.
@@ -60,19 +195,71 @@ impl IpamService {
     }
 }
 
+/// `network=<n> owner=<cluster>/<KIND>/<namespace>/<name>` for audit lines.
+fn owner_target(network: &str, owner: Option<&pb::Owner>) -> String {
+    match owner {
+        Some(o) => format!(
+            "network={network} owner={}/{}/{}/{}",
+            o.cluster_id,
+            pb::OwnerKind::try_from(o.kind).map_or("?", |k| k.as_str_name()),
+            o.namespace,
+            o.name
+        ),
+        None => format!("network={network}"),
+    }
+}
+
+fn owner_cluster(owner: Option<&pb::Owner>) -> &str {
+    owner.map_or("", |o| o.cluster_id.as_str())
+}
+
 #[tonic::async_trait]
 impl pb::ipam_service_server::IpamService for IpamService {
     async fn upsert_network(
         &self,
         req: Request<pb::UpsertNetworkRequest>,
     ) -> Result<Response<pb::UpsertNetworkResponse>, Status> {
+        const M: &str = "UpsertNetwork";
         let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        let req = req.into_inner();
+        let name = req.network.as_ref().map_or("", |n| n.name.as_str()).to_string();
+        let target = format!("network={name}");
+        let def = match network_from(req.network) {
+            Ok(d) => d,
+            Err(e) => return self.done_audited(&caller, M, &target, t, Err(e)),
+        };
+        let mut expected_version = req.expected_version;
+        if !matches!(caller, Caller::Open) {
+            // Authorize against the network as it is now, and pin that version, so a change
+            // between this check and the write makes the write fail instead of slipping through.
+            let current = match self.ledger.network(&def.name).await {
+                Ok(rec) => Some(rec),
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return self.done_audited(&caller, M, &target, t, Err(e)),
+            };
+            let call = Call::UpsertNetwork {
+                network: &def.name,
+                requested_manager: &def.managed_by,
+                existing: current.as_ref().map(|rec| Existing::of(rec, &def)),
+            };
+            self.admit(&caller, &call, &target, t)?;
+            let version = current.as_ref().map_or(0, |rec| rec.version);
+            match expected_version {
+                Some(v) if v != version => {
+                    let e = Error::Conflict(format!(
+                        "network {:?} is at version {version}, not the expected {v}",
+                        def.name
+                    ));
+                    return self.done_audited(&caller, M, &target, t, Err(e));
+                }
+                _ => expected_version = Some(version),
+            }
+        }
         let r = async {
-            let req = req.into_inner();
-            let def = network_from(req.network)?;
             let u = self
                 .ledger
-                .upsert_network(def, req.expected_version, req.dry_run)
+                .upsert_network(def, expected_version, req.dry_run)
                 .await?;
             Ok(pb::UpsertNetworkResponse {
                 network: Some(network_to(&u.network)),
@@ -82,7 +269,7 @@ impl pb::ipam_service_server::IpamService for IpamService {
             })
         }
         .await;
-        self.done("UpsertNetwork", t, r)
+        self.done_audited(&caller, M, &target, t, r)
     }
 
     async fn get_network(
@@ -90,6 +277,8 @@ impl pb::ipam_service_server::IpamService for IpamService {
         req: Request<pb::GetNetworkRequest>,
     ) -> Result<Response<pb::Network>, Status> {
         let t = Instant::now();
+        let caller = self.caller("GetNetwork", t, &req)?;
+        self.admit(&caller, &Call::GetNetwork, "", t)?;
         let name = req.into_inner().name;
         let r = async {
             model::check_dns_label("name", &name)?;
@@ -101,9 +290,11 @@ impl pb::ipam_service_server::IpamService for IpamService {
 
     async fn list_networks(
         &self,
-        _req: Request<pb::ListNetworksRequest>,
+        req: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::ListNetworksResponse>, Status> {
         let t = Instant::now();
+        let caller = self.caller("ListNetworks", t, &req)?;
+        self.admit(&caller, &Call::ListNetworks, "", t)?;
         let r = async {
             Ok(pb::ListNetworksResponse {
                 networks: self.ledger.networks().await?.iter().map(network_to).collect(),
@@ -117,8 +308,12 @@ impl pb::ipam_service_server::IpamService for IpamService {
         &self,
         req: Request<pb::DeleteNetworkRequest>,
     ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
+        const M: &str = "DeleteNetwork";
         let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
         let req = req.into_inner();
+        let target = format!("network={} force={}", req.name, req.force);
+        self.admit(&caller, &Call::DeleteNetwork, &target, t)?;
         let r = async {
             model::check_dns_label("name", &req.name)?;
             Ok(pb::DeleteNetworkResponse {
@@ -126,16 +321,23 @@ impl pb::ipam_service_server::IpamService for IpamService {
             })
         }
         .await;
-        self.done("DeleteNetwork", t, r)
+        self.done_audited(&caller, M, &target, t, r)
     }
 
     async fn allocate(
         &self,
         req: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
+        const M: &str = "Allocate";
         let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        let req = req.into_inner();
+        let target = owner_target(&req.network, req.owner.as_ref());
+        let call = Call::Allocate {
+            owner_cluster: owner_cluster(req.owner.as_ref()),
+        };
+        self.admit(&caller, &call, &target, t)?;
         let r = async {
-            let req = req.into_inner();
             let families = req
                 .families
                 .iter()
@@ -169,16 +371,23 @@ impl pb::ipam_service_server::IpamService for IpamService {
             })
         }
         .await;
-        self.done("Allocate", t, r)
+        self.done_audited(&caller, M, &target, t, r)
     }
 
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        const M: &str = "Release";
         let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        let req = req.into_inner();
+        let target = owner_target(&req.network, req.owner.as_ref());
+        let call = Call::Release {
+            owner_cluster: owner_cluster(req.owner.as_ref()),
+        };
+        self.admit(&caller, &call, &target, t)?;
         let r = async {
-            let req = req.into_inner();
             if req.network.is_empty() {
                 return Err(Error::invalid("network", "is required"));
             }
@@ -190,7 +399,7 @@ impl pb::ipam_service_server::IpamService for IpamService {
             })
         }
         .await;
-        self.done("Release", t, r)
+        self.done_audited(&caller, M, &target, t, r)
     }
 
     async fn get_allocation(
@@ -198,8 +407,13 @@ impl pb::ipam_service_server::IpamService for IpamService {
         req: Request<pb::GetAllocationRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
         let t = Instant::now();
+        let caller = self.caller("GetAllocation", t, &req)?;
+        let req = req.into_inner();
+        let call = Call::GetAllocation {
+            owner_cluster: owner_cluster(req.owner.as_ref()),
+        };
+        self.admit(&caller, &call, "", t)?;
         let r = async {
-            let req = req.into_inner();
             if req.network.is_empty() {
                 return Err(Error::invalid("network", "is required"));
             }
@@ -216,8 +430,13 @@ impl pb::ipam_service_server::IpamService for IpamService {
         req: Request<pb::ListAllocationsRequest>,
     ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
         let t = Instant::now();
+        let caller = self.caller("ListAllocations", t, &req)?;
+        let req = req.into_inner();
+        let call = Call::ListAllocations {
+            cluster_filter: &req.cluster_id,
+        };
+        self.admit(&caller, &call, "", t)?;
         let r = async {
-            let req = req.into_inner();
             let f = filter(&req.network, &req.cluster_id, &req.pool, req.kind, &req.address)?;
             let (page, next) = self
                 .ledger
@@ -242,7 +461,12 @@ impl pb::ipam_service_server::IpamService for IpamService {
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let t = Instant::now();
+        let caller = self.caller("WatchAllocations", t, &req)?;
         let req = req.into_inner();
+        let call = Call::WatchAllocations {
+            cluster_filter: &req.cluster_id,
+        };
+        self.admit(&caller, &call, "", t)?;
         let r = async {
             let f = filter(&req.network, &req.cluster_id, "", 0, "")?;
             let (snap, seq, rx) = self.ledger.watch(&f).await?;
@@ -250,14 +474,19 @@ impl pb::ipam_service_server::IpamService for IpamService {
         }
         .await;
         let (f, snap, seq, rx) = self.done("WatchAllocations", t, r)?.into_inner();
-        Ok(Response::new(watch::stream(
-            self.ledger.clone(),
-            self.stopping.clone(),
-            f,
-            snap,
-            seq,
-            rx,
-        )))
+        let events = watch::stream(self.ledger.clone(), self.stopping.clone(), f, snap, seq, rx);
+        Ok(Response::new(match caller {
+            Caller::Open => events,
+            // Other clusters' events arrive with their owner and addresses stripped.
+            Caller::Tls(identity) => Box::pin(events.map(move |ev| {
+                ev.map(|mut ev| {
+                    if let Some(a) = ev.allocation.as_mut() {
+                        auth::redact(identity.as_ref(), a);
+                    }
+                    ev
+                })
+            })),
+        }))
     }
 
     async fn get_usage(
@@ -265,6 +494,8 @@ impl pb::ipam_service_server::IpamService for IpamService {
         req: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let t = Instant::now();
+        let caller = self.caller("GetUsage", t, &req)?;
+        self.admit(&caller, &Call::GetUsage, "", t)?;
         let r = async {
             let n = req.into_inner().network;
             let net = if n.is_empty() { None } else { Some(n.as_str()) };
@@ -276,8 +507,10 @@ impl pb::ipam_service_server::IpamService for IpamService {
         self.done("GetUsage", t, r)
     }
 
-    async fn export(&self, _req: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
+    async fn export(&self, req: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
         let t = Instant::now();
+        let caller = self.caller("Export", t, &req)?;
+        self.admit(&caller, &Call::Export, "", t)?;
         let r = async {
             let s = self.ledger.export().await?;
             Ok(export_to(&s, &self.ledger))
@@ -287,7 +520,10 @@ impl pb::ipam_service_server::IpamService for IpamService {
     }
 
     async fn import(&self, req: Request<pb::ImportRequest>) -> Result<Response<pb::ImportResponse>, Status> {
+        const M: &str = "Import";
         let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        self.admit(&caller, &Call::Import, "backup", t)?;
         let r = async {
             let b = req
                 .into_inner()
@@ -301,6 +537,6 @@ impl pb::ipam_service_server::IpamService for IpamService {
             })
         }
         .await;
-        self.done("Import", t, r)
+        self.done_audited(&caller, M, "backup", t, r)
     }
 }

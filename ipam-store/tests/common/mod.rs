@@ -417,3 +417,26 @@ pub fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: toni
 pub fn write(path: &Path, text: &str) {
     File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
 }
+
+/// The grpcurl binary: `$CAIRN_BIN_DIR/grpcurl`, `$CAIRN_CACHE/bin/grpcurl` or
+/// `<workspace>/.cache/bin/grpcurl` (`e2e/tools/build.sh grpcurl` builds it there).
+pub fn grpcurl_bin() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut candidates = Vec::new();
+    if let Ok(d) = std::env::var("CAIRN_BIN_DIR") {
+        candidates.push(PathBuf::from(d).join("grpcurl"));
+    }
+    if let Ok(d) = std::env::var("CAIRN_CACHE") {
+        candidates.push(PathBuf::from(d).join("bin/grpcurl"));
+    }
+    candidates.push(workspace.join(".cache/bin/grpcurl"));
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "grpcurl not found (looked at {candidates:?}); build it with `e2e/tools/build.sh grpcurl` \
+         (or point CAIRN_BIN_DIR at a directory holding it)"
+    );
+}
