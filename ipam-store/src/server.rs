@@ -147,7 +147,11 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(IpamServiceServer::new(svc))
+        .add_service(
+            IpamServiceServer::new(svc)
+                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+        )
         // TCP_NODELAY on every accepted connection: with Nagle on (a plain TcpListenerStream), a
         // reply's last small write waits for the client's delayed ACK, ~40 ms (docs/benchmarks.md).
         .serve_with_incoming_shutdown(

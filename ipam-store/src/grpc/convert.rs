@@ -302,18 +302,18 @@ pub(super) fn export_to(s: &Snapshot, ledger: &Ledger) -> pb::ExportResponse {
             .iter()
             .map(|a| allocation_to(a, ledger.is_out_of_range(a)))
             .collect(),
-        quarantined: s
-            .quarantined
-            .iter()
-            .map(|q| pb::QuarantinedAddress {
-                network: q.network.clone(),
-                pool: q.pool.clone(),
-                address: q.address.to_string(),
-                until: Some(ts(q.until_ms)),
-                previous_owner: Some(owner_to(&q.previous_owner)),
-            })
-            .collect(),
+        quarantined: s.quarantined.iter().map(quarantined_to).collect(),
         exported_at: Some(ts(crate::ledger::now_ms())),
+    }
+}
+
+pub(super) fn quarantined_to(q: &Quarantined) -> pb::QuarantinedAddress {
+    pb::QuarantinedAddress {
+        network: q.network.clone(),
+        pool: q.pool.clone(),
+        address: q.address.to_string(),
+        until: Some(ts(q.until_ms)),
+        previous_owner: Some(owner_to(&q.previous_owner)),
     }
 }
 
