@@ -82,8 +82,11 @@ impl<W: Write> BackupWriter<W> {
         }
         self.section(k)?;
         for item in items {
-            self.w
-                .write_all(if self.in_section > 0 { b",\n    " } else { b"\n    " })?;
+            self.w.write_all(if self.in_section > 0 {
+                b",\n    "
+            } else {
+                b"\n    "
+            })?;
             serde_json::to_writer(&mut self.w, item)?;
             self.in_section += 1;
         }
@@ -110,8 +113,11 @@ impl<W: Write> BackupWriter<W> {
         );
         self.start(None)?;
         self.section(2)?;
-        self.w
-            .write_all(if self.in_section > 0 { b"\n  ]\n}\n" } else { b"]\n}\n" })?;
+        self.w.write_all(if self.in_section > 0 {
+            b"\n  ]\n}\n"
+        } else {
+            b"]\n}\n"
+        })?;
         self.w.flush()?;
         Ok(self.w)
     }
@@ -149,7 +155,10 @@ impl Sink<'_> {
 /// Parses a backup from `r`, sending it as ImportStream chunks (the last one marked `last`).
 /// Blocking: run it off the async runtime. On any error nothing marked `last` is sent, so the
 /// server writes nothing.
-pub(super) fn send_backup(r: impl std::io::Read, tx: &mpsc::Sender<pb::ImportChunk>) -> anyhow::Result<[usize; 3]> {
+pub(super) fn send_backup(
+    r: impl std::io::Read,
+    tx: &mpsc::Sender<pb::ImportChunk>,
+) -> anyhow::Result<[usize; 3]> {
     let mut sink = Sink {
         tx,
         cur: pb::ImportChunk::default(),
@@ -380,7 +389,10 @@ mod tests {
         assert_eq!((counts, chunks.len()), ([0, 0, 0], 1));
         assert!(chunks[0].last);
         let text = written(&pb::ExportResponse::default(), 10);
-        assert_eq!(serde_json::from_str::<pb::ExportResponse>(&text).unwrap(), pb::ExportResponse::default());
+        assert_eq!(
+            serde_json::from_str::<pb::ExportResponse>(&text).unwrap(),
+            pb::ExportResponse::default()
+        );
         let (_, counts) = parse_all(r#"{"networks": null, "exported_at": null}"#).unwrap();
         assert_eq!(counts, [0, 0, 0]);
     }

@@ -132,9 +132,10 @@ pub(super) async fn collect(mut s: Streaming<pb::ImportChunk>) -> Result<pb::Exp
     if !last {
         return Err(Collect::Refused(Error::invalid(
             "last",
-            format!("the stream ended after {chunks} chunk(s) without one with last = true (a truncated backup)"),
+            format!(
+                "the stream ended after {chunks} chunk(s) without one with last = true (a truncated backup)"
+            ),
         )));
     }
     Ok(b)
 }
-

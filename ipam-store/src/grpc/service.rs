@@ -307,7 +307,10 @@ impl pb::ipam_service_server::IpamService for IpamService {
 
     type ExportStreamStream = ExportStream;
 
-    async fn export_stream(&self, _req: Request<pb::ExportRequest>) -> Result<Response<ExportStream>, Status> {
+    async fn export_stream(
+        &self,
+        _req: Request<pb::ExportRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
         let t = Instant::now();
         let r = self.ledger.export_flagged().await;
         let (snap, flags) = self.done("ExportStream", t, r)?.into_inner();
