@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
-.PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache
+.PHONY: all build tools test test-unit test-e2e lint demo bench bench-smoke clean-cache reliability-backup
 
 all: build
 
@@ -45,6 +45,12 @@ bench: tools
 bench-smoke:
 	$(CARGO) test -p cairn-ipam --bench store -- --quick
 	$(CARGO) test -p cairn-ccm --bench burst -- --quick
+
+# Backups at 1M allocations: export + import through the CLI (release build), seconds and peak
+# RSS of CLI and servers; figures in docs/reliability.md. RELIABILITY_BACKUP_N to resize.
+RELIABILITY_BACKUP_N ?= 1000000
+reliability-backup:
+	CARGO=$(CARGO) scripts/reliability-backup.sh $(RELIABILITY_BACKUP_N)
 
 clean-cache:
 	rm -rf .cache
