@@ -627,7 +627,7 @@ pub async fn import(c: &ClientArgs, file: PathBuf) -> anyhow::Result<()> {
     // A parse error explains a refused stream better than the server's "ended without last".
     let parsed = parser.await.context("backup reader panicked")?.with_context(|| {
         format!(
-            "{}: not a valid cairn-ipam backup; nothing imported",
+            "{}: not a cairn-ipam backup (nothing imported)",
             file.display()
         )
     });
