@@ -625,12 +625,10 @@ pub async fn import(c: &ClientArgs, file: PathBuf) -> anyhow::Result<()> {
         .import_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
     // A parse error explains a refused stream better than the server's "ended without last".
-    let parsed = parser.await.context("backup reader panicked")?.with_context(|| {
-        format!(
-            "{}: not a cairn-ipam backup (nothing imported)",
-            file.display()
-        )
-    });
+    let parsed = parser
+        .await
+        .context("backup reader panicked")?
+        .with_context(|| format!("{}: not a cairn-ipam backup (nothing imported)", file.display()));
     let r = match (sent, parsed) {
         (Ok(r), Ok(_)) => r.into_inner(),
         (Err(e), Ok(_)) => return Err(status(e)),

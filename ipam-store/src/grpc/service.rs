@@ -280,8 +280,8 @@ impl pb::ipam_service_server::IpamService for IpamService {
     async fn export(&self, _req: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
         let t = Instant::now();
         let r = async {
-            let s = self.ledger.export().await?;
-            Ok(export_to(&s, &self.ledger))
+            let (s, flags) = self.ledger.export_flagged().await?;
+            Ok(export_to(&s, &flags))
         }
         .await;
         self.done("Export", t, r)
