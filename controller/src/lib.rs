@@ -15,6 +15,7 @@ pub mod context;
 pub mod crd;
 pub mod haproxy;
 pub mod ipam;
+pub mod k8s;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use cairn_ccm::run::{RunArgs, run};
-use clap::{Parser, Subcommand, ValueEnum};
+use cairn_runtime::{LogFormat, logging, shutdown_signal};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,12 +25,6 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
-
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
@@ -37,34 +32,6 @@ enum Cmd {
     Crd,
     /// Keep this cluster's HAProxy configured (run on the load-balancer host).
     HaproxyAgent(cairn_ccm::haproxy::AgentArgs),
-}
-
-fn init_logs(format: LogFormat) {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[tokio::main]
@@ -79,11 +46,11 @@ async fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Some(Cmd::HaproxyAgent(args)) => {
-            init_logs(cli.log_format);
+            logging::init(cli.log_format);
             cairn_ccm::haproxy::run(args, shutdown_signal()).await
         }
         None => {
-            init_logs(cli.log_format);
+            logging::init(cli.log_format);
             run(cli.run, shutdown_signal()).await
         }
     };

@@ -1,17 +1,13 @@
-//! Prometheus metrics of the controller (and the HAProxy agent), served at `/metrics`.
+//! Prometheus metrics of the controller, and the probe endpoints (`/metrics`, `/healthz`,
+//! `/readyz` on `--metrics-listen`) that the controller and the HAProxy agent both serve.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::Registry,
-};
+use cairn_runtime::{Endpoints, ProbeServer, Status};
+use tokio::sync::watch;
+
+use cairn_runtime::metrics::{Counter, Family, Gauge, Histogram, MetricsRegistry, exponential_buckets};
+use prometheus_client::encoding::EncodeLabelSet;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -26,7 +22,7 @@ struct ControllerLabels {
 
 /// The metrics.
 pub struct Metrics {
-    registry: Registry,
+    registry: MetricsRegistry,
     reconciles: Family<ReconcileLabels, Counter>,
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     /// Services waiting for a free address.
@@ -39,60 +35,35 @@ pub struct Metrics {
     pub orphans_released: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cairn_ccm");
-        let reconciles = Family::<ReconcileLabels, Counter>::default();
-        registry.register(
-            "reconciles",
-            "reconciles by controller and result",
-            reconciles.clone(),
-        );
-        let reconcile_seconds = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-        });
-        registry.register(
-            "reconcile_duration_seconds",
-            "reconcile latency",
-            reconcile_seconds.clone(),
-        );
-        let pending_services = Gauge::default();
-        registry.register(
-            "pending_services",
-            "LoadBalancer Services waiting for a free VIP",
-            pending_services.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register("leader", "1 while this replica leads", leader.clone());
-        let store_up = Gauge::default();
-        registry.register("store_up", "1 while the IPAM store answers", store_up.clone());
-        let orphans_released = Counter::default();
-        registry.register(
-            "orphans_released",
-            "orphaned allocations released by repair",
-            orphans_released.clone(),
-        );
+        let mut r = MetricsRegistry::with_prefix("cairn_ccm");
         Metrics {
-            registry,
-            reconciles,
-            reconcile_seconds,
-            pending_services,
-            leader,
-            store_up,
-            orphans_released,
+            reconciles: r.register(
+                "reconciles",
+                "reconciles by controller and result",
+                Family::default(),
+            ),
+            reconcile_seconds: r.register(
+                "reconcile_duration_seconds",
+                "reconcile latency",
+                Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
+            ),
+            pending_services: r.register(
+                "pending_services",
+                "LoadBalancer Services waiting for a free VIP",
+                Gauge::default(),
+            ),
+            leader: r.register("leader", "1 while this replica leads", Gauge::default()),
+            store_up: r.register("store_up", "1 while the IPAM store answers", Gauge::default()),
+            orphans_released: r.register(
+                "orphans_released",
+                "orphaned allocations released by repair",
+                Counter::default(),
+            ),
+            registry: r,
         }
-    }
-
-    /// Registry, for components that add their own metrics.
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
     }
 
     /// Records one reconcile.
@@ -107,10 +78,55 @@ impl Metrics {
 
     /// Text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        self.registry.render()
     }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A process's metrics, as its probe endpoints see them.
+pub trait Exposed: Send + Sync + 'static {
+    /// The `/metrics` text.
+    fn render(&self) -> String;
+
+    /// Whether the metrics say the process can serve, on top of its ready flag (default: yes).
+    fn serving(&self) -> bool {
+        true
+    }
+}
+
+impl Exposed for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
+/// `/metrics` from the metrics; `/readyz` while the ready flag is up and the metrics agree.
+struct Probes<M> {
+    metrics: Arc<M>,
+    ready: watch::Receiver<bool>,
+}
+
+impl<M: Exposed> Endpoints for Probes<M> {
+    async fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    async fn readiness(&self) -> Status {
+        Status::ready_if(*self.ready.borrow() && self.metrics.serving())
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (the `--metrics-listen` flag) until
+/// the returned server is stopped or dropped.
+pub async fn serve_probes<M: Exposed>(
+    addr: SocketAddr,
+    metrics: Arc<M>,
+    ready: watch::Receiver<bool>,
+) -> Result<ProbeServer, cairn_runtime::Error> {
+    ProbeServer::start("--metrics-listen", addr, Arc::new(Probes { metrics, ready })).await
 }

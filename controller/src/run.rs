@@ -9,25 +9,24 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use cairn_runtime::check_cluster_id;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
-    Api, Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        Controller, WatchStreamExt,
-        controller::Config as ControllerConfig,
-        reflector::{self, Store},
-        watcher,
-    },
+    Api,
+    runtime::{Controller, WatchStreamExt, controller::Config as ControllerConfig, watcher},
 };
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::{
-    context::Context, crd::ClusterNetwork, ipam::Ipam, metrics::Metrics, network, node, repair, service,
+    context::Context,
+    crd::ClusterNetwork,
+    ipam::Ipam,
+    k8s::{self, reflect, strip_managed_fields},
+    metrics::{Metrics, serve_probes},
+    network, node, repair, service,
 };
 
 /// Flags of the controller.
@@ -74,75 +73,6 @@ pub struct RunArgs {
     pub orphan_grace: u64,
 }
 
-/// Validates a cluster id the way the store does.
-pub fn check_cluster_id(id: &str) -> anyhow::Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        });
-    if !ok {
-        anyhow::bail!(
-            "--cluster-id: {id:?} must be 1-63 lowercase letters, digits, '-' or '.', starting and ending alphanumeric"
-        );
-    }
-    Ok(())
-}
-
-/// A client from `--kubeconfig`, or the default chain.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(p) => {
-            let kc = Kubeconfig::read_from(p).with_context(|| format!("--kubeconfig {}", p.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer()
-            .await
-            .context("no Kubernetes config found (in-cluster, KUBECONFIG, ~/.kube/config)")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
-#[derive(Clone)]
-struct Http {
-    metrics: Arc<Metrics>,
-    ready: tokio::sync::watch::Receiver<bool>,
-}
-
-async fn serve_http(
-    addr: SocketAddr,
-    http: Http,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(h): State<Http>| async move { h.metrics.render() }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(|State(h): State<Http>| async move {
-                if *h.ready.borrow() {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
-            }),
-        )
-        .with_state(http);
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics-listen {addr}"))?;
-    tracing::info!(addr = %l.local_addr()?, "serving /metrics, /healthz, /readyz");
-    axum::serve(l, app).with_graceful_shutdown(stop).await?;
-    Ok(())
-}
-
 /// Wakes pending Services whenever the store frees an address on any network (any cluster).
 async fn store_watch(ctx: Arc<Context>) {
     use cairn_proto::v1::WatchEventType as T;
@@ -171,42 +101,6 @@ async fn store_watch(ctx: Arc<Context>) {
     }
 }
 
-/// A reflector over `api`: its store, the object stream for `Controller::for_stream`, and a
-/// signal that turns true once the initial list is in the store.
-fn reflect<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    tokio::sync::watch::Receiver<bool>,
-)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let stream = watcher(api, cfg)
-        .default_backoff()
-        // No reconciler reads managedFields; dropping them halves the cache (~8 KiB a Service).
-        .modify(|o| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        // After `reflect`, so the store already holds the initial list when waiters wake.
-        .inspect(move |ev| {
-            if matches!(ev, Ok(watcher::Event::InitDone)) {
-                let _ = tx.send(true);
-            }
-        })
-        .applied_objects();
-    (reader, stream, rx)
-}
-
 /// Logs what a controller stream yields besides successful reconciles (watch failures,
 /// queue errors); reconcile errors themselves are logged by each `error_policy`.
 fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(
@@ -226,13 +120,13 @@ fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(
 /// Runs the controllers until `shutdown` resolves (or the lease is lost).
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let cluster_id = args.cluster_id.clone().context("--cluster-id is required")?;
-    check_cluster_id(&cluster_id)?;
+    check_cluster_id("--cluster-id", &cluster_id)?;
     if let Some(c) = &args.load_balancer_class
         && c.is_empty()
     {
         anyhow::bail!("--load-balancer-class: must not be empty");
     }
-    let client = client(args.kubeconfig.as_ref()).await?;
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let ipam = Ipam::new(&args.ipam_endpoint)?;
     let metrics = Arc::new(Metrics::new());
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
@@ -240,14 +134,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let http = tokio::spawn(serve_http(
-        args.metrics_listen,
-        Http {
-            metrics: metrics.clone(),
-            ready: ready_rx,
-        },
-        stopped(stop_rx.clone()),
-    ));
+    // Ready once this replica can serve: as a standby waiting for the lease, or leading.
+    let probes = serve_probes(args.metrics_listen, metrics.clone(), ready_rx).await?;
     let mut shutdown: BoxFuture<'static, ()> = shutdown.boxed();
 
     // Leader election.
@@ -278,7 +166,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
                     drop(rx);
                     let _ = task.await;
                     let _ = stop_tx.send(true);
-                    let _ = http.await;
+                    probes.stop().await;
                     return Ok(());
                 }
             }
@@ -292,17 +180,20 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     // wait on. (kube-runtime's `Store::wait_until_ready` wakes only the last of several
     // concurrent waiters, so reconcilers must not call it.)
     let cfg = ControllerConfig::default().concurrency(args.concurrency);
-    let (cn_store, cn_stream, mut cn_ready) = reflect(
+    let (cn_store, cn_events, mut cn_ready) = reflect(
         Api::<ClusterNetwork>::all(client.clone()),
         watcher::Config::default(),
+        strip_managed_fields,
     );
-    let (svc_store, svc_stream, svc_ready) = reflect(
+    let (svc_store, svc_events, svc_ready) = reflect(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().any_semantic(),
+        strip_managed_fields,
     );
-    let (node_store, node_stream, node_ready) = reflect(
+    let (node_store, node_events, node_ready) = reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().any_semantic(),
+        strip_managed_fields,
     );
     let (retrigger_tx, retrigger_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context::new(
@@ -316,7 +207,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     ));
 
     let networks = tokio::spawn(
-        Controller::for_stream(cn_stream, cn_store)
+        Controller::for_stream(cn_events.applied_objects(), cn_store)
             .with_config(cfg.clone())
             .graceful_shutdown_on(stopped(stop_rx.clone()))
             .run(network::reconcile, network::error_policy, ctx.clone())
@@ -327,12 +218,12 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         r = cn_ready.wait_for(|r| *r) => { r.context("ClusterNetwork watch ended")?; }
         () = &mut shutdown => {
             let _ = stop_tx.send(true);
-            let _ = http.await;
+            probes.stop().await;
             return Ok(());
         }
     }
     let services = tokio::spawn(
-        Controller::for_stream(svc_stream, svc_store.clone())
+        Controller::for_stream(svc_events.applied_objects(), svc_store.clone())
             .with_config(cfg.clone())
             .reconcile_on(UnboundedReceiverStream::new(retrigger_rx))
             .graceful_shutdown_on(stopped(stop_rx.clone()))
@@ -340,7 +231,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
             .for_each(log_result("service")),
     );
     let nodes = tokio::spawn(
-        Controller::for_stream(node_stream, node_store.clone())
+        Controller::for_stream(node_events.applied_objects(), node_store.clone())
             .with_config(cfg)
             .graceful_shutdown_on(stopped(stop_rx.clone()))
             .run(node::reconcile, node::error_policy, ctx.clone())
@@ -403,6 +294,6 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         drop(rx);
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let _ = http.await;
+    probes.stop().await;
     result
 }

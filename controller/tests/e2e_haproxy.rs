@@ -577,6 +577,16 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     assert_eq!(after, reloads + 1.0, "only the NotReady node caused a reload");
     set_ready(&client, "h1-b", "127.0.101.2", true).await;
     wait_all_answer(web, &["h1-a", "h1-b"]).await;
+    // The agent handles changes in order: once the rejoin's reload is counted, a reload the
+    // no-op patches might have caused would be counted too.
+    let rejoined = agent
+        .wait_metric("cairn_ccm_haproxy_reloads_total", |v| v > after)
+        .await;
+    assert_eq!(
+        rejoined,
+        reloads + 2.0,
+        "only the NotReady node and its return caused reloads"
+    );
 
     // 4. externalTrafficPolicy: Local — only nodes with a ready endpoint, health-checked on
     // healthCheckNodePort.
@@ -926,16 +936,24 @@ async fn two_clusters_share_a_pool_and_never_collide() {
     )
     .unwrap();
     let b_vips: Vec<SocketAddr> = vips.iter().filter(|(ci, _)| *ci == 1).map(|(_, v)| *v).collect();
-    let b_traffic = tokio::spawn(async move {
-        let mut failed = Vec::new();
-        for i in 0..300 {
-            let v = b_vips[i % b_vips.len()];
-            match get(v).await {
-                Ok(b) if b.starts_with("b-") => {}
-                other => failed.push(format!("{v}: {other:?}")),
+    // B's traffic runs until A serves again (at least 300 requests, bounded), so it spans the
+    // whole restart rather than maybe ending before it.
+    let a_back = Arc::new(AtomicBool::new(false));
+    let b_traffic = tokio::spawn({
+        let a_back = a_back.clone();
+        async move {
+            let mut failed = Vec::new();
+            let mut i = 0;
+            while (i < 300 || !a_back.load(Ordering::Relaxed)) && i < 100_000 {
+                let v = b_vips[i % b_vips.len()];
+                match get(v).await {
+                    Ok(b) if b.starts_with("b-") => {}
+                    other => failed.push(format!("{v}: {other:?}")),
+                }
+                i += 1;
             }
+            (i, failed)
         }
-        failed
     });
     eventually("A's HAProxy restarted", ACT, || async {
         match master.show_proc().await {
@@ -948,9 +966,11 @@ async fn two_clusters_share_a_pool_and_never_collide() {
     for (ci, vip) in vips.iter().filter(|(ci, _)| *ci == 0) {
         wait_all_answer(*vip, &own(*ci)).await;
     }
-    let failed = b_traffic.await.unwrap();
+    a_back.store(true, Ordering::Relaxed);
+    let (sent, failed) = b_traffic.await.unwrap();
+    assert!(sent < 100_000, "B's traffic hit its bound before A served again");
     assert!(
         failed.is_empty(),
-        "B's traffic failed while A's HAProxy restarted: {failed:?}"
+        "B's traffic failed while A's HAProxy restarted ({sent} requests): {failed:?}"
     );
 }

@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use cairn_e2e::eventually;
 use cairn_proto::v1 as pb;
 use common::*;
 use k8s_openapi::api::core::v1::Service;
-use kube::{Api, api::DeleteParams};
+use kube::{Api, ResourceExt, api::DeleteParams};
 use serde_json::json;
 
 fn owner(cluster: &str, name: &str) -> pb::Owner {
@@ -53,6 +55,18 @@ async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
     })
     .await
     .unwrap();
+    start_ccm(
+        &cp,
+        "ccm",
+        "cluster-r",
+        &store.endpoint,
+        &["--repair-interval", "1", "--orphan-grace", "3"],
+    );
+    // Once a Service is served the controller leads and its repair loop runs; only then are
+    // the orphans made, so the grace is timed from the first moment repair could see them.
+    create_lb(&client, "default", "alive", 80, json!({})).await;
+    wait_ingress(&client, "default", "alive", 1).await;
+    let orphaned = Instant::now();
     for o in [owner("cluster-r", "ghost"), owner("cluster-other", "ghost")] {
         c.allocate(pb::AllocateRequest {
             network: "net-r".into(),
@@ -62,16 +76,6 @@ async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
         .await
         .unwrap();
     }
-    let started = std::time::Instant::now();
-    start_ccm(
-        &cp,
-        "ccm",
-        "cluster-r",
-        &store.endpoint,
-        &["--repair-interval", "1", "--orphan-grace", "3"],
-    );
-    create_lb(&client, "default", "alive", 80, json!({})).await;
-    wait_ingress(&client, "default", "alive", 1).await;
     eventually("ghost released", ACT, || async {
         let held = store.allocations("cluster-r").await;
         if held.iter().any(|a| a.owner.as_ref().unwrap().name == "ghost") {
@@ -82,9 +86,10 @@ async fn repair_releases_only_this_clusters_orphans_after_the_grace() {
     })
     .await
     .unwrap();
+    let after = orphaned.elapsed();
     assert!(
-        started.elapsed().as_secs() >= 3,
-        "released before the orphan grace"
+        after >= Duration::from_secs(3),
+        "released {after:?} after the orphan appeared, before the 3 s orphan grace"
     );
     // Live owners and other clusters are never touched.
     assert!(
@@ -127,23 +132,46 @@ async fn store_outage_degrades_and_keeps_finalizers() {
     })
     .await
     .unwrap();
-    // Deleting a Service now cannot release its VIP: the finalizer holds it.
+    // Deleting a Service now cannot release its VIP: the finalizer must hold it through
+    // repeated failed attempts, not just until the controller first acts.
+    let metrics = ccm_metrics_addr(&cp, "ccm").await;
+    let before = service_reconcile_errors(&metrics).await;
     let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
     svcs.delete("web", &DeleteParams::default()).await.unwrap();
-    let s = svcs.get("web").await.unwrap();
-    assert!(s.metadata.deletion_timestamp.is_some());
-    assert!(
-        s.metadata
-            .finalizers
-            .unwrap_or_default()
-            .contains(&"cairn.dev/vip-release".to_string())
-    );
+    const ATTEMPTS: u64 = 4;
+    let deadline = Instant::now() + ACT;
+    loop {
+        // Counted first, so the Service read below is the state after those failures.
+        let failed = service_reconcile_errors(&metrics).await - before;
+        let s = svcs
+            .get_opt("web")
+            .await
+            .unwrap()
+            .expect("web was deleted while the store was down: its finalizer did not hold");
+        assert!(s.metadata.deletion_timestamp.is_some());
+        assert!(
+            s.finalizers().iter().any(|f| f == "cairn.dev/vip-release"),
+            "the finalizer was dropped while the store was down"
+        );
+        if failed >= ATTEMPTS {
+            // The VIP is still shown: nothing was cleared without a release.
+            assert_eq!(ingress(&s), ip, "the VIP was cleared without a release");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {failed} failed Service reconcile(s) within {ACT:?} of the delete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         cp.is_running("ccm"),
         "the controller must not crash while the store is down"
     );
 
     store.restart().await;
+    // The store still held the VIP after the outage: the controller releases it now.
+    wait_event(&client, "default", "web", "Released", &ip[0]).await;
     delete_and_wait_gone_already_deleting(&svcs, "web").await;
     assert!(
         store
@@ -158,6 +186,22 @@ async fn store_outage_degrades_and_keeps_finalizers() {
     })
     .await
     .unwrap();
+}
+
+/// Failed Service reconciles so far (every `cairn_ccm_reconciles_total` series of the service
+/// controller whose result is not `ok`), from the controller's `/metrics`.
+async fn service_reconcile_errors(addr: &str) -> u64 {
+    let (code, text) = http_get(addr, "/metrics").await.expect("GET /metrics");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(r#"cairn_ccm_reconciles_total{controller="service",result=""#))
+        .filter(|rest| !rest.starts_with("ok\""))
+        .map(|rest| {
+            let v = rest.rsplit(' ').next().unwrap_or_default();
+            v.parse::<f64>()
+                .unwrap_or_else(|e| panic!("bad sample {rest:?}: {e}")) as u64
+        })
+        .sum()
 }
 
 async fn delete_and_wait_gone_already_deleting(svcs: &Api<Service>, name: &str) {

@@ -1,4 +1,7 @@
 //! One control plane: etcd + kube-apiserver on loopback, with its own PKI, ports and temp dir.
+//!
+//! Longer than the house's ~600 lines on purpose: start-up, readiness, credentials and
+//! teardown of one plane share its private state, and splitting them would only spread it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 # Builds the real components the tests run against, from the Go module proxy, into a cache
 # keyed by version: .cache/bin/<name>-<version>. A second run finds them and returns at once.
 #
-#   e2e/tools/build.sh [etcd|kube-apiserver|kubectl|grpcurl|all]
+#   e2e/tools/build.sh [etcd|kube-apiserver|kubectl|grpcurl|promtool|all]
 #   e2e/tools/build.sh [metallb|kube-vip-cloud-provider]   # benchmark peers only; not in `all`
 #
 # Versions are pinned here and nowhere else; e2e/README.md explains the choice.
@@ -11,6 +11,8 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-1.36.3}     # matches k8s-openapi feature v1_36
 ETCD_VERSION=${ETCD_VERSION:-3.6.16}
 GRPCURL_VERSION=${GRPCURL_VERSION:-1.9.3}
+# promtool checks and unit-tests manifests/monitoring/ (`make check-monitoring`).
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-3.16.0}
 # Peers of the controller benchmark (controller/benches/burst.rs), never needed by the tests.
 # MetalLB 0.16.2 (the newest) does not build here: it requires github.com/metallb/frr-k8s
 # v0.0.27, whose zip this module proxy refuses (403 "This module version is not available").
@@ -113,6 +115,23 @@ build_grpcurl() {
   mv "$work/grpcurl-bin/grpcurl" "$out"
 }
 
+# promtool from the Prometheus module (Prometheus X.Y.Z is published as module v0.XYY.Z).
+# remove_all_sd leaves out the service-discovery plugins (cloud SDKs, client-go): rule checks
+# and rule unit tests do not use them, and they are most of the build.
+build_promtool() {
+  local out=$bin/promtool-v$PROMETHEUS_VERSION
+  [ -x "$out" ] && return 0
+  local major minor patch
+  IFS=. read -r major minor patch <<<"$PROMETHEUS_VERSION"
+  local mod; mod=$(printf 'v0.%d%02d.%d' "$major" "$minor" "$patch")
+  log "building promtool v$PROMETHEUS_VERSION (github.com/prometheus/prometheus $mod)"
+  GOBIN=$work/promtool-bin go install -trimpath -tags remove_all_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
+    "github.com/prometheus/prometheus/cmd/promtool@$mod"
+  check_version "version $PROMETHEUS_VERSION" "$work/promtool-bin/promtool" --version
+  mv "$work/promtool-bin/promtool" "$out"
+}
+
 # MetalLB's controller (binary `metallb-controller`) and its CRDs (`metallb-crds-v<version>/`,
 # the module zip's config/crd/bases). Its go.mod has no replace directives, so `go install`
 # builds it straight from the module.
@@ -158,6 +177,7 @@ case $what in
   etcd) build_etcd; link etcd "$bin/etcd-v$ETCD_VERSION" ;;
   kube-apiserver|kubectl) build_k8s "$what"; link "$what" "$bin/$what-v$K8S_VERSION" ;;
   grpcurl) build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION" ;;
+  promtool) build_promtool; link promtool "$bin/promtool-v$PROMETHEUS_VERSION" ;;
   metallb)
     build_metallb
     link metallb-controller "$bin/metallb-controller-v$METALLB_VERSION"
@@ -172,6 +192,7 @@ case $what in
     build_grpcurl; link grpcurl "$bin/grpcurl-v$GRPCURL_VERSION"
     build_k8s kube-apiserver; link kube-apiserver "$bin/kube-apiserver-v$K8S_VERSION"
     build_k8s kubectl; link kubectl "$bin/kubectl-v$K8S_VERSION"
+    build_promtool; link promtool "$bin/promtool-v$PROMETHEUS_VERSION"
     ;;
-  *) echo "usage: $0 [etcd|kube-apiserver|kubectl|grpcurl|all|metallb|kube-vip-cloud-provider]" >&2; exit 2 ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kubectl|grpcurl|promtool|all|metallb|kube-vip-cloud-provider]" >&2; exit 2 ;;
 esac

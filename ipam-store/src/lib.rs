@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod grpc;
@@ -24,5 +25,6 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -7,7 +7,8 @@ use cairn_ipam::{
     cli::{self, AllocCmd, ClientArgs, NetworkCmd},
     server::{ServeOptions, serve},
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use cairn_runtime::{LogFormat, parse_duration, shutdown_signal};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,12 +21,6 @@ struct Cli {
     client: ClientArgs,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -41,7 +36,7 @@ enum Cmd {
         /// Prometheus /metrics, /healthz and /readyz listen address.
         #[arg(long, env = "CAIRN_IPAM_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
-        /// Reuse grace for networks that set none, e.g. 30s, 5m.
+        /// Reuse grace for networks that set none, e.g. 30s, 5m (whole seconds).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         default_reuse_grace: Duration,
         /// sled page cache size in MiB.
@@ -80,54 +75,6 @@ enum Cmd {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(
-        s.trim()
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.trim().len()),
-    );
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s or 5m"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?}: unit must be s, m or h")),
-    };
-    Ok(Duration::from_secs(secs))
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    use std::io::IsTerminal as _;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -141,7 +88,11 @@ async fn main() -> ExitCode {
             addr_file,
             log_format,
         } => {
-            init_logs(log_format);
+            cairn_runtime::logging::init(log_format);
+            if default_reuse_grace.subsec_nanos() != 0 {
+                eprintln!("error: --default-reuse-grace: whole seconds only");
+                return ExitCode::from(2);
+            }
             let grace = u32::try_from(default_reuse_grace.as_secs()).unwrap_or(u32::MAX);
             if grace > cairn_ipam::model::MAX_REUSE_GRACE_SECS {
                 eprintln!("error: --default-reuse-grace: at most 7 days");

@@ -5,16 +5,8 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-    registry::Registry,
-};
+use cairn_runtime::metrics::{Counter, Family, Gauge, Histogram, MetricsRegistry, exponential_buckets};
+use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::ledger::{CommitObserver, Ledger};
 
@@ -39,7 +31,7 @@ struct PoolLabels {
 
 /// The store's metrics.
 pub struct Metrics {
-    registry: Registry,
+    registry: MetricsRegistry,
     rpcs: Family<RpcLabels, Counter>,
     rpc_seconds: Family<MethodLabels, Histogram>,
     commits: Counter,
@@ -49,61 +41,43 @@ pub struct Metrics {
     pool_addresses: Family<PoolLabels, Gauge<f64, AtomicU64>>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cairn_ipam");
-        let rpcs = Family::<RpcLabels, Counter>::default();
-        registry.register("rpc_requests", "gRPC calls by method and result", rpcs.clone());
-        let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
-        });
-        registry.register(
-            "rpc_duration_seconds",
-            "gRPC call latency, including the durable commit",
-            rpc_seconds.clone(),
-        );
-        let commits = Counter::default();
-        registry.register(
-            "commits",
-            "durable commit batches (one fsync each)",
-            commits.clone(),
-        );
-        let commit_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        registry.register(
-            "commit_duration_seconds",
-            "time to apply and fsync one batch",
-            commit_seconds.clone(),
-        );
-        let commit_requests = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        registry.register(
-            "commit_batch_requests",
-            "requests acknowledged by one fsync (group commit)",
-            commit_requests.clone(),
-        );
-        let allocations = Gauge::default();
-        registry.register("allocations", "allocations held", allocations.clone());
-        let pool_addresses = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "pool_addresses",
-            "addresses per network, pool, family and state",
-            pool_addresses.clone(),
-        );
+        let mut r = MetricsRegistry::with_prefix("cairn_ipam");
         Metrics {
-            registry,
-            rpcs,
-            rpc_seconds,
-            commits,
-            commit_seconds,
-            commit_requests,
-            allocations,
-            pool_addresses,
+            rpcs: r.register(
+                "rpc_requests",
+                "gRPC calls by method and result",
+                Family::default(),
+            ),
+            rpc_seconds: r.register(
+                "rpc_duration_seconds",
+                "gRPC call latency, including the durable commit",
+                Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 18))),
+            ),
+            commits: r.register(
+                "commits",
+                "durable commit batches (one fsync each)",
+                Counter::default(),
+            ),
+            commit_seconds: r.register(
+                "commit_duration_seconds",
+                "time to apply and fsync one batch",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            ),
+            commit_requests: r.register(
+                "commit_batch_requests",
+                "requests acknowledged by one fsync (group commit)",
+                Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            ),
+            allocations: r.register("allocations", "allocations held", Gauge::default()),
+            pool_addresses: r.register(
+                "pool_addresses",
+                "addresses per network, pool, family and state",
+                Family::default(),
+            ),
+            registry: r,
         }
     }
 
@@ -142,11 +116,13 @@ impl Metrics {
                 }
             }
         }
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        self.registry.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -299,13 +299,10 @@ pub fn check_dns_subdomain(field: &str, v: &str) -> Result<()> {
     }
 }
 
-/// Cluster ids: a DNS subdomain of at most 63 characters.
+/// Cluster ids: a DNS subdomain of at most 63 characters (the one rule, shared with
+/// `cairn-ccm --cluster-id`).
 pub fn check_cluster_id(field: &str, v: &str) -> Result<()> {
-    check_dns_subdomain(field, v)?;
-    if v.len() > 63 {
-        return Err(Error::invalid(field, "must be at most 63 characters"));
-    }
-    Ok(())
+    cairn_runtime::check_cluster_id(field, v).map_err(|e| Error::invalid(e.field, e.message))
 }
 
 /// Validates ports: 1..=65535, no duplicates. Returns them sorted.

@@ -4,8 +4,8 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
-use axum::{Router, extract::State, routing::get};
 use cairn_proto::v1::ipam_service_server::IpamServiceServer;
+use cairn_runtime::{Endpoints, ProbeServer, Status};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -32,20 +32,27 @@ pub struct ServeOptions {
     pub addr_file: Option<PathBuf>,
 }
 
-#[derive(Clone)]
-struct HttpState {
+/// What `/metrics`, `/healthz` and `/readyz` answer: the ledger's figures, and whether it
+/// still reads (a failed ledger is neither healthy nor ready).
+struct Probes {
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
 }
 
-async fn metrics_handler(State(s): State<HttpState>) -> String {
-    s.metrics.render(&s.ledger).await
-}
+impl Endpoints for Probes {
+    async fn metrics(&self) -> String {
+        self.metrics.render(&self.ledger).await
+    }
 
-async fn health_handler(State(s): State<HttpState>) -> (axum::http::StatusCode, &'static str) {
-    match s.ledger.usage(None).await {
-        Ok(_) => (axum::http::StatusCode::OK, "ok\n"),
-        Err(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "storage failure\n"),
+    async fn health(&self) -> Status {
+        match self.ledger.usage(None).await {
+            Ok(_) => Status::Ok("ok\n"),
+            Err(_) => Status::Unavailable("storage failure\n"),
+        }
+    }
+
+    async fn readiness(&self) -> Status {
+        self.health().await
     }
 }
 
@@ -92,31 +99,19 @@ pub async fn serve(
     let grpc_addr = listener.local_addr()?;
     let mut addrs = format!("grpc={grpc_addr}\n");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut probes = None;
     if let Some(m) = opts.metrics_listen {
-        let l = TcpListener::bind(m)
-            .await
-            .with_context(|| format!("binding --metrics-listen {m}"))?;
-        addrs.push_str(&format!("metrics={}\n", l.local_addr()?));
-        let app = Router::new()
-            .route("/metrics", get(metrics_handler))
-            .route("/healthz", get(health_handler))
-            .route("/readyz", get(health_handler))
-            .with_state(HttpState {
+        let p = ProbeServer::start(
+            "--metrics-listen",
+            m,
+            Arc::new(Probes {
                 ledger: ledger.clone(),
                 metrics: metrics.clone(),
-            });
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let r = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+            }),
+        )
+        .await?;
+        addrs.push_str(&format!("metrics={}\n", p.local_addr()));
+        probes = Some(p);
     }
     if let Some(f) = &opts.addr_file {
         // Written whole, then renamed, so a reader never sees half a file.
@@ -131,7 +126,6 @@ pub async fn serve(
         async move { ledger.failure().await }
     };
     let (fail_tx, mut fail_rx) = tokio::sync::oneshot::channel();
-    let mut rx = stop_rx.clone();
     let stop = async move {
         tokio::select! {
             () = shutdown => tracing::info!("shutting down"),
@@ -139,7 +133,6 @@ pub async fn serve(
                 tracing::error!(error = %e, "storage failure; stopping so a restart reloads from disk");
                 let _ = fail_tx.send(e);
             }
-            _ = rx.wait_for(|s| *s) => {}
         }
         let _ = stopping_tx.send(true);
     };
@@ -159,7 +152,9 @@ pub async fn serve(
             stop,
         )
         .await;
-    let _ = stop_tx.send(true);
+    if let Some(p) = probes {
+        p.stop().await;
+    }
     served.context("gRPC server")?;
     if let Ok(e) = fail_rx.try_recv() {
         anyhow::bail!("storage failure: {e}");

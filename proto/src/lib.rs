@@ -19,6 +19,8 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_ipam_v1_descriptor");
 }
 
+pub mod tls;
+
 pub use pbjson_types::Timestamp;
 
 /// Largest gRPC message the server and Cairn's clients send or accept (both directions), set

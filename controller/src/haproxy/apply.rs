@@ -455,7 +455,7 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
@@ -487,17 +487,30 @@ mod tests {
         assert_eq!(r.since(0).len(), RING);
     }
 
-    fn bin() -> Option<PathBuf> {
+    /// The `haproxy` binary these tests run. A missing or broken `haproxy` fails the test that
+    /// needs it, never passes it: there is no opt-out (`.ci/run` installs haproxy; so does
+    /// `apt-get install haproxy` on a developer machine).
+    pub(crate) fn require_haproxy() -> PathBuf {
         let b = default_bin();
-        std::process::Command::new(&b).arg("-v").output().ok().map(|_| b)
+        match std::process::Command::new(&b).arg("-v").output() {
+            Ok(out) if out.status.success() => b,
+            Ok(out) => panic!(
+                "`{} -v` failed ({}): this test needs a working haproxy\n{}",
+                b.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => panic!(
+                "cannot run `{}` ({e}): this test needs haproxy on PATH or at /usr/sbin/haproxy \
+                 (apt-get install haproxy; .ci/run installs it)",
+                b.display()
+            ),
+        }
     }
 
     #[tokio::test]
     async fn install_validates_then_swaps() {
-        let Some(bin) = bin() else {
-            eprintln!("haproxy not installed; skipped");
-            return;
-        };
+        let bin = require_haproxy();
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("haproxy.cfg");
         let h = Haproxy::new(

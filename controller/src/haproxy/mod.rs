@@ -4,7 +4,7 @@
 //! - [`render`] — the deterministic `haproxy.cfg` text (pure; golden-tested).
 //! - [`apply`] — `haproxy -c`, atomic swap, reload, and running HAProxy itself.
 //! - [`master`] — HAProxy's master CLI (`show proc`, `reload`, `show stat`).
-//! - [`agent`] — flags, watches, the loop, metrics and health endpoints.
+//! - [`agent`] — flags, watches, the loop, Events, metrics and probe endpoints.
 //!
 //! See `docs/haproxy.md` for running it on a load-balancer host.
 

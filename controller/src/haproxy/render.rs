@@ -355,15 +355,10 @@ mod tests {
         assert_eq!(r.frontends(), 6);
     }
 
-    /// The golden file is a configuration HAProxy accepts (when haproxy is installed; CI
-    /// installs it).
+    /// The golden file is a configuration HAProxy accepts (fails, not skips, without haproxy).
     #[test]
     fn haproxy_accepts_the_golden_config() {
-        let bin = crate::haproxy::apply::default_bin();
-        if std::process::Command::new(&bin).arg("-v").output().is_err() {
-            eprintln!("haproxy not installed; skipped");
-            return;
-        }
+        let bin = crate::haproxy::apply::tests::require_haproxy();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, sample().text).unwrap();

@@ -2,6 +2,7 @@
 //! `-o json` (proto3 JSON, the same as grpcurl prints) for scripts.
 
 mod backup;
+pub mod certs;
 mod file;
 
 use std::{

@@ -187,17 +187,12 @@ impl State {
             return Ok(*ip);
         }
         pool.first_free(family).ok_or_else(|| {
-            let q = net
-                .quarantine
-                .keys()
-                .filter(|ip| Family::of(ip) == family && pool.spans(ip))
-                .count();
             Error::Exhausted(format!(
                 "pool {:?} of network {:?} has no free {family} address ({} total, {} in reuse grace)",
                 pool.name,
                 net.rec.def.name,
                 pool.span[family.index()].len(),
-                q
+                pool.in_grace(family)
             ))
         })
     }
@@ -380,7 +375,13 @@ impl State {
                 ops.push(Op::DelQuarantine(network.to_string(), *ip));
             }
             net.pools[pi].take(ip);
-            net.holders.entry(*ip).or_default().push(key.to_string());
+            let holders = net.holders.entry(*ip).or_default();
+            if holders.is_empty()
+                && let Some(p) = net.pools.iter_mut().find(|p| p.spans(ip))
+            {
+                p.held[Family::of(ip).index()] += 1;
+            }
+            holders.push(key.to_string());
         }
         ops
     }

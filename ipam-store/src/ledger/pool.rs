@@ -26,6 +26,9 @@ pub(super) struct PoolState {
     pub(super) free: [RangeSet; 2],
     /// Allocations whose `pool` is this one.
     pub(super) allocations: usize,
+    /// Held addresses inside the span, per family (shared addresses once). Kept by the
+    /// transitions, so usage costs O(1): in grace = span − free − held.
+    pub(super) held: [u128; 2],
 }
 
 impl PoolState {
@@ -49,6 +52,7 @@ impl PoolState {
             free: span.clone(),
             span,
             allocations: 0,
+            held: [0, 0],
         }
     }
 
@@ -65,6 +69,12 @@ impl PoolState {
     /// The lowest free address of `family`.
     pub(super) fn first_free(&self, family: Family) -> Option<IpAddr> {
         self.free[family.index()].first().map(|v| from_u128(family, v))
+    }
+
+    /// Addresses of `family` taken out of the free set without being held: in a reuse grace.
+    pub(super) fn in_grace(&self, family: Family) -> u128 {
+        let f = family.index();
+        self.span[f].len() - self.free[f].len() - self.held[f]
     }
 
     /// Marks `ip` used; returns whether it was free.

@@ -92,12 +92,8 @@ impl State {
                     }
                     let total = p.span[f.index()].len();
                     let free = p.free[f.index()].len();
-                    let quarantined = net
-                        .quarantine
-                        .keys()
-                        .chain(self.released.keys())
-                        .filter(|ip| Family::of(ip) == f && p.spans(ip))
-                        .count() as u128;
+                    // O(1): the transitions keep the held count.
+                    let quarantined = p.in_grace(f);
                     let out_of_range = net
                         .out_of_range
                         .iter()

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use super::{Change, Outcome, state::State};
 use crate::{
+    alloc::addr::Family,
     error::{Error, Result},
     model::{Allocation, Owner, Quarantined},
     store::Op,
@@ -62,6 +63,9 @@ impl State {
         }
         net.holders.remove(ip);
         net.out_of_range.remove(ip);
+        if let Some(p) = net.pools.iter_mut().find(|p| p.spans(ip)) {
+            p.held[Family::of(ip).index()] -= 1;
+        }
         let grace = net.grace_ms(grace_default);
         if grace == 0 {
             // Back to whichever pool spans it now (none, if a shrink left it out of range).

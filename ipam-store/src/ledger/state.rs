@@ -10,7 +10,10 @@ use std::{
 
 use super::{pool::PoolState, quarantine::Quarantine, space::Spaces};
 use crate::{
-    alloc::{addr::AddrRange, sharing},
+    alloc::{
+        addr::{AddrRange, Family},
+        sharing,
+    },
     error::{Error, Result},
     model::{Allocation, MAX_REUSE_GRACE_SECS, NetworkRecord},
     store::{Op, Snapshot},
@@ -254,10 +257,14 @@ impl State {
     ) {
         for p in &mut net.pools {
             p.free = p.span.clone();
+            p.held = [0, 0];
         }
         net.out_of_range.clear();
         for (ip, keys) in &net.holders {
             for p in &mut net.pools {
+                if p.spans(ip) {
+                    p.held[Family::of(ip).index()] += 1;
+                }
                 p.take(ip);
             }
             let pool = keys.first().and_then(|k| allocs.get(k)).map(|a| a.pool.as_str());

@@ -57,13 +57,19 @@ impl Server {
 
     /// Starts a server with extra `serve` flags (added after the harness's own flags).
     pub async fn start_with(extra: &[&str]) -> Server {
+        Server::start_on(None, extra).await
+    }
+
+    /// Starts a server whose data directory is `data_dir` (default: inside its temporary
+    /// directory), with extra `serve` flags.
+    pub async fn start_on(data_dir: Option<&Path>, extra: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("cairn-ipam-test-")
             .tempdir()
             .unwrap();
         let root = dir.path().to_path_buf();
         let mut s = Server {
-            data_dir: root.join("data"),
+            data_dir: data_dir.map_or_else(|| root.join("data"), Path::to_path_buf),
             log: root.join("server.log"),
             addr_file: root.join("addrs"),
             root,

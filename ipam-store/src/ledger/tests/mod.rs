@@ -1,6 +1,7 @@
 //! Tests of the store's invariants on the pure state (one test per invariant of
 //! architecture.md §3, plus validation); a property test against a simple model
-//! (`model_check.rs`); the durable ledger over a failing engine (`durable.rs`).
+//! (`model_check.rs`); the durable ledger over a failing engine (`durable.rs`). One test per
+//! invariant reads best in one file, hence its length.
 
 mod durable;
 mod model_check;

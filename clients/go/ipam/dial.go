@@ -1,0 +1,178 @@
+// Package ipam is a thin Go client for the Cairn IPAM store (cairn.ipam.v1.IpamService).
+//
+// Dial opens a connection and returns a Client, which embeds the generated
+// ipamv1.IpamServiceClient: every RPC of the API is called on it directly. Errors returned by a
+// Client's calls are decoded into *Error values that wrap one of the sentinel errors of this
+// package (ErrExhausted, ErrConflict, ...), so callers branch with errors.Is. Errors from a
+// connection made elsewhere can be decoded with DecodeError.
+//
+// The connection is plaintext unless WithTLS or WithTLSConfig is given. The store serves
+// plaintext today; its TLS/mTLS listener lands with issue 12, and the TLS options here are what
+// a client will then use (the server's CA, and a client certificate for mutual TLS).
+package ipam
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	ipamv1 "cairn.dev/clients/go/ipam/v1"
+)
+
+// Client is a connection to the store. All of ipamv1.IpamServiceClient's methods are available
+// on it; their errors wrap this package's sentinel errors.
+type Client struct {
+	ipamv1.IpamServiceClient
+	conn *grpc.ClientConn
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Conn is the underlying connection (for health checks or other services).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
+type options struct {
+	tls      *tls.Config
+	tlsErr   error
+	dialOpts []grpc.DialOption
+}
+
+// Option configures Dial.
+type Option func(*options)
+
+// WithTLS connects over TLS. caFile is a PEM bundle the server's certificate must chain to
+// (empty: the system roots). certFile and keyFile are a PEM client certificate and its key for
+// mutual TLS; give both or neither. The server's TLS/mTLS listener arrives with issue 12.
+func WithTLS(caFile, certFile, keyFile string) Option {
+	return func(o *options) {
+		cfg, err := tlsConfig(caFile, certFile, keyFile)
+		if err != nil {
+			o.tlsErr = err
+			return
+		}
+		o.tls = cfg
+	}
+}
+
+// WithTLSConfig connects over TLS with a configuration built by the caller.
+func WithTLSConfig(cfg *tls.Config) Option {
+	return func(o *options) {
+		if cfg == nil {
+			o.tlsErr = errors.New("ipam: WithTLSConfig: nil *tls.Config")
+			return
+		}
+		o.tls = cfg.Clone()
+	}
+}
+
+// WithDialOptions passes extra options to grpc.NewClient (interceptors, keepalive, ...).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(o *options) { o.dialOpts = append(o.dialOpts, opts...) }
+}
+
+func tlsConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("ipam: TLS CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ipam: TLS CA file %s: no PEM certificate found", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	switch {
+	case certFile != "" && keyFile != "":
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("ipam: TLS client certificate (%s, %s): %w", certFile, keyFile, err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	case certFile != "":
+		return nil, fmt.Errorf("ipam: TLS client key file: required with certificate file %s", certFile)
+	case keyFile != "":
+		return nil, fmt.Errorf("ipam: TLS client certificate file: required with key file %s", keyFile)
+	}
+	return cfg, nil
+}
+
+// Dial returns a Client for target: "host:port" or any grpc.NewClient target, or a URL as the
+// Rust tools take it (CAIRN_IPAM_ENDPOINT): "http://host:port" is plaintext, "https://host:port"
+// is TLS (the system's roots unless WithTLS/WithTLSConfig say otherwise). Like grpc.NewClient
+// it does not wait for the connection: the first call does.
+func Dial(target string, opts ...Option) (*Client, error) {
+	if target == "" {
+		return nil, errors.New("ipam: target: must not be empty")
+	}
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.tlsErr != nil {
+		return nil, o.tlsErr
+	}
+	if rest, ok := strings.CutPrefix(target, "http://"); ok {
+		if o.tls != nil {
+			return nil, fmt.Errorf("ipam: target %q: http:// is plaintext, but TLS options were given (use https://)", target)
+		}
+		target = strings.TrimSuffix(rest, "/")
+	} else if rest, ok := strings.CutPrefix(target, "https://"); ok {
+		if o.tls == nil {
+			o.tls = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		target = strings.TrimSuffix(rest, "/")
+	}
+	if target == "" {
+		return nil, errors.New("ipam: target: no host:port")
+	}
+	creds := insecure.NewCredentials()
+	if o.tls != nil {
+		creds = credentials.NewTLS(o.tls)
+	}
+	dialOpts := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
+		grpc.WithChainUnaryInterceptor(decodeUnary),
+		grpc.WithChainStreamInterceptor(decodeStream),
+	}, o.dialOpts...)
+	conn, err := grpc.NewClient(target, dialOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("ipam: dial %s: %w", target, err)
+	}
+	return &Client{IpamServiceClient: ipamv1.NewIpamServiceClient(conn), conn: conn}, nil
+}
+
+func decodeUnary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	return DecodeError(invoker(ctx, method, req, reply, cc, opts...))
+}
+
+func decodeStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	s, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil {
+		return nil, DecodeError(err)
+	}
+	return decodingStream{s}, nil
+}
+
+// decodingStream decodes the errors of a server stream (WatchAllocations); io.EOF, the normal
+// end of a stream, passes through unchanged.
+type decodingStream struct{ grpc.ClientStream }
+
+func (s decodingStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err == nil || errors.Is(err, io.EOF) {
+		return err
+	}
+	return DecodeError(err)
+}
