@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
-.PHONY: all build toolchain tools test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache reliability \
+.PHONY: all build toolchain tools test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache reliability reliability-backup \
 	test-go check-go-generated check-monitoring fuzz fuzz-smoke
 
 all: build
@@ -118,6 +118,12 @@ fuzz:
 fuzz-smoke:
 	for t in $(FUZZ_TARGETS); do \
 		$(FUZZ_CARGO) fuzz run $$t -- -runs=20000 -max_total_time=20 $(FUZZ_FLAGS) || exit 1; done
+
+# Backups at 1M allocations: export + import through the CLI (release build), seconds and peak
+# RSS of CLI and servers; figures in docs/reliability.md. RELIABILITY_BACKUP_N to resize.
+RELIABILITY_BACKUP_N ?= 1000000
+reliability-backup:
+	CARGO=$(CARGO) scripts/reliability-backup.sh $(RELIABILITY_BACKUP_N)
 
 clean-cache:
 	rm -rf .cache

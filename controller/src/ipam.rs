@@ -129,7 +129,9 @@ impl Ipam {
             .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Ipam {
-            client: IpamServiceClient::new(ch),
+            client: IpamServiceClient::new(ch)
+                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
         })
     }
 

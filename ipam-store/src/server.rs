@@ -181,7 +181,11 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(IpamServiceServer::new(svc));
+        .add_service(
+            IpamServiceServer::new(svc)
+                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+        );
     let served = match tls {
         Some((tls, _)) => {
             let mut stopping = stopping_rx;

@@ -213,6 +213,18 @@ async fn cluster_identity_acts_only_for_its_own_owners() {
         Code::PermissionDenied,
         &["cluster/a", "Export"],
     );
+    // The streaming backups too.
+    assert_status(
+        a.export_stream(pb::ExportRequest {}).await.map(|_| ()),
+        Code::PermissionDenied,
+        &["cluster/a", "Export"],
+    );
+    assert_status(
+        a.import_stream(futures::stream::iter(vec![pb::ImportChunk::default()]))
+            .await,
+        Code::PermissionDenied,
+        &["cluster/a", "Import"],
+    );
     let backup = cloud.export(pb::ExportRequest {}).await.unwrap().into_inner();
     assert_status(
         a.import(pb::ImportRequest {

@@ -22,4 +22,8 @@ pub mod v1 {
 pub mod tls;
 
 pub use pbjson_types::Timestamp;
+
+/// Largest gRPC message the server and Cairn's clients send or accept (both directions), set
+/// explicitly everywhere instead of tonic's 4 MiB receive default; documented in the proto.
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 pub use v1::*;

@@ -108,6 +108,10 @@ func tlsConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
 	return cfg, nil
 }
 
+// MaxMessageSize is the largest message the store and this client send or accept (16 MiB, as
+// documented in the proto); grpc-go's receive default is 4 MiB.
+const MaxMessageSize = 16 << 20
+
 // Dial returns a Client for target: "host:port" or any grpc.NewClient target, or a URL as the
 // Rust tools take it (CAIRN_IPAM_ENDPOINT): "http://host:port" is plaintext, "https://host:port"
 // is TLS (the system's roots unless WithTLS/WithTLSConfig say otherwise). Like grpc.NewClient
@@ -143,6 +147,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	}
 	dialOpts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize), grpc.MaxCallSendMsgSize(MaxMessageSize)),
 		grpc.WithChainUnaryInterceptor(decodeUnary),
 		grpc.WithChainStreamInterceptor(decodeStream),
 	}, o.dialOpts...)

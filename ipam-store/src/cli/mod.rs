@@ -1,10 +1,15 @@
 //! Admin subcommands: a gRPC client of a running `cairn-ipam serve`. Human tables by default,
 //! `-o json` (proto3 JSON, the same as grpcurl prints) for scripts.
 
+mod backup;
 pub mod certs;
 pub mod file;
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    io::{BufWriter, Write},
+    net::IpAddr,
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, bail};
 use cairn_proto::{
@@ -212,7 +217,9 @@ async fn connect(c: &ClientArgs) -> anyhow::Result<IpamServiceClient<Channel>> {
         .connect()
         .await
         .with_context(|| format!("connecting to the store at {endpoint}"))?;
-    Ok(IpamServiceClient::new(ch))
+    Ok(IpamServiceClient::new(ch)
+        .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
@@ -588,43 +595,79 @@ pub async fn usage(c: &ClientArgs, network: Option<String>) -> anyhow::Result<()
     Ok(())
 }
 
-/// Runs `export`: writes the backup (proto3 JSON) to `file` or standard output.
+/// Runs `export`: streams a point-in-time backup (proto3 JSON, see `backup.rs`) to `file`
+/// (written to `FILE.tmp`, renamed when complete) or standard output (`None` or `-`).
 pub async fn export(c: &ClientArgs, file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut cl = connect(c).await?;
-    let r = cl
-        .export(pb::ExportRequest {})
+    let mut stream = cl
+        .export_stream(pb::ExportRequest {})
         .await
         .map_err(status)?
         .into_inner();
-    let text = serde_json::to_string_pretty(&r)?;
-    match file {
+    let file = file.filter(|f| f.as_os_str() != "-");
+    let (out, tmp): (Box<dyn Write + Send>, _) = match &file {
         Some(f) => {
             let tmp = f.with_extension("tmp");
-            std::fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &f).with_context(|| format!("writing {}", f.display()))?;
-            eprintln!(
-                "exported {} network(s), {} allocation(s) to {}",
-                r.networks.len(),
-                r.allocations.len(),
-                f.display()
-            );
+            let w = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            (Box::new(w), Some(tmp))
         }
-        None => println!("{text}"),
+        None => (Box::new(std::io::stdout()), None),
+    };
+    let mut w = backup::BackupWriter::new(BufWriter::with_capacity(1 << 20, out));
+    let written = async {
+        while let Some(chunk) = stream.message().await.map_err(status)? {
+            w.chunk(&chunk)?;
+        }
+        let counts = w.counts;
+        w.finish()?.into_inner().map_err(|e| e.into_error())?.flush()?;
+        anyhow::Ok(counts)
     }
+    .await;
+    let counts = match (written, &tmp) {
+        (Ok(n), _) => n,
+        (Err(e), Some(tmp)) => {
+            let _ = std::fs::remove_file(tmp);
+            return Err(e.context("export failed; no backup written"));
+        }
+        (Err(e), None) => return Err(e.context("export failed; the output is incomplete")),
+    };
+    if let (Some(f), Some(tmp)) = (&file, &tmp) {
+        std::fs::rename(tmp, f).with_context(|| format!("writing {}", f.display()))?;
+    }
+    eprintln!(
+        "exported {} network(s), {} allocation(s), {} quarantined address(es){}",
+        counts[0],
+        counts[1],
+        counts[2],
+        file.map(|f| format!(" to {}", f.display())).unwrap_or_default()
+    );
     Ok(())
 }
 
-/// Runs `import`: restores a backup into an empty store.
+/// Runs `import`: streams a backup from `file` (`-`: standard input) into an empty store.
+/// The server imports nothing unless the whole file parsed and validated.
 pub async fn import(c: &ClientArgs, file: PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let backup: pb::ExportResponse = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a cairn-ipam backup", file.display()))?;
+    let input: Box<dyn std::io::Read + Send> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(&file).with_context(|| format!("reading {}", file.display()))?)
+    };
     let mut cl = connect(c).await?;
-    let r = cl
-        .import(pb::ImportRequest { backup: Some(backup) })
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let parser = tokio::task::spawn_blocking(move || backup::send_backup(input, &tx));
+    let sent = cl
+        .import_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    // A parse error explains a refused stream better than the server's "ended without last".
+    let parsed = parser
         .await
-        .map_err(status)?
-        .into_inner();
+        .context("backup reader panicked")?
+        .with_context(|| format!("{}: not a cairn-ipam backup (nothing imported)", file.display()));
+    let r = match (sent, parsed) {
+        (Ok(r), Ok(_)) => r.into_inner(),
+        (Err(e), Ok(_)) => return Err(status(e)),
+        (_, Err(e)) => return Err(e),
+    };
     match c.output {
         Output::Json => print_json(&r)?,
         Output::Table => println!(

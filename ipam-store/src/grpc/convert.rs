@@ -6,7 +6,7 @@ use cairn_proto::v1 as pb;
 use crate::{
     alloc::addr::Family,
     error::Error,
-    ledger::{Ledger, ListFilter, Usage},
+    ledger::{ListFilter, Usage},
     model::{
         self, Allocation, NetworkDef, NetworkRecord, Owner, OwnerKind, PoolDef, Port, Protocol, Purpose,
         Quarantined,
@@ -293,27 +293,28 @@ pub(super) fn usage_to(u: &Usage) -> pb::PoolUsage {
     }
 }
 
-/// Builds an `ExportResponse` from a snapshot.
-pub(super) fn export_to(s: &Snapshot, ledger: &Ledger) -> pb::ExportResponse {
+/// Builds an `ExportResponse` from a snapshot and its allocations' out-of-range flags.
+pub(super) fn export_to(s: &Snapshot, flags: &[bool]) -> pb::ExportResponse {
     pb::ExportResponse {
         networks: s.networks.iter().map(network_to).collect(),
         allocations: s
             .allocations
             .iter()
-            .map(|a| allocation_to(a, ledger.is_out_of_range(a)))
+            .zip(flags.iter().copied().chain(std::iter::repeat(false)))
+            .map(|(a, oor)| allocation_to(a, oor))
             .collect(),
-        quarantined: s
-            .quarantined
-            .iter()
-            .map(|q| pb::QuarantinedAddress {
-                network: q.network.clone(),
-                pool: q.pool.clone(),
-                address: q.address.to_string(),
-                until: Some(ts(q.until_ms)),
-                previous_owner: Some(owner_to(&q.previous_owner)),
-            })
-            .collect(),
+        quarantined: s.quarantined.iter().map(quarantined_to).collect(),
         exported_at: Some(ts(crate::ledger::now_ms())),
+    }
+}
+
+pub(super) fn quarantined_to(q: &Quarantined) -> pb::QuarantinedAddress {
+    pb::QuarantinedAddress {
+        network: q.network.clone(),
+        pool: q.pool.clone(),
+        address: q.address.to_string(),
+        until: Some(ts(q.until_ms)),
+        previous_owner: Some(owner_to(&q.previous_owner)),
     }
 }
 

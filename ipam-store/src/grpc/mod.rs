@@ -1,7 +1,9 @@
 //! The `cairn.ipam.v1.IpamService` edge: parses requests into domain types (naming each bad
-//! field, `convert.rs`), calls the ledger (`service.rs`), streams watches (`watch.rs`), and
-//! maps [`Error`] to `tonic::Status` here, once — nothing else lives in this layer.
+//! field, `convert.rs`), calls the ledger (`service.rs`), streams watches (`watch.rs`) and
+//! backups (`backup.rs`), and maps [`Error`] to `tonic::Status` here, once — nothing else
+//! lives in this layer.
 
+mod backup;
 mod convert;
 mod service;
 mod watch;

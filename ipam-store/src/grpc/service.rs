@@ -11,9 +11,10 @@ use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use cairn_proto::v1 as pb;
 use futures::StreamExt as _;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{
+    backup::{self, Collect, ExportStream},
     convert::*,
     status,
     watch::{self, WatchStream},
@@ -512,8 +513,8 @@ impl pb::ipam_service_server::IpamService for IpamService {
         let caller = self.caller("Export", t, &req)?;
         self.admit(&caller, &Call::Export, "", t)?;
         let r = async {
-            let s = self.ledger.export().await?;
-            Ok(export_to(&s, &self.ledger))
+            let (s, flags) = self.ledger.export_flagged().await?;
+            Ok(export_to(&s, &flags))
         }
         .await;
         self.done("Export", t, r)
@@ -529,6 +530,53 @@ impl pb::ipam_service_server::IpamService for IpamService {
                 .into_inner()
                 .backup
                 .ok_or_else(|| Error::invalid("backup", "is required"))?;
+            let snap = import_from(b)?;
+            let (networks, allocations) = self.ledger.import(snap, self.default_grace_secs).await?;
+            Ok(pb::ImportResponse {
+                networks,
+                allocations,
+            })
+        }
+        .await;
+        self.done_audited(&caller, M, "backup", t, r)
+    }
+
+    type ExportStreamStream = ExportStream;
+
+    async fn export_stream(&self, req: Request<pb::ExportRequest>) -> Result<Response<ExportStream>, Status> {
+        let t = Instant::now();
+        let caller = self.caller("ExportStream", t, &req)?;
+        self.admit(&caller, &Call::Export, "", t)?;
+        let r = self.ledger.export_flagged().await;
+        let (snap, flags) = self.done("ExportStream", t, r)?.into_inner();
+        tracing::info!(
+            networks = snap.networks.len(),
+            allocations = snap.allocations.len(),
+            quarantined = snap.quarantined.len(),
+            snapshot_ms = t.elapsed().as_millis() as u64,
+            "export stream: snapshot taken, streaming without the ledger lock"
+        );
+        Ok(Response::new(backup::export_stream(snap, flags)))
+    }
+
+    async fn import_stream(
+        &self,
+        req: Request<Streaming<pb::ImportChunk>>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        const M: &str = "ImportStream";
+        let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        self.admit(&caller, &Call::Import, "backup", t)?;
+        let b = match backup::collect(req.into_inner()).await {
+            Ok(b) => b,
+            Err(Collect::Refused(e)) => return self.done_audited(&caller, M, "backup", t, Err(e)),
+            Err(Collect::Stream(s)) => {
+                tracing::warn!(status = %s.message(), "import stream broken off by the client; nothing written");
+                self.metrics.observe_rpc("ImportStream", "aborted", t.elapsed());
+                return Err(s);
+            }
+        };
+        let r = async {
             let snap = import_from(b)?;
             let (networks, allocations) = self.ledger.import(snap, self.default_grace_secs).await?;
             Ok(pb::ImportResponse {

@@ -242,6 +242,17 @@ impl Ledger {
         self.read(|st| Ok(st.snapshot())).await
     }
 
+    /// Everything, for a streamed backup, with each allocation's out-of-range flag, all from
+    /// one point in time. Holds the lock only for the copy; callers stream from it afterwards.
+    pub async fn export_flagged(&self) -> Result<(Snapshot, Vec<bool>)> {
+        self.read(|st| {
+            let s = st.snapshot();
+            let flags = s.allocations.iter().map(|a| st.is_out_of_range(a)).collect();
+            Ok((s, flags))
+        })
+        .await
+    }
+
     /// Restores a backup into an empty ledger, after checking it as a whole.
     pub async fn import(&self, snap: Snapshot, default_grace_secs: u32) -> Result<(u64, u64)> {
         self.mutate(|st, _seq, now| {

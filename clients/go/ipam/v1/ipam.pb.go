@@ -11,6 +11,13 @@
 //   RESOURCE_EXHAUSTED  no free address is left in the selected pool(s) for a family.
 //   UNAVAILABLE         a transient fault (the store is shutting down, the disk failed a write);
 //                       retry with backoff.
+//
+// Message size: the server, the cairn-ipam CLI and cairn-ccm accept and send messages up to
+// 16 MiB each (gRPC's usual default is 4 MiB); a larger message fails with OUT_OF_RANGE
+// (RESOURCE_EXHAUSTED from grpc-go clients) and nothing is written. Every list that grows with the store
+// is paginated or streamed in bounded chunks (ListAllocations, WatchAllocations, ExportStream,
+// ImportStream), so the limit never caps the store's size.
+//
 // Nothing is written when a call fails. Every successful mutating call is flushed to disk
 // before its reply is sent.
 
@@ -2173,6 +2180,167 @@ func (x *ExportResponse) GetExportedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// One piece of an ExportStream. Concatenating the lists of every chunk gives an
+// ExportResponse.
+type ExportChunk struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Networks    []*Network             `protobuf:"bytes,1,rep,name=networks,proto3" json:"networks,omitempty"`
+	Allocations []*Allocation          `protobuf:"bytes,2,rep,name=allocations,proto3" json:"allocations,omitempty"`
+	Quarantined []*QuarantinedAddress  `protobuf:"bytes,3,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
+	// Set on the first chunk only.
+	ExportedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=exported_at,json=exportedAt,proto3" json:"exported_at,omitempty"`
+	// True on the final chunk only: the snapshot is complete.
+	Last          bool `protobuf:"varint,5,opt,name=last,proto3" json:"last,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportChunk) Reset() {
+	*x = ExportChunk{}
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportChunk) ProtoMessage() {}
+
+func (x *ExportChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportChunk.ProtoReflect.Descriptor instead.
+func (*ExportChunk) Descriptor() ([]byte, []int) {
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ExportChunk) GetNetworks() []*Network {
+	if x != nil {
+		return x.Networks
+	}
+	return nil
+}
+
+func (x *ExportChunk) GetAllocations() []*Allocation {
+	if x != nil {
+		return x.Allocations
+	}
+	return nil
+}
+
+func (x *ExportChunk) GetQuarantined() []*QuarantinedAddress {
+	if x != nil {
+		return x.Quarantined
+	}
+	return nil
+}
+
+func (x *ExportChunk) GetExportedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExportedAt
+	}
+	return nil
+}
+
+func (x *ExportChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
+}
+
+// One piece of an ImportStream; the same fields as ExportChunk, so an export can be sent back
+// chunk by chunk. Records may be split across chunks in any way; indices in error messages
+// (e.g. "backup.allocations[70000]") count across the whole stream.
+type ImportChunk struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Networks    []*Network             `protobuf:"bytes,1,rep,name=networks,proto3" json:"networks,omitempty"`
+	Allocations []*Allocation          `protobuf:"bytes,2,rep,name=allocations,proto3" json:"allocations,omitempty"`
+	Quarantined []*QuarantinedAddress  `protobuf:"bytes,3,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
+	// Ignored.
+	ExportedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=exported_at,json=exportedAt,proto3" json:"exported_at,omitempty"`
+	// Required on the final chunk: marks the backup complete. Chunks after it are refused.
+	Last          bool `protobuf:"varint,5,opt,name=last,proto3" json:"last,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportChunk) Reset() {
+	*x = ImportChunk{}
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportChunk) ProtoMessage() {}
+
+func (x *ImportChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportChunk.ProtoReflect.Descriptor instead.
+func (*ImportChunk) Descriptor() ([]byte, []int) {
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ImportChunk) GetNetworks() []*Network {
+	if x != nil {
+		return x.Networks
+	}
+	return nil
+}
+
+func (x *ImportChunk) GetAllocations() []*Allocation {
+	if x != nil {
+		return x.Allocations
+	}
+	return nil
+}
+
+func (x *ImportChunk) GetQuarantined() []*QuarantinedAddress {
+	if x != nil {
+		return x.Quarantined
+	}
+	return nil
+}
+
+func (x *ImportChunk) GetExportedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExportedAt
+	}
+	return nil
+}
+
+func (x *ImportChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
+}
+
 type ImportRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Backup        *ExportResponse        `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
@@ -2182,7 +2350,7 @@ type ImportRequest struct {
 
 func (x *ImportRequest) Reset() {
 	*x = ImportRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2362,7 @@ func (x *ImportRequest) String() string {
 func (*ImportRequest) ProtoMessage() {}
 
 func (x *ImportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2375,7 @@ func (x *ImportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRequest.ProtoReflect.Descriptor instead.
 func (*ImportRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{27}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ImportRequest) GetBackup() *ExportResponse {
@@ -2227,7 +2395,7 @@ type ImportResponse struct {
 
 func (x *ImportResponse) Reset() {
 	*x = ImportResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2407,7 @@ func (x *ImportResponse) String() string {
 func (*ImportResponse) ProtoMessage() {}
 
 func (x *ImportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2420,7 @@ func (x *ImportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportResponse.ProtoReflect.Descriptor instead.
 func (*ImportResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{28}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ImportResponse) GetNetworks() uint64 {
@@ -2426,7 +2594,21 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\vallocations\x18\x02 \x03(\v2\x19.cairn.ipam.v1.AllocationR\vallocations\x12C\n" +
 	"\vquarantined\x18\x03 \x03(\v2!.cairn.ipam.v1.QuarantinedAddressR\vquarantined\x12;\n" +
 	"\vexported_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"exportedAt\"F\n" +
+	"exportedAt\"\x94\x02\n" +
+	"\vExportChunk\x122\n" +
+	"\bnetworks\x18\x01 \x03(\v2\x16.cairn.ipam.v1.NetworkR\bnetworks\x12;\n" +
+	"\vallocations\x18\x02 \x03(\v2\x19.cairn.ipam.v1.AllocationR\vallocations\x12C\n" +
+	"\vquarantined\x18\x03 \x03(\v2!.cairn.ipam.v1.QuarantinedAddressR\vquarantined\x12;\n" +
+	"\vexported_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"exportedAt\x12\x12\n" +
+	"\x04last\x18\x05 \x01(\bR\x04last\"\x94\x02\n" +
+	"\vImportChunk\x122\n" +
+	"\bnetworks\x18\x01 \x03(\v2\x16.cairn.ipam.v1.NetworkR\bnetworks\x12;\n" +
+	"\vallocations\x18\x02 \x03(\v2\x19.cairn.ipam.v1.AllocationR\vallocations\x12C\n" +
+	"\vquarantined\x18\x03 \x03(\v2!.cairn.ipam.v1.QuarantinedAddressR\vquarantined\x12;\n" +
+	"\vexported_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"exportedAt\x12\x12\n" +
+	"\x04last\x18\x05 \x01(\bR\x04last\"F\n" +
 	"\rImportRequest\x125\n" +
 	"\x06backup\x18\x01 \x01(\v2\x1d.cairn.ipam.v1.ExportResponseR\x06backup\"N\n" +
 	"\x0eImportResponse\x12\x1a\n" +
@@ -2460,7 +2642,7 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x17WATCH_EVENT_TYPE_SYNCED\x10\x02\x12\x1a\n" +
 	"\x16WATCH_EVENT_TYPE_ADDED\x10\x03\x12\x1d\n" +
 	"\x19WATCH_EVENT_TYPE_MODIFIED\x10\x04\x12\x1c\n" +
-	"\x18WATCH_EVENT_TYPE_DELETED\x10\x052\xf2\a\n" +
+	"\x18WATCH_EVENT_TYPE_DELETED\x10\x052\x8b\t\n" +
 	"\vIpamService\x12Z\n" +
 	"\rUpsertNetwork\x12#.cairn.ipam.v1.UpsertNetworkRequest\x1a$.cairn.ipam.v1.UpsertNetworkResponse\x12F\n" +
 	"\n" +
@@ -2474,7 +2656,9 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x10WatchAllocations\x12&.cairn.ipam.v1.WatchAllocationsRequest\x1a'.cairn.ipam.v1.WatchAllocationsResponse0\x01\x12K\n" +
 	"\bGetUsage\x12\x1e.cairn.ipam.v1.GetUsageRequest\x1a\x1f.cairn.ipam.v1.GetUsageResponse\x12E\n" +
 	"\x06Export\x12\x1c.cairn.ipam.v1.ExportRequest\x1a\x1d.cairn.ipam.v1.ExportResponse\x12E\n" +
-	"\x06Import\x12\x1c.cairn.ipam.v1.ImportRequest\x1a\x1d.cairn.ipam.v1.ImportResponseb\x06proto3"
+	"\x06Import\x12\x1c.cairn.ipam.v1.ImportRequest\x1a\x1d.cairn.ipam.v1.ImportResponse\x12J\n" +
+	"\fExportStream\x12\x1c.cairn.ipam.v1.ExportRequest\x1a\x1a.cairn.ipam.v1.ExportChunk0\x01\x12K\n" +
+	"\fImportStream\x12\x1a.cairn.ipam.v1.ImportChunk\x1a\x1d.cairn.ipam.v1.ImportResponse(\x01b\x06proto3"
 
 var (
 	file_cairn_ipam_v1_ipam_proto_rawDescOnce sync.Once
@@ -2489,7 +2673,7 @@ func file_cairn_ipam_v1_ipam_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_ipam_v1_ipam_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_cairn_ipam_v1_ipam_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_cairn_ipam_v1_ipam_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_cairn_ipam_v1_ipam_proto_goTypes = []any{
 	(PoolPurpose)(0),                 // 0: cairn.ipam.v1.PoolPurpose
 	(IpFamily)(0),                    // 1: cairn.ipam.v1.IpFamily
@@ -2524,15 +2708,17 @@ var file_cairn_ipam_v1_ipam_proto_goTypes = []any{
 	(*ExportRequest)(nil),            // 30: cairn.ipam.v1.ExportRequest
 	(*QuarantinedAddress)(nil),       // 31: cairn.ipam.v1.QuarantinedAddress
 	(*ExportResponse)(nil),           // 32: cairn.ipam.v1.ExportResponse
-	(*ImportRequest)(nil),            // 33: cairn.ipam.v1.ImportRequest
-	(*ImportResponse)(nil),           // 34: cairn.ipam.v1.ImportResponse
-	(*timestamppb.Timestamp)(nil),    // 35: google.protobuf.Timestamp
+	(*ExportChunk)(nil),              // 33: cairn.ipam.v1.ExportChunk
+	(*ImportChunk)(nil),              // 34: cairn.ipam.v1.ImportChunk
+	(*ImportRequest)(nil),            // 35: cairn.ipam.v1.ImportRequest
+	(*ImportResponse)(nil),           // 36: cairn.ipam.v1.ImportResponse
+	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
 }
 var file_cairn_ipam_v1_ipam_proto_depIdxs = []int32{
 	0,  // 0: cairn.ipam.v1.Pool.purpose:type_name -> cairn.ipam.v1.PoolPurpose
 	6,  // 1: cairn.ipam.v1.Network.pools:type_name -> cairn.ipam.v1.Pool
-	35, // 2: cairn.ipam.v1.Network.created_at:type_name -> google.protobuf.Timestamp
-	35, // 3: cairn.ipam.v1.Network.updated_at:type_name -> google.protobuf.Timestamp
+	37, // 2: cairn.ipam.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	37, // 3: cairn.ipam.v1.Network.updated_at:type_name -> google.protobuf.Timestamp
 	7,  // 4: cairn.ipam.v1.UpsertNetworkRequest.network:type_name -> cairn.ipam.v1.Network
 	7,  // 5: cairn.ipam.v1.UpsertNetworkResponse.network:type_name -> cairn.ipam.v1.Network
 	19, // 6: cairn.ipam.v1.UpsertNetworkResponse.out_of_range:type_name -> cairn.ipam.v1.Allocation
@@ -2547,8 +2733,8 @@ var file_cairn_ipam_v1_ipam_proto_depIdxs = []int32{
 	15, // 15: cairn.ipam.v1.Allocation.owner:type_name -> cairn.ipam.v1.Owner
 	16, // 16: cairn.ipam.v1.Allocation.ports:type_name -> cairn.ipam.v1.PortSpec
 	4,  // 17: cairn.ipam.v1.Allocation.state:type_name -> cairn.ipam.v1.AllocationState
-	35, // 18: cairn.ipam.v1.Allocation.created_at:type_name -> google.protobuf.Timestamp
-	35, // 19: cairn.ipam.v1.Allocation.updated_at:type_name -> google.protobuf.Timestamp
+	37, // 18: cairn.ipam.v1.Allocation.created_at:type_name -> google.protobuf.Timestamp
+	37, // 19: cairn.ipam.v1.Allocation.updated_at:type_name -> google.protobuf.Timestamp
 	15, // 20: cairn.ipam.v1.ReleaseRequest.owner:type_name -> cairn.ipam.v1.Owner
 	19, // 21: cairn.ipam.v1.ReleaseResponse.allocation:type_name -> cairn.ipam.v1.Allocation
 	15, // 22: cairn.ipam.v1.GetAllocationRequest.owner:type_name -> cairn.ipam.v1.Owner
@@ -2559,42 +2745,54 @@ var file_cairn_ipam_v1_ipam_proto_depIdxs = []int32{
 	0,  // 27: cairn.ipam.v1.PoolUsage.purpose:type_name -> cairn.ipam.v1.PoolPurpose
 	1,  // 28: cairn.ipam.v1.PoolUsage.family:type_name -> cairn.ipam.v1.IpFamily
 	28, // 29: cairn.ipam.v1.GetUsageResponse.pools:type_name -> cairn.ipam.v1.PoolUsage
-	35, // 30: cairn.ipam.v1.QuarantinedAddress.until:type_name -> google.protobuf.Timestamp
+	37, // 30: cairn.ipam.v1.QuarantinedAddress.until:type_name -> google.protobuf.Timestamp
 	15, // 31: cairn.ipam.v1.QuarantinedAddress.previous_owner:type_name -> cairn.ipam.v1.Owner
 	7,  // 32: cairn.ipam.v1.ExportResponse.networks:type_name -> cairn.ipam.v1.Network
 	19, // 33: cairn.ipam.v1.ExportResponse.allocations:type_name -> cairn.ipam.v1.Allocation
 	31, // 34: cairn.ipam.v1.ExportResponse.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
-	35, // 35: cairn.ipam.v1.ExportResponse.exported_at:type_name -> google.protobuf.Timestamp
-	32, // 36: cairn.ipam.v1.ImportRequest.backup:type_name -> cairn.ipam.v1.ExportResponse
-	8,  // 37: cairn.ipam.v1.IpamService.UpsertNetwork:input_type -> cairn.ipam.v1.UpsertNetworkRequest
-	10, // 38: cairn.ipam.v1.IpamService.GetNetwork:input_type -> cairn.ipam.v1.GetNetworkRequest
-	11, // 39: cairn.ipam.v1.IpamService.ListNetworks:input_type -> cairn.ipam.v1.ListNetworksRequest
-	13, // 40: cairn.ipam.v1.IpamService.DeleteNetwork:input_type -> cairn.ipam.v1.DeleteNetworkRequest
-	17, // 41: cairn.ipam.v1.IpamService.Allocate:input_type -> cairn.ipam.v1.AllocateRequest
-	20, // 42: cairn.ipam.v1.IpamService.Release:input_type -> cairn.ipam.v1.ReleaseRequest
-	22, // 43: cairn.ipam.v1.IpamService.GetAllocation:input_type -> cairn.ipam.v1.GetAllocationRequest
-	23, // 44: cairn.ipam.v1.IpamService.ListAllocations:input_type -> cairn.ipam.v1.ListAllocationsRequest
-	25, // 45: cairn.ipam.v1.IpamService.WatchAllocations:input_type -> cairn.ipam.v1.WatchAllocationsRequest
-	27, // 46: cairn.ipam.v1.IpamService.GetUsage:input_type -> cairn.ipam.v1.GetUsageRequest
-	30, // 47: cairn.ipam.v1.IpamService.Export:input_type -> cairn.ipam.v1.ExportRequest
-	33, // 48: cairn.ipam.v1.IpamService.Import:input_type -> cairn.ipam.v1.ImportRequest
-	9,  // 49: cairn.ipam.v1.IpamService.UpsertNetwork:output_type -> cairn.ipam.v1.UpsertNetworkResponse
-	7,  // 50: cairn.ipam.v1.IpamService.GetNetwork:output_type -> cairn.ipam.v1.Network
-	12, // 51: cairn.ipam.v1.IpamService.ListNetworks:output_type -> cairn.ipam.v1.ListNetworksResponse
-	14, // 52: cairn.ipam.v1.IpamService.DeleteNetwork:output_type -> cairn.ipam.v1.DeleteNetworkResponse
-	18, // 53: cairn.ipam.v1.IpamService.Allocate:output_type -> cairn.ipam.v1.AllocateResponse
-	21, // 54: cairn.ipam.v1.IpamService.Release:output_type -> cairn.ipam.v1.ReleaseResponse
-	19, // 55: cairn.ipam.v1.IpamService.GetAllocation:output_type -> cairn.ipam.v1.Allocation
-	24, // 56: cairn.ipam.v1.IpamService.ListAllocations:output_type -> cairn.ipam.v1.ListAllocationsResponse
-	26, // 57: cairn.ipam.v1.IpamService.WatchAllocations:output_type -> cairn.ipam.v1.WatchAllocationsResponse
-	29, // 58: cairn.ipam.v1.IpamService.GetUsage:output_type -> cairn.ipam.v1.GetUsageResponse
-	32, // 59: cairn.ipam.v1.IpamService.Export:output_type -> cairn.ipam.v1.ExportResponse
-	34, // 60: cairn.ipam.v1.IpamService.Import:output_type -> cairn.ipam.v1.ImportResponse
-	49, // [49:61] is the sub-list for method output_type
-	37, // [37:49] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	37, // 35: cairn.ipam.v1.ExportResponse.exported_at:type_name -> google.protobuf.Timestamp
+	7,  // 36: cairn.ipam.v1.ExportChunk.networks:type_name -> cairn.ipam.v1.Network
+	19, // 37: cairn.ipam.v1.ExportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
+	31, // 38: cairn.ipam.v1.ExportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
+	37, // 39: cairn.ipam.v1.ExportChunk.exported_at:type_name -> google.protobuf.Timestamp
+	7,  // 40: cairn.ipam.v1.ImportChunk.networks:type_name -> cairn.ipam.v1.Network
+	19, // 41: cairn.ipam.v1.ImportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
+	31, // 42: cairn.ipam.v1.ImportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
+	37, // 43: cairn.ipam.v1.ImportChunk.exported_at:type_name -> google.protobuf.Timestamp
+	32, // 44: cairn.ipam.v1.ImportRequest.backup:type_name -> cairn.ipam.v1.ExportResponse
+	8,  // 45: cairn.ipam.v1.IpamService.UpsertNetwork:input_type -> cairn.ipam.v1.UpsertNetworkRequest
+	10, // 46: cairn.ipam.v1.IpamService.GetNetwork:input_type -> cairn.ipam.v1.GetNetworkRequest
+	11, // 47: cairn.ipam.v1.IpamService.ListNetworks:input_type -> cairn.ipam.v1.ListNetworksRequest
+	13, // 48: cairn.ipam.v1.IpamService.DeleteNetwork:input_type -> cairn.ipam.v1.DeleteNetworkRequest
+	17, // 49: cairn.ipam.v1.IpamService.Allocate:input_type -> cairn.ipam.v1.AllocateRequest
+	20, // 50: cairn.ipam.v1.IpamService.Release:input_type -> cairn.ipam.v1.ReleaseRequest
+	22, // 51: cairn.ipam.v1.IpamService.GetAllocation:input_type -> cairn.ipam.v1.GetAllocationRequest
+	23, // 52: cairn.ipam.v1.IpamService.ListAllocations:input_type -> cairn.ipam.v1.ListAllocationsRequest
+	25, // 53: cairn.ipam.v1.IpamService.WatchAllocations:input_type -> cairn.ipam.v1.WatchAllocationsRequest
+	27, // 54: cairn.ipam.v1.IpamService.GetUsage:input_type -> cairn.ipam.v1.GetUsageRequest
+	30, // 55: cairn.ipam.v1.IpamService.Export:input_type -> cairn.ipam.v1.ExportRequest
+	35, // 56: cairn.ipam.v1.IpamService.Import:input_type -> cairn.ipam.v1.ImportRequest
+	30, // 57: cairn.ipam.v1.IpamService.ExportStream:input_type -> cairn.ipam.v1.ExportRequest
+	34, // 58: cairn.ipam.v1.IpamService.ImportStream:input_type -> cairn.ipam.v1.ImportChunk
+	9,  // 59: cairn.ipam.v1.IpamService.UpsertNetwork:output_type -> cairn.ipam.v1.UpsertNetworkResponse
+	7,  // 60: cairn.ipam.v1.IpamService.GetNetwork:output_type -> cairn.ipam.v1.Network
+	12, // 61: cairn.ipam.v1.IpamService.ListNetworks:output_type -> cairn.ipam.v1.ListNetworksResponse
+	14, // 62: cairn.ipam.v1.IpamService.DeleteNetwork:output_type -> cairn.ipam.v1.DeleteNetworkResponse
+	18, // 63: cairn.ipam.v1.IpamService.Allocate:output_type -> cairn.ipam.v1.AllocateResponse
+	21, // 64: cairn.ipam.v1.IpamService.Release:output_type -> cairn.ipam.v1.ReleaseResponse
+	19, // 65: cairn.ipam.v1.IpamService.GetAllocation:output_type -> cairn.ipam.v1.Allocation
+	24, // 66: cairn.ipam.v1.IpamService.ListAllocations:output_type -> cairn.ipam.v1.ListAllocationsResponse
+	26, // 67: cairn.ipam.v1.IpamService.WatchAllocations:output_type -> cairn.ipam.v1.WatchAllocationsResponse
+	29, // 68: cairn.ipam.v1.IpamService.GetUsage:output_type -> cairn.ipam.v1.GetUsageResponse
+	32, // 69: cairn.ipam.v1.IpamService.Export:output_type -> cairn.ipam.v1.ExportResponse
+	36, // 70: cairn.ipam.v1.IpamService.Import:output_type -> cairn.ipam.v1.ImportResponse
+	33, // 71: cairn.ipam.v1.IpamService.ExportStream:output_type -> cairn.ipam.v1.ExportChunk
+	36, // 72: cairn.ipam.v1.IpamService.ImportStream:output_type -> cairn.ipam.v1.ImportResponse
+	59, // [59:73] is the sub-list for method output_type
+	45, // [45:59] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_cairn_ipam_v1_ipam_proto_init() }
@@ -2611,7 +2809,7 @@ func file_cairn_ipam_v1_ipam_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_ipam_v1_ipam_proto_rawDesc), len(file_cairn_ipam_v1_ipam_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   29,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

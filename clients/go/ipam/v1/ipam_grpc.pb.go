@@ -11,6 +11,13 @@
 //   RESOURCE_EXHAUSTED  no free address is left in the selected pool(s) for a family.
 //   UNAVAILABLE         a transient fault (the store is shutting down, the disk failed a write);
 //                       retry with backoff.
+//
+// Message size: the server, the cairn-ipam CLI and cairn-ccm accept and send messages up to
+// 16 MiB each (gRPC's usual default is 4 MiB); a larger message fails with OUT_OF_RANGE
+// (RESOURCE_EXHAUSTED from grpc-go clients) and nothing is written. Every list that grows with the store
+// is paginated or streamed in bounded chunks (ListAllocations, WatchAllocations, ExportStream,
+// ImportStream), so the limit never caps the store's size.
+//
 // Nothing is written when a call fails. Every successful mutating call is flushed to disk
 // before its reply is sent.
 
@@ -47,6 +54,8 @@ const (
 	IpamService_GetUsage_FullMethodName         = "/cairn.ipam.v1.IpamService/GetUsage"
 	IpamService_Export_FullMethodName           = "/cairn.ipam.v1.IpamService/Export"
 	IpamService_Import_FullMethodName           = "/cairn.ipam.v1.IpamService/Import"
+	IpamService_ExportStream_FullMethodName     = "/cairn.ipam.v1.IpamService/ExportStream"
+	IpamService_ImportStream_FullMethodName     = "/cairn.ipam.v1.IpamService/ImportStream"
 )
 
 // IpamServiceClient is the client API for IpamService service.
@@ -80,11 +89,26 @@ type IpamServiceClient interface {
 	WatchAllocations(ctx context.Context, in *WatchAllocationsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAllocationsResponse], error)
 	// Usage per network, pool and family.
 	GetUsage(ctx context.Context, in *GetUsageRequest, opts ...grpc.CallOption) (*GetUsageResponse, error)
-	// Everything the store holds, for backup.
+	// Everything the store holds, for backup, in one message: fails with OUT_OF_RANGE once the
+	// backup exceeds the 16 MiB message limit (roughly 100k allocations). Kept for small
+	// stores and existing clients; use ExportStream.
 	Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (*ExportResponse, error)
 	// Restores a backup into an empty store (FAILED_PRECONDITION otherwise). The backup is
 	// validated as a whole first: overlapping networks or doubly-held addresses are refused.
+	// Limited to one 16 MiB message; use ImportStream.
 	Import(ctx context.Context, in *ImportRequest, opts ...grpc.CallOption) (*ImportResponse, error)
+	// Everything the store holds, as one consistent point-in-time snapshot streamed in chunks:
+	// first the networks, then the allocations, then the quarantined addresses, each chunk at
+	// most 5,000 records and about 1 MiB. The first chunk carries exported_at, the last has
+	// last = true; a stream that ends without it is incomplete. Writers are not blocked while
+	// the stream is sent.
+	ExportStream(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error)
+	// Restores a backup sent in chunks (any size, any split; each chunk ≤ 16 MiB) into an empty
+	// store. The server collects the whole stream, then validates and writes it as Import does:
+	// nothing is written when any chunk is invalid, when the stream ends without a chunk with
+	// last = true (INVALID_ARGUMENT), or when the client goes away or cancels first. At most
+	// 10,000,000 records (networks + allocations + quarantined) per stream (RESOURCE_EXHAUSTED).
+	ImportStream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error)
 }
 
 type ipamServiceClient struct {
@@ -224,6 +248,38 @@ func (c *ipamServiceClient) Import(ctx context.Context, in *ImportRequest, opts 
 	return out, nil
 }
 
+func (c *ipamServiceClient) ExportStream(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &IpamService_ServiceDesc.Streams[1], IpamService_ExportStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportRequest, ExportChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type IpamService_ExportStreamClient = grpc.ServerStreamingClient[ExportChunk]
+
+func (c *ipamServiceClient) ImportStream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &IpamService_ServiceDesc.Streams[2], IpamService_ImportStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ImportChunk, ImportResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type IpamService_ImportStreamClient = grpc.ClientStreamingClient[ImportChunk, ImportResponse]
+
 // IpamServiceServer is the server API for IpamService service.
 // All implementations must embed UnimplementedIpamServiceServer
 // for forward compatibility.
@@ -255,11 +311,26 @@ type IpamServiceServer interface {
 	WatchAllocations(*WatchAllocationsRequest, grpc.ServerStreamingServer[WatchAllocationsResponse]) error
 	// Usage per network, pool and family.
 	GetUsage(context.Context, *GetUsageRequest) (*GetUsageResponse, error)
-	// Everything the store holds, for backup.
+	// Everything the store holds, for backup, in one message: fails with OUT_OF_RANGE once the
+	// backup exceeds the 16 MiB message limit (roughly 100k allocations). Kept for small
+	// stores and existing clients; use ExportStream.
 	Export(context.Context, *ExportRequest) (*ExportResponse, error)
 	// Restores a backup into an empty store (FAILED_PRECONDITION otherwise). The backup is
 	// validated as a whole first: overlapping networks or doubly-held addresses are refused.
+	// Limited to one 16 MiB message; use ImportStream.
 	Import(context.Context, *ImportRequest) (*ImportResponse, error)
+	// Everything the store holds, as one consistent point-in-time snapshot streamed in chunks:
+	// first the networks, then the allocations, then the quarantined addresses, each chunk at
+	// most 5,000 records and about 1 MiB. The first chunk carries exported_at, the last has
+	// last = true; a stream that ends without it is incomplete. Writers are not blocked while
+	// the stream is sent.
+	ExportStream(*ExportRequest, grpc.ServerStreamingServer[ExportChunk]) error
+	// Restores a backup sent in chunks (any size, any split; each chunk ≤ 16 MiB) into an empty
+	// store. The server collects the whole stream, then validates and writes it as Import does:
+	// nothing is written when any chunk is invalid, when the stream ends without a chunk with
+	// last = true (INVALID_ARGUMENT), or when the client goes away or cancels first. At most
+	// 10,000,000 records (networks + allocations + quarantined) per stream (RESOURCE_EXHAUSTED).
+	ImportStream(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error
 	mustEmbedUnimplementedIpamServiceServer()
 }
 
@@ -305,6 +376,12 @@ func (UnimplementedIpamServiceServer) Export(context.Context, *ExportRequest) (*
 }
 func (UnimplementedIpamServiceServer) Import(context.Context, *ImportRequest) (*ImportResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Import not implemented")
+}
+func (UnimplementedIpamServiceServer) ExportStream(*ExportRequest, grpc.ServerStreamingServer[ExportChunk]) error {
+	return status.Error(codes.Unimplemented, "method ExportStream not implemented")
+}
+func (UnimplementedIpamServiceServer) ImportStream(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error {
+	return status.Error(codes.Unimplemented, "method ImportStream not implemented")
 }
 func (UnimplementedIpamServiceServer) mustEmbedUnimplementedIpamServiceServer() {}
 func (UnimplementedIpamServiceServer) testEmbeddedByValue()                     {}
@@ -536,6 +613,24 @@ func _IpamService_Import_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _IpamService_ExportStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(IpamServiceServer).ExportStream(m, &grpc.GenericServerStream[ExportRequest, ExportChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type IpamService_ExportStreamServer = grpc.ServerStreamingServer[ExportChunk]
+
+func _IpamService_ImportStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(IpamServiceServer).ImportStream(&grpc.GenericServerStream[ImportChunk, ImportResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type IpamService_ImportStreamServer = grpc.ClientStreamingServer[ImportChunk, ImportResponse]
+
 // IpamService_ServiceDesc is the grpc.ServiceDesc for IpamService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -593,6 +688,16 @@ var IpamService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "WatchAllocations",
 			Handler:       _IpamService_WatchAllocations_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "ExportStream",
+			Handler:       _IpamService_ExportStream_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ImportStream",
+			Handler:       _IpamService_ImportStream_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "cairn/ipam/v1/ipam.proto",
