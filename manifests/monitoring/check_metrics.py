@@ -17,7 +17,7 @@ from pathlib import Path
 SOURCES = [
     "ipam-store/src/metrics.rs",
     "controller/src/metrics.rs",
-    "controller/src/haproxy/agent.rs",
+    "controller/src/haproxy/agent/metrics.rs",
 ]
 
 
@@ -29,13 +29,14 @@ def exported(root: Path) -> set:
         if len(prefixes) != 1:
             sys.exit(f"{rel}: expected one Registry::with_prefix, found {prefixes}")
         prefix = prefixes[0]
-        regs = re.findall(r'register\(\s*"([a-z_]+)",\s*"[^"]*",\s*([a-z_]+)\.clone\(\)', text)
+        # `field: r.register("name", "help", constructor)`; the type is the field's.
+        regs = re.findall(r'(\w+):\s*r\.register\(\s*"([a-z_]+)",', text)
         if not regs:
             sys.exit(f"{rel}: no register(...) calls found; has the registration code changed shape?")
-        for name, var in regs:
-            m = re.search(r"let (?:mut )?" + var + r"\s*=\s*([^;]+);", text)
+        for var, name in regs:
+            m = re.search(r"^\s*(?:pub(?:\([a-z]+\))? )?" + var + r":\s*([^\n]+),\s*$", text, re.M)
             if not m:
-                sys.exit(f"{rel}: cannot find how {var} (metric {name}) is built")
+                sys.exit(f"{rel}: cannot find the type of {var} (metric {name})")
             kind = m.group(1)
             full = f"{prefix}_{name}"
             if "Histogram" in kind:
