@@ -45,7 +45,7 @@ pub struct Context {
     retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
     store_ok: AtomicBool,
     /// Failed reconciles in a row, per object; absent after a successful one.
-    failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<DynamicObject>, Streak>>,
 }
 
 impl Context {
@@ -165,13 +165,14 @@ impl Context {
     }
 
     /// When to retry `obj` after `err`: exponential backoff with jitter over its failures in a
-    /// row (see [`Error::backoff`]).
+    /// row (see [`Error::backoff`]). A new version of the object (a spec change, or the start
+    /// of its deletion) starts a new streak: the user acted, so the next retry comes soon.
     pub fn retry_after<K: Resource<DynamicType = ()>>(&self, obj: &K, err: &Error) -> Action {
         let attempt = {
             let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            let n = f.entry(ObjectRef::from_obj(obj).erase()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
+            f.entry(ObjectRef::from_obj(obj).erase())
+                .or_default()
+                .fail(Version::of(obj))
         };
         Action::requeue(err.backoff(attempt))
     }
@@ -182,5 +183,81 @@ impl Context {
         if !f.is_empty() {
             f.remove(&ObjectRef::from_obj(obj).erase());
         }
+    }
+}
+
+/// What of an object restarts its failure streak when it changes: the spec's generation and
+/// whether it is being deleted (status and metadata updates, often our own, do not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Version {
+    generation: Option<i64>,
+    deleting: bool,
+}
+
+impl Version {
+    fn of<K: Resource>(obj: &K) -> Self {
+        let meta = obj.meta();
+        Version {
+            generation: meta.generation,
+            deleting: meta.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+/// One object's failed reconciles in a row, for the version they failed on.
+#[derive(Debug, Default)]
+struct Streak {
+    version: Version,
+    failed: u32,
+}
+
+impl Streak {
+    /// Counts a failure of `version`; returns the attempt number for the backoff (1-based).
+    fn fail(&mut self, version: Version) -> u32 {
+        if version != self.version {
+            *self = Streak { version, failed: 0 };
+        }
+        self.failed = self.failed.saturating_add(1);
+        self.failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streak_grows_while_the_object_is_unchanged() {
+        let v = Version {
+            generation: Some(1),
+            deleting: false,
+        };
+        let mut s = Streak::default();
+        assert_eq!([s.fail(v), s.fail(v), s.fail(v)], [1, 2, 3]);
+    }
+
+    #[test]
+    fn deletion_or_a_new_generation_restarts_the_streak() {
+        let live = Version {
+            generation: Some(1),
+            deleting: false,
+        };
+        let mut s = Streak::default();
+        for _ in 0..7 {
+            s.fail(live);
+        }
+        // A Service deleted during a store outage: its release is retried from the short end
+        // of the backoff, not after the long waits its earlier failures had reached.
+        let deleting = Version {
+            deleting: true,
+            ..live
+        };
+        assert_eq!(s.fail(deleting), 1);
+        assert_eq!(s.fail(deleting), 2);
+        let edited = Version {
+            generation: Some(2),
+            deleting: true,
+        };
+        assert_eq!(s.fail(edited), 1);
     }
 }
