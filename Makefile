@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
-.PHONY: all build toolchain tools test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache reliability reliability-backup \
+.PHONY: all build toolchain tools image test-image test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache reliability reliability-backup \
 	test-go check-go-generated check-monitoring fuzz fuzz-smoke
 
 all: build
@@ -47,7 +47,7 @@ advisories: toolchain
 # Every test, each suite named for what it runs: pure unit tests, the store against real
 # processes, the controller on real etcd + kube-apiserver, the control-plane harness itself;
 # then the benchmarks in smoke mode.
-test: tools lint test-unit test-store test-controller test-harness bench-smoke check-go-generated test-go check-monitoring
+test: tools lint test-unit test-store test-controller test-harness bench-smoke check-go-generated test-go check-monitoring test-image
 
 # Unit and property tests of each crate's library (no apiserver, no store process; the HAProxy
 # renderer's tests run `haproxy -c`, so haproxy must be installed — they fail without it).
@@ -84,6 +84,15 @@ check-go-generated:
 check-monitoring:
 	e2e/tools/build.sh promtool
 	PROMTOOL=$(CAIRN_BIN_DIR)/promtool manifests/monitoring/check.sh
+
+# The OCI image (from scratch + the static musl binaries built here; nothing is pulled), and
+# its test: podman runs it read-only and non-root with the store's data on a volume, and the
+# host's CLI drives the store inside (fails without podman: apt-get install podman buildah runc).
+image: toolchain
+	scripts/image.sh
+
+test-image: toolchain
+	scripts/test-image.sh
 
 demo: tools build
 	scripts/demo.sh

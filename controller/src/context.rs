@@ -98,10 +98,7 @@ impl Context {
                     message: format!("no ClusterNetwork named {name:?}"),
                 });
         }
-        let mut fit: Vec<_> = all
-            .into_iter()
-            .filter(|n| n.spec.pools.iter().any(|p| p.purpose == purpose))
-            .collect();
+        let mut fit: Vec<_> = all.into_iter().filter(|n| n.has_pool(purpose)).collect();
         match fit.len() {
             1 => Ok(fit.remove(0)),
             0 => Err(Error::NoNetwork(format!(

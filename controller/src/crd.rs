@@ -66,7 +66,10 @@ pub struct ApiServerVipSpec {
     pub pool: Option<String>,
 }
 
-/// Spec of a `ClusterNetwork`.
+/// Spec of a `ClusterNetwork`, in one of two modes. **Managed** (`pools` set): this cluster
+/// defines the network in the store (`managedBy: cluster/<id>`); another cluster or the cloud
+/// may bind to it. **Bound** (no `pools`, and no prefixes, gateways, DNS, VLAN or grace): the
+/// network was defined in the store by someone else; this cluster mirrors it into status.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[kube(
     group = "cairn.dev",
@@ -77,6 +80,7 @@ pub struct ApiServerVipSpec {
     doc = "A shared network as this cluster uses it: the store's network definition and pools, and this cluster's API-server VIP.",
     status = "ClusterNetworkStatus",
     printcolumn = r#"{"name":"Network","type":"string","jsonPath":".spec.network"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
     printcolumn = r#"{"name":"VIPs","type":"string","jsonPath":".status.vipUsage","description":"VIPs used/total"}"#,
     printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodeUsage","description":"node IPs used/total"}"#,
     printcolumn = r#"{"name":"API VIP","type":"string","jsonPath":".status.apiServerVIP"}"#,
@@ -85,8 +89,11 @@ pub struct ApiServerVipSpec {
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.apiServerVIP) || (has(self.apiServerVIP.enabled) && !self.apiServerVIP.enabled) || self.pools.exists(p, p.purpose == 'VIP')",
+    "rule": "!has(self.apiServerVIP) || (has(self.apiServerVIP.enabled) && !self.apiServerVIP.enabled) || !has(self.pools) || size(self.pools) == 0 || self.pools.exists(p, p.purpose == 'VIP')",
     "message": "apiServerVIP needs a VIP pool"
+}, {
+    "rule": "(has(self.pools) && size(self.pools) > 0) || (!has(self.prefixes) && !has(self.gateways) && !has(self.dnsServers) && (!has(self.vlan) || self.vlan == 0) && !has(self.reuseGraceSeconds))",
+    "message": "without pools the ClusterNetwork binds to a network defined in the store: prefixes, gateways, dnsServers, vlan and reuseGraceSeconds come from there and must not be set"
 }]))]
 pub struct ClusterNetworkSpec {
     /// The network's name in the store, shared by every cluster on it.
@@ -116,8 +123,11 @@ pub struct ClusterNetworkSpec {
     // Kubernetes knows int32/int64 formats only; u32's "uint32" would warn on every apply.
     #[schemars(with = "i32", range(min = 0, max = 4094))]
     pub vlan: u32,
-    /// Pools. Names must be unique.
-    #[schemars(length(min = 1, max = 32))]
+    /// Pools. Names must be unique. None: bind to a network someone else (the on-prem cloud
+    /// service, `cairn-ipam network apply`) defined in the store; this cluster then only
+    /// reads the definition and draws addresses from it, and can never change it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(p, self.exists_one(q, q.name == p.name))", "message": "pool names must be unique"}]))]
     pub pools: Vec<PoolSpec>,
     /// Seconds a released address waits before another owner may take it.
@@ -177,6 +187,93 @@ pub struct ClusterNetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<i64>")]
     pub store_version: Option<u64>,
+    /// `Managed` (this cluster's pools define the network) or `Bound` (the store's definition,
+    /// made by someone else, is used as is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NetworkMode>,
+    /// The network as the store defines it (in both modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<NetworkDefinition>,
+}
+
+/// How a `ClusterNetwork` relates to the store's network.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// This cluster defines the network (spec.pools set).
+    Managed,
+    /// Someone else defined it; this cluster only uses it.
+    Bound,
+}
+
+/// The store's definition of a network, mirrored into status. Not bounded like the spec:
+/// the store's own limits apply (a cloud-defined pool may have more ranges than a spec may).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkDefinition {
+    /// Subnets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+    /// Default gateways.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// DNS servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
+    /// 802.1Q VLAN id; 0 = untagged.
+    #[serde(default)]
+    #[schemars(with = "i32")]
+    pub vlan: u32,
+    /// Seconds a released address waits before another owner may take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<i32>")]
+    pub reuse_grace_seconds: Option<u32>,
+    /// Who may change the definition (`cloud`, `cluster/<id>`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub managed_by: String,
+    /// Pools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolDefinition>,
+}
+
+/// One pool of a [`NetworkDefinition`].
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolDefinition {
+    /// Name.
+    pub name: String,
+    /// `VIP` or `NODE`.
+    pub purpose: String,
+    /// CIDRs or ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<String>,
+    /// Addresses or ranges never handed out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclusions: Vec<String>,
+    /// Used without being named by `cairn.dev/pool`.
+    pub auto_assign: bool,
+}
+
+impl ClusterNetwork {
+    /// Bound mode: no pools of its own (see [`ClusterNetworkSpec`]).
+    pub fn is_bound(&self) -> bool {
+        self.spec.pools.is_empty()
+    }
+
+    /// Whether the network has a pool of `purpose`: from the spec when managed, from the
+    /// store's definition in status when bound (unknown until first synced: false).
+    pub fn has_pool(&self, purpose: PoolPurpose) -> bool {
+        if !self.is_bound() {
+            return self.spec.pools.iter().any(|p| p.purpose == purpose);
+        }
+        let want = match purpose {
+            PoolPurpose::Vip => "VIP",
+            PoolPurpose::Node => "NODE",
+        };
+        self.status
+            .as_ref()
+            .and_then(|s| s.definition.as_ref())
+            .is_some_and(|d| d.pools.iter().any(|p| p.purpose == want))
+    }
 }
 
 /// The CRD as YAML, as written to `manifests/crds/clusternetworks.cairn.dev.yaml`.

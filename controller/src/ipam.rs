@@ -140,6 +140,18 @@ impl Ipam {
         call!(self, upsert_network, req)
     }
 
+    /// GetNetwork; `None` when the store has no such network.
+    pub async fn get_network(&self, name: &str) -> Result<Option<pb::Network>> {
+        let req = pb::GetNetworkRequest {
+            name: name.to_string(),
+        };
+        match call!(self, get_network, req) {
+            Ok(n) => Ok(Some(n)),
+            Err(Error::Store(StoreRefusal::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Allocate.
     pub async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
         call!(self, allocate, req)

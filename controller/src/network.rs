@@ -1,5 +1,8 @@
-//! ClusterNetwork reconciler: pushes the definition to the store (`UpsertNetwork`, managed by
-//! `cluster/<id>`), finds or allocates the cluster's API-server VIP, and writes status:
+//! ClusterNetwork reconciler. Managed mode (spec has pools): pushes the definition to the store
+//! (`UpsertNetwork`, managed by `cluster/<id>`). Bound mode (no pools): reads the store's
+//! definition (`GetNetwork`) and never writes it; a network not defined yet is
+//! `Ready=False/NetworkNotFound` and looked up again every few seconds. In both modes: finds or
+//! allocates the cluster's API-server VIP, and writes status: mode, the store's definition,
 //! conditions `Ready`/`Conflict`/`Degraded`, usage per pool and family, the API-server VIP and
 //! `observedGeneration`.
 //!
@@ -24,12 +27,17 @@ use serde_json::json;
 use crate::{
     API_SERVER_OWNER, Error, MANAGER, Result, StoreRefusal,
     context::Context,
-    crd::{ClusterNetwork, ClusterNetworkStatus, PoolPurpose, PoolUsage},
+    crd::{
+        ClusterNetwork, ClusterNetworkStatus, NetworkDefinition, NetworkMode, PoolDefinition, PoolPurpose,
+        PoolUsage,
+    },
     ipam::owner,
 };
 
 /// Status refresh period (usage changes as any cluster allocates).
 const RESYNC: Duration = Duration::from_secs(30);
+/// How soon a bound ClusterNetwork looks again for a network not yet defined in the store.
+const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
 
 /// The store definition of a ClusterNetwork.
 pub fn to_store(cn: &ClusterNetwork, cluster_id: &str) -> pb::Network {
@@ -58,6 +66,36 @@ pub fn to_store(cn: &ClusterNetwork, cluster_id: &str) -> pb::Network {
         managed_by: format!("cluster/{cluster_id}"),
         ..Default::default()
     }
+}
+
+/// The store's definition, as status shows it.
+fn definition(n: pb::Network) -> NetworkDefinition {
+    NetworkDefinition {
+        prefixes: n.prefixes,
+        gateways: n.gateways,
+        dns_servers: n.dns_servers,
+        vlan: n.vlan,
+        reuse_grace_seconds: n.reuse_grace_seconds,
+        managed_by: n.managed_by,
+        pools: n
+            .pools
+            .into_iter()
+            .map(|p| PoolDefinition {
+                purpose: purpose_name(p.purpose).into(),
+                name: p.name,
+                ranges: p.ranges,
+                exclusions: p.exclusions,
+                auto_assign: p.auto_assign.unwrap_or(true),
+            })
+            .collect(),
+    }
+}
+
+/// `VIP`/`NODE` from the proto enum.
+fn purpose_name(p: i32) -> &'static str {
+    pb::PoolPurpose::try_from(p).map_or("UNSPECIFIED", |p| {
+        p.as_str_name().trim_start_matches("POOL_PURPOSE_")
+    })
 }
 
 fn condition(
@@ -101,11 +139,7 @@ fn summary(usage: &[PoolUsage], purpose: &str) -> Option<String> {
 fn usage_rows(u: Vec<pb::PoolUsage>) -> Vec<PoolUsage> {
     u.into_iter()
         .map(|u| PoolUsage {
-            purpose: pb::PoolPurpose::try_from(u.purpose)
-                .map_or("UNSPECIFIED", |p| {
-                    p.as_str_name().trim_start_matches("POOL_PURPOSE_")
-                })
-                .into(),
+            purpose: purpose_name(u.purpose).into(),
             family: match pb::IpFamily::try_from(u.family) {
                 Ok(pb::IpFamily::Ipv6) => "IPv6".into(),
                 _ => "IPv4".into(),
@@ -177,23 +211,75 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     };
     let mut conds: Vec<Condition> = Vec::new();
 
-    let upsert = ctx
-        .ipam
-        .upsert_network(pb::UpsertNetworkRequest {
-            network: Some(to_store(cn, &ctx.cluster_id)),
-            ..Default::default()
-        })
-        .await;
+    // Managed: our definition goes to the store. Bound: the store's is read, never written.
+    let synced = if cn.is_bound() {
+        st.mode = Some(NetworkMode::Bound);
+        ctx.ipam.get_network(&cn.spec.network).await
+    } else {
+        st.mode = Some(NetworkMode::Managed);
+        ctx.ipam
+            .upsert_network(pb::UpsertNetworkRequest {
+                network: Some(to_store(cn, &ctx.cluster_id)),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.network)
+    };
     let mut unavailable = None;
-    match upsert {
-        Ok(r) => {
+    let mut requeue = RESYNC;
+    match synced {
+        Ok(None) => {
             ctx.set_store_ok(true);
-            st.store_version = r.network.map(|n| n.version);
+            // Bound to a network nobody defined (yet): nothing to draw from.
+            let message = format!(
+                "network {:?} is not defined in the store; the on-prem cloud service (or `cairn-ipam network apply`) defines it, or give this ClusterNetwork pools to define it here",
+                cn.spec.network
+            );
+            st.definition = None;
+            st.store_version = None;
             conds.push(condition(
                 "Conflict",
                 false,
                 "NoConflict",
-                "the store accepted the definition",
+                "nothing to conflict with",
+                generation,
+                &old.conditions,
+            ));
+            conds.push(condition(
+                "Ready",
+                false,
+                "NetworkNotFound",
+                &message,
+                generation,
+                &old.conditions,
+            ));
+            if old
+                .conditions
+                .iter()
+                .all(|c| !(c.type_ == "Ready" && c.reason == "NetworkNotFound" && c.status == "False"))
+            {
+                ctx.event(cn, EventType::Warning, "NetworkNotFound", "GetNetwork", message)
+                    .await;
+            }
+            requeue = NOT_FOUND_RETRY;
+        }
+        Ok(Some(n)) => {
+            ctx.set_store_ok(true);
+            st.store_version = Some(n.version);
+            let (reason, message) = if cn.is_bound() {
+                (
+                    "Bound",
+                    format!("bound to the store's network, managed by {}", n.managed_by),
+                )
+            } else {
+                ("NoConflict", "the store accepted the definition".to_string())
+            };
+            st.definition = Some(definition(n));
+            conds.push(condition(
+                "Conflict",
+                false,
+                reason,
+                &message,
                 generation,
                 &old.conditions,
             ));
@@ -303,7 +389,7 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     }
     match unavailable {
         Some(m) => Err(Error::StoreUnavailable(m)),
-        None => Ok(Action::requeue(RESYNC)),
+        None => Ok(Action::requeue(requeue)),
     }
 }
 

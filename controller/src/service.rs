@@ -274,7 +274,7 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
     );
     let mut released = Vec::new();
     for cn in ctx.networks.state() {
-        if !cn.spec.pools.iter().any(|p| p.purpose == PoolPurpose::Vip) {
+        if !cn.has_pool(PoolPurpose::Vip) {
             continue;
         }
         match ctx.ipam.release(&cn.spec.network, o.clone()).await {
