@@ -10,7 +10,8 @@ use std::{
     },
 };
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::{
     Client, Resource, ResourceExt,
     api::DynamicObject,
@@ -21,6 +22,9 @@ use kube::{
     },
 };
 use tokio::sync::mpsc;
+
+/// Events waiting to be published, at most (beyond it they are dropped, never blocking).
+const EVENT_QUEUE: usize = 4096;
 
 use crate::{ANN_NETWORK, Error, MANAGER, Result, crd::ClusterNetwork, ipam::Ipam, metrics::Metrics};
 
@@ -34,12 +38,14 @@ pub struct Context {
     pub cluster_id: String,
     /// Only Services with this `loadBalancerClass` (or none, when unset) are ours.
     pub lb_class: Option<String>,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Events to publish, drained by one task that owns the Recorder (see [`Context::event`]).
+    events: mpsc::Sender<(Event, ObjectReference)>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// ClusterNetworks, from a reflector.
     pub networks: Store<ClusterNetwork>,
+    /// Namespaces (for the labels pool policies select on), from a reflector.
+    pub namespaces: Store<Namespace>,
     /// Services waiting for an address; re-triggered when the store frees one.
     pending: Mutex<HashSet<ObjectRef<Service>>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
@@ -57,6 +63,7 @@ impl Context {
         lb_class: Option<String>,
         metrics: Arc<Metrics>,
         networks: Store<ClusterNetwork>,
+        namespaces: Store<Namespace>,
         retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
     ) -> Self {
         let recorder = Recorder::new(
@@ -66,14 +73,23 @@ impl Context {
                 instance: None,
             },
         );
+        let (events, mut queue) = mpsc::channel::<(Event, ObjectReference)>(EVENT_QUEUE);
+        tokio::spawn(async move {
+            while let Some((ev, obj)) = queue.recv().await {
+                if let Err(e) = recorder.publish(&ev, &obj).await {
+                    tracing::warn!(error = %e, reason = %ev.reason, "could not publish event");
+                }
+            }
+        });
         Context {
             client,
             ipam,
             cluster_id,
             lb_class,
-            recorder,
+            events,
             metrics,
             networks,
+            namespaces,
             pending: Mutex::new(HashSet::new()),
             retrigger,
             store_ok: AtomicBool::new(true),
@@ -98,7 +114,11 @@ impl Context {
                     message: format!("no ClusterNetwork named {name:?}"),
                 });
         }
-        let mut fit: Vec<_> = all.into_iter().filter(|n| n.has_pool(purpose)).collect();
+        let mut fit: Vec<_> = all
+            .iter()
+            .filter(|n| n.has_pool(purpose) && duplicate_in(&all, n).is_none())
+            .cloned()
+            .collect();
         match fit.len() {
             1 => Ok(fit.remove(0)),
             0 => Err(Error::NoNetwork(format!(
@@ -110,7 +130,20 @@ impl Context {
         }
     }
 
-    /// Publishes an event on `obj`; failures are logged, never fatal.
+    /// The ClusterNetwork that stands for `cn`'s store network in this cluster, when that is
+    /// not `cn` itself (see [`duplicate_in`]).
+    pub fn duplicate_of(&self, cn: &ClusterNetwork) -> Option<String> {
+        duplicate_in(&self.networks.state(), cn)
+    }
+
+    /// The labels of a namespace, when it is in the cache.
+    pub fn namespace_labels(&self, name: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        self.namespaces
+            .get(&ObjectRef::new(name))
+            .map(|n| n.labels().clone())
+    }
+
+    /// Queues an event on `obj` for publishing; failures are logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -126,8 +159,11 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "could not publish event");
+        // Never awaited in the reconcile: publishing is an apiserver round trip plus the
+        // Recorder's own cache upkeep, and a burst of allocations would wait on both
+        // (docs/benchmarks.md, proposal 3). A full queue drops the event, with a log line.
+        if let Err(e) = self.events.try_send((ev, obj.object_ref(&()))) {
+            tracing::debug!(reason, error = %e, "event queue full; event dropped");
         }
     }
 
@@ -217,6 +253,18 @@ impl Streak {
         self.failed = self.failed.saturating_add(1);
         self.failed
     }
+}
+
+/// Of several ClusterNetworks naming one store network, the oldest (then the first by name)
+/// is the one reconciled; the others would overwrite it on every resync. Returns the name of
+/// that one when it is not `cn`.
+pub fn duplicate_in(all: &[Arc<ClusterNetwork>], cn: &ClusterNetwork) -> Option<String> {
+    let rank = |n: &ClusterNetwork| (n.metadata.creation_timestamp.clone().map(|t| t.0), n.name_any());
+    all.iter()
+        .filter(|n| n.spec.network == cn.spec.network)
+        .min_by_key(|n| rank(n))
+        .map(|n| n.name_any())
+        .filter(|first| *first != cn.name_any())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! reconciler only meets objects that can be sent to the store; the store still validates
 //! everything and its field-named errors land in the `Ready` condition.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,39 @@ pub struct PoolSpec {
     pub auto_assign: Option<bool>,
 }
 
+/// Who in this cluster may take addresses from one pool of the network: Services in the
+/// `namespaces` named, or in namespaces matching `namespaceSelector` (either admits the
+/// namespace; neither given: any namespace), and, when `serviceSelector` is given, only Services
+/// whose labels match it. A pool with policies admits a Service that matches one of them; a
+/// pool without any admits every Service (as before policies existed). Enforced on new
+/// allocations — auto-assigned, named by `cairn.dev/pool`, or requested addresses; an address a
+/// Service already holds is kept.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.namespaces) && size(self.namespaces) > 0) || has(self.namespaceSelector) || has(self.serviceSelector)",
+    "message": "a policy needs namespaces, namespaceSelector or serviceSelector"
+}]))]
+pub struct PoolPolicy {
+    /// The pool's name in the network.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub pool: String,
+    /// Namespaces, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 63)))]
+    pub namespaces: Vec<String>,
+    /// Namespaces, by label. (Operators are checked by the controller, condition
+    /// `PoliciesValid`: a CEL rule over unbounded selectors exceeds the apiserver's cost budget.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Services, by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_selector: Option<LabelSelector>,
+}
+
 /// The cluster's API-server VIP. Present: allocate it (idempotent: the same VIP the cloud
 /// service allocated for this cluster is found, not a second one). Absent: only look it up.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -70,7 +103,7 @@ pub struct ApiServerVipSpec {
 /// defines the network in the store (`managedBy: cluster/<id>`); another cluster or the cloud
 /// may bind to it. **Bound** (no `pools`, and no prefixes, gateways, DNS, VLAN or grace): the
 /// network was defined in the store by someone else; this cluster mirrors it into status.
-#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "cairn.dev",
     version = "v1alpha1",
@@ -91,6 +124,9 @@ pub struct ApiServerVipSpec {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.apiServerVIP) || (has(self.apiServerVIP.enabled) && !self.apiServerVIP.enabled) || !has(self.pools) || size(self.pools) == 0 || self.pools.exists(p, p.purpose == 'VIP')",
     "message": "apiServerVIP needs a VIP pool"
+}, {
+    "rule": "!has(self.policies) || !has(self.pools) || size(self.pools) == 0 || self.policies.all(x, self.pools.exists(p, p.name == x.pool && p.purpose == 'VIP'))",
+    "message": "each policy must name a VIP pool of this ClusterNetwork"
 }, {
     "rule": "(has(self.pools) && size(self.pools) > 0) || (!has(self.prefixes) && !has(self.gateways) && !has(self.dnsServers) && (!has(self.vlan) || self.vlan == 0) && !has(self.reuseGraceSeconds))",
     "message": "without pools the ClusterNetwork binds to a network defined in the store: prefixes, gateways, dnsServers, vlan and reuseGraceSeconds come from there and must not be set"
@@ -137,6 +173,11 @@ pub struct ClusterNetworkSpec {
     /// The cluster's API-server VIP.
     #[serde(default, rename = "apiServerVIP", skip_serializing_if = "Option::is_none")]
     pub api_server_vip: Option<ApiServerVipSpec>,
+    /// Which namespaces and Services may take addresses from which VIP pools (see
+    /// [`PoolPolicy`]). Empty: every Service may use every auto-assign pool, and name any pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub policies: Vec<PoolPolicy>,
 }
 
 /// Usage of one pool and family.
@@ -273,6 +314,33 @@ impl ClusterNetwork {
             .as_ref()
             .and_then(|s| s.definition.as_ref())
             .is_some_and(|d| d.pools.iter().any(|p| p.purpose == want))
+    }
+}
+
+impl ClusterNetwork {
+    /// The network's VIP pools as (name, auto-assign), in definition order: from the spec when
+    /// managed, from the store's definition in status when bound.
+    pub fn vip_pools(&self) -> Vec<(String, bool)> {
+        if !self.is_bound() {
+            return self
+                .spec
+                .pools
+                .iter()
+                .filter(|p| p.purpose == PoolPurpose::Vip)
+                .map(|p| (p.name.clone(), p.auto_assign.unwrap_or(true)))
+                .collect();
+        }
+        self.status
+            .as_ref()
+            .and_then(|s| s.definition.as_ref())
+            .map(|d| {
+                d.pools
+                    .iter()
+                    .filter(|p| p.purpose == "VIP")
+                    .map(|p| (p.name.clone(), p.auto_assign))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

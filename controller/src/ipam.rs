@@ -181,11 +181,18 @@ impl Ipam {
 
     /// Every allocation of a cluster (all pages).
     pub async fn list_cluster(&self, cluster_id: &str) -> Result<Vec<pb::Allocation>> {
+        self.list_owned(cluster_id, pb::OwnerKind::Unspecified).await
+    }
+
+    /// Every allocation of a cluster held by owners of one kind (`Unspecified`: any kind), on
+    /// any network (all pages).
+    pub async fn list_owned(&self, cluster_id: &str, kind: pb::OwnerKind) -> Result<Vec<pb::Allocation>> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
             let req = pb::ListAllocationsRequest {
                 cluster_id: cluster_id.to_string(),
+                kind: kind as i32,
                 page_size: 1000,
                 page_token: token.clone(),
                 ..Default::default()

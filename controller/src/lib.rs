@@ -19,6 +19,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod policy;
 pub mod repair;
 pub mod run;
 pub mod service;
@@ -73,6 +74,9 @@ pub enum Error {
     /// No ClusterNetwork can serve the object.
     #[error("{0}")]
     NoNetwork(String),
+    /// A pool policy (`spec.policies` of the ClusterNetwork) does not admit the Service.
+    #[error("{0}")]
+    Policy(String),
     /// An object lacks a field the API always sets.
     #[error("object has no {0}")]
     MissingObjectKey(&'static str),
@@ -90,6 +94,7 @@ impl Error {
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::Invalid { .. } => "invalid",
             Error::NoNetwork(_) => "no_network",
+            Error::Policy(_) => "policy",
             Error::MissingObjectKey(_) => "missing_key",
             Error::Json(_) => "json",
         }

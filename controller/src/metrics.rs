@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Orphaned allocations released by the repair loop.
     pub orphans_released: Counter,
+    /// Duration of each repair pass (one store listing plus one pass over the caches).
+    pub repair_seconds: Histogram,
 }
 
 impl Metrics {
@@ -61,6 +63,11 @@ impl Metrics {
                 "orphans_released",
                 "orphaned allocations released by repair",
                 Counter::default(),
+            ),
+            repair_seconds: r.register(
+                "repair_pass_duration_seconds",
+                "duration of a repair pass",
+                Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             ),
             registry: r,
         }

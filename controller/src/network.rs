@@ -6,6 +6,9 @@
 //! conditions `Ready`/`Conflict`/`Degraded`, usage per pool and family, the API-server VIP and
 //! `observedGeneration`.
 //!
+//! Of several ClusterNetworks naming one store network, only the oldest is reconciled; the
+//! others show `Conflict=True/DuplicateNetwork` and touch nothing.
+//!
 //! A definition the store refuses (another cluster manages a different one, or it overlaps
 //! another network) sets `Conflict` and changes nothing in the store. Deleting a ClusterNetwork
 //! leaves the store's network alone: other clusters may share it.
@@ -38,6 +41,8 @@ use crate::{
 const RESYNC: Duration = Duration::from_secs(30);
 /// How soon a bound ClusterNetwork looks again for a network not yet defined in the store.
 const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
+/// How soon a duplicate ClusterNetwork looks again (the one it yields to may be deleted).
+const DUPLICATE_RETRY: Duration = Duration::from_secs(5);
 
 /// The store definition of a ClusterNetwork.
 pub fn to_store(cn: &ClusterNetwork, cluster_id: &str) -> pb::Network {
@@ -211,6 +216,53 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     };
     let mut conds: Vec<Condition> = Vec::new();
 
+    // Another ClusterNetwork of this cluster already stands for this store network: this one
+    // stays out of the store (two would overwrite each other on every resync) until it is the
+    // only one.
+    if let Some(first) = ctx.duplicate_of(cn) {
+        let message = format!(
+            "ClusterNetwork {first:?} already binds this cluster to network {:?}; this one is ignored until that one is deleted",
+            cn.spec.network
+        );
+        st.mode = None;
+        st.definition = None;
+        st.store_version = None;
+        st.api_server_vip = None;
+        st.usage = Vec::new();
+        st.vip_usage = None;
+        st.node_usage = None;
+        st.conditions = vec![
+            condition(
+                "Conflict",
+                true,
+                "DuplicateNetwork",
+                &message,
+                generation,
+                &old.conditions,
+            ),
+            condition(
+                "Ready",
+                false,
+                "DuplicateNetwork",
+                &message,
+                generation,
+                &old.conditions,
+            ),
+        ];
+        if old
+            .conditions
+            .iter()
+            .all(|c| !(c.type_ == "Conflict" && c.reason == "DuplicateNetwork" && c.status == "True"))
+        {
+            ctx.event(cn, EventType::Warning, "DuplicateNetwork", "Reconcile", message)
+                .await;
+        }
+        if st != old {
+            write_status(&api, &name, &st).await?;
+        }
+        return Ok(Action::requeue(DUPLICATE_RETRY));
+    }
+
     // Managed: our definition goes to the store. Bound: the store's is read, never written.
     let synced = if cn.is_bound() {
         st.mode = Some(NetworkMode::Bound);
@@ -274,7 +326,36 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
             } else {
                 ("NoConflict", "the store accepted the definition".to_string())
             };
-            st.definition = Some(definition(n));
+            let def = definition(n);
+            if !cn.spec.policies.is_empty() {
+                let vip_pools: Vec<&str> = def
+                    .pools
+                    .iter()
+                    .filter(|d| d.purpose == "VIP")
+                    .map(|d| d.name.as_str())
+                    .collect();
+                let problems = crate::policy::problems(cn, &vip_pools);
+                conds.push(if problems.is_empty() {
+                    condition(
+                        "PoliciesValid",
+                        true,
+                        "Valid",
+                        "every policy names a VIP pool and reads",
+                        generation,
+                        &old.conditions,
+                    )
+                } else {
+                    condition(
+                        "PoliciesValid",
+                        false,
+                        "InvalidPolicy",
+                        &problems.join("; "),
+                        generation,
+                        &old.conditions,
+                    )
+                });
+            }
+            st.definition = Some(def);
             conds.push(condition(
                 "Conflict",
                 false,
@@ -375,22 +456,27 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
     }
     st.conditions = conds;
     if st != old {
-        // The whole status, applied: only this controller writes it. Forced because a status
-        // written before the controller used apply belongs to an `Update` manager, whose
-        // ownership would otherwise make every changed field a conflict.
-        let patch = json!({
-            "apiVersion": ClusterNetwork::api_version(&()),
-            "kind": ClusterNetwork::kind(&()),
-            "metadata": { "name": name },
-            "status": st,
-        });
-        api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        write_status(&api, &name, &st).await?;
     }
     match unavailable {
         Some(m) => Err(Error::StoreUnavailable(m)),
         None => Ok(Action::requeue(requeue)),
     }
+}
+
+/// The whole status, applied: only this controller writes it. Forced because a status written
+/// before the controller used apply belongs to an `Update` manager, whose ownership would
+/// otherwise make every changed field a conflict.
+async fn write_status(api: &Api<ClusterNetwork>, name: &str, st: &ClusterNetworkStatus) -> Result<()> {
+    let patch = json!({
+        "apiVersion": ClusterNetwork::api_version(&()),
+        "kind": ClusterNetwork::kind(&()),
+        "metadata": { "name": name },
+        "status": st,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
 }
 
 /// Retries with per-object exponential backoff and jitter ([`Context::retry_after`]); the store

@@ -18,8 +18,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    Error, MANAGER, NODE_FINALIZER, Result, UNINITIALIZED_TAINT, context::Context, crd::PoolPurpose,
-    ipam::owner,
+    Error, MANAGER, NODE_FINALIZER, Result, StoreRefusal, UNINITIALIZED_TAINT, context::Context,
+    crd::PoolPurpose, ipam::owner,
 };
 
 /// The providerID Cairn gives a node.
@@ -57,6 +57,40 @@ fn remove_at(path: &str, i: usize, test_path: &str, value: &str) -> Result<json_
     ]))?)
 }
 
+/// Releases a deleted Node's address(es); returns what was released. On the network its
+/// ClusterNetwork names; when that cannot be resolved any more (the ClusterNetwork was deleted,
+/// the annotation names a missing one, or two now have a node pool), on every network where the
+/// store holds an allocation of this Node, so the finalizer never stays stuck and the address
+/// never stays held.
+async fn release(node: &Node, ctx: &Context, o: pb::Owner) -> Result<Vec<String>> {
+    let networks = match ctx.network_for(node, PoolPurpose::Node) {
+        Ok(cn) => vec![cn.spec.network.clone()],
+        Err(e) => {
+            tracing::info!(node = %node.name_any(), reason = %e, "network not resolvable; releasing wherever the store holds this node's address");
+            ctx.ipam
+                .list_owned(&ctx.cluster_id, pb::OwnerKind::Node)
+                .await?
+                .into_iter()
+                .filter(|a| {
+                    a.owner
+                        .as_ref()
+                        .is_some_and(|x| x.name == o.name && (x.uid.is_empty() || x.uid == o.uid))
+                })
+                .map(|a| a.network)
+                .collect()
+        }
+    };
+    let mut released = Vec::new();
+    for net in networks {
+        match ctx.ipam.release(&net, o.clone()).await {
+            Ok(r) => released.extend(r.allocation.map(|a| a.addresses).unwrap_or_default()),
+            Err(Error::Store(StoreRefusal::NotFound(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(released)
+}
+
 /// Reconciles one Node.
 #[tracing::instrument(name = "reconcile_node", skip_all, fields(
     name = node.metadata.name.as_deref(),
@@ -85,15 +119,14 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
 
     if node.metadata.deletion_timestamp.is_some() {
         if has_finalizer(node) {
-            let cn = ctx.network_for(node, PoolPurpose::Node)?;
-            let r = ctx.ipam.release(&cn.spec.network, o).await?;
-            if let Some(a) = r.allocation {
+            let released = release(node, ctx, o).await?;
+            if !released.is_empty() {
                 ctx.event(
                     node,
                     EventType::Normal,
                     "Released",
                     "Release",
-                    format!("released {}", a.addresses.join(", ")),
+                    format!("released {}", released.join(", ")),
                 )
                 .await;
                 ctx.retrigger_pending();

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{ResourceExt, runtime::reflector::Store};
 use tokio::sync::watch;
 
-use crate::{Result, context::Context, svc::wants_lb};
+use crate::{Result, context::Context, crd::PoolPurpose, svc::wants_lb};
 
 /// First time each allocation (by key) was seen orphaned.
 #[derive(Default)]
@@ -30,7 +30,8 @@ fn key(a: &pb::Allocation) -> String {
 }
 
 impl Repair {
-    /// One pass. Returns how many allocations it released.
+    /// One pass. Returns how many allocations it released. Costs O(allocations + Services +
+    /// Nodes): the caches are indexed once per pass, then each allocation is one lookup.
     pub async fn pass(
         &mut self,
         ctx: &Context,
@@ -38,7 +39,29 @@ impl Repair {
         nodes: &Store<Node>,
         grace: Duration,
     ) -> Result<usize> {
+        let started = Instant::now();
+        let r = self.pass_inner(ctx, services, nodes, grace).await;
+        ctx.metrics
+            .repair_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn pass_inner(
+        &mut self,
+        ctx: &Context,
+        services: &Store<Service>,
+        nodes: &Store<Node>,
+        grace: Duration,
+    ) -> Result<usize> {
         let allocs = ctx.ipam.list_cluster(&ctx.cluster_id).await?;
+        let services = services.state();
+        let by_service: HashMap<(String, String), &Service> = services
+            .iter()
+            .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), s.as_ref()))
+            .collect();
+        let nodes = nodes.state();
+        let by_node: HashMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
         let mut orphans = Vec::new();
         for a in &allocs {
             let Some(o) = &a.owner else { continue };
@@ -46,21 +69,16 @@ impl Repair {
                 continue; // never another cluster's, whatever the store returned
             }
             let live = match pb::OwnerKind::try_from(o.kind) {
-                Ok(pb::OwnerKind::Service) => services
-                    .state()
-                    .iter()
-                    .find(|s| {
-                        s.name_any() == o.name && s.namespace().as_deref() == Some(o.namespace.as_str())
-                    })
+                Ok(pb::OwnerKind::Service) => by_service
+                    .get(&(o.namespace.clone(), o.name.clone()))
                     .is_some_and(|s| {
                         (o.uid.is_empty() || s.uid().as_deref() == Some(o.uid.as_str()))
                             && (wants_lb(s, ctx.lb_class.as_deref())
                                 || s.finalizers().iter().any(|f| f == crate::SERVICE_FINALIZER))
+                            && !moved_away(ctx, s, &a.network)
                     }),
-                Ok(pb::OwnerKind::Node) => nodes
-                    .state()
-                    .iter()
-                    .find(|n| n.name_any() == o.name)
+                Ok(pb::OwnerKind::Node) => by_node
+                    .get(&o.name)
                     .is_some_and(|n| o.uid.is_empty() || n.uid().as_deref() == Some(o.uid.as_str())),
                 _ => true,
             };
@@ -94,6 +112,14 @@ impl Repair {
         }
         Ok(released)
     }
+}
+
+/// Whether a live Service now draws from another network than `network` (its
+/// `cairn.dev/network` annotation changed): its allocation on `network` is an orphan. The
+/// reconciler releases it on the move; this catches a move it missed.
+fn moved_away(ctx: &Context, svc: &Service, network: &str) -> bool {
+    ctx.network_for(svc, PoolPurpose::Vip)
+        .is_ok_and(|cn| cn.spec.network != network)
 }
 
 /// Runs passes every `interval` until the task is dropped.

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use cairn_proto::tls::ClientTlsFiles;
 use cairn_runtime::check_cluster_id;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use kube::{
     Api,
     runtime::{Controller, WatchStreamExt, controller::Config as ControllerConfig, watcher},
@@ -216,6 +216,18 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         watcher::Config::default().any_semantic(),
         strip_managed_fields,
     );
+    // Namespaces only for their labels (pool policies): cached, never reconciled.
+    let (ns_store, ns_events, mut ns_ready) = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        strip_managed_fields,
+    );
+    let namespaces = tokio::spawn(ns_events.for_each(|ev| {
+        if let Err(e) = ev {
+            tracing::warn!(error = %e, "namespace watch");
+        }
+        std::future::ready(())
+    }));
     let (retrigger_tx, retrigger_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -224,6 +236,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         args.load_balancer_class.clone(),
         metrics.clone(),
         cn_store.clone(),
+        ns_store,
         retrigger_tx,
     ));
 
@@ -236,7 +249,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     );
     // Services and Nodes are placed on networks: load the ClusterNetworks first.
     tokio::select! {
-        r = cn_ready.wait_for(|r| *r) => { r.context("ClusterNetwork watch ended")?; }
+        r = async { (cn_ready.wait_for(|r| *r).await.map(|_| ()), ns_ready.wait_for(|r| *r).await.map(|_| ())) } => {
+            r.0.context("ClusterNetwork watch ended")?;
+            r.1.context("Namespace watch ended")?;
+        }
         () = &mut shutdown => {
             let _ = stop_tx.send(true);
             probes.stop().await;
@@ -311,6 +327,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     repair.abort();
     watch.abort();
     store_up.abort();
+    namespaces.abort();
     if let Some((rx, task)) = lease {
         drop(rx);
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

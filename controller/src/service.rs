@@ -31,6 +31,7 @@ use crate::{
     context::Context,
     crd::PoolPurpose,
     ipam::owner,
+    policy::{self, Admission},
     svc::{ann, family_named, family_of, other_family, wants_lb},
 };
 
@@ -139,8 +140,9 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
         }
     }
 
-    // Adoption: no explicit request, but ingress IPs are shown.
-    if requested.is_empty() {
+    // Adoption: no explicit request, but ingress IPs are shown — and not ones this controller
+    // wrote from another network (a Service moving networks starts afresh there).
+    if requested.is_empty() && allocated_network(svc).is_none_or(|n| n == network) {
         requested = ingress_ips(svc)
             .into_iter()
             .filter_map(|s| s.parse().ok())
@@ -263,6 +265,34 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
 
 /// Releases the Service's VIP(s) on every network it could hold them on.
 async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()> {
+    let networks: Vec<String> = ctx
+        .networks
+        .state()
+        .iter()
+        .filter(|cn| cn.has_pool(PoolPurpose::Vip))
+        .map(|cn| cn.spec.network.clone())
+        .collect();
+    release_on(svc, ctx, api, &networks).await?;
+    ctx.set_pending(ObjectRef::from_obj(svc), false);
+    Ok(())
+}
+
+/// The store network named by the Service's `cairn.dev/allocated-from` (`<network>/<pool>`).
+fn allocated_network(svc: &Service) -> Option<&str> {
+    ann(svc, ANN_ALLOCATED_FROM)
+        .and_then(|from| from.split_once('/'))
+        .map(|(network, _)| network)
+        .filter(|n| !n.is_empty())
+}
+
+/// Releases the Service's VIP(s) on `networks`, takes the released addresses out of its
+/// ingress (only those: another implementation may own the Service now) and records it.
+async fn release_on(
+    svc: &Service,
+    ctx: &Context,
+    api: &Api<Service>,
+    networks: &[String],
+) -> Result<Vec<String>> {
     let ns = svc.namespace().unwrap_or_default();
     let uid = svc.uid().unwrap_or_default();
     let o = owner(
@@ -273,19 +303,14 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
         &uid,
     );
     let mut released = Vec::new();
-    for cn in ctx.networks.state() {
-        if !cn.has_pool(PoolPurpose::Vip) {
-            continue;
-        }
-        match ctx.ipam.release(&cn.spec.network, o.clone()).await {
+    for network in networks {
+        match ctx.ipam.release(network, o.clone()).await {
             Ok(r) => released.extend(r.allocation.map(|a| a.addresses).unwrap_or_default()),
             Err(Error::Store(StoreRefusal::NotFound(_))) => {}
             Err(e) => return Err(e),
         }
     }
-    ctx.set_pending(ObjectRef::from_obj(svc), false);
     if !released.is_empty() {
-        // Only clear what we wrote; another implementation may own the Service now.
         let keep: Vec<_> = ingress_ips(svc)
             .into_iter()
             .filter(|ip| !released.contains(ip))
@@ -305,7 +330,7 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
         .await;
         ctx.retrigger_pending();
     }
-    Ok(())
+    Ok(released)
 }
 
 /// Reconciles one Service.
@@ -365,6 +390,14 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
             return Ok(Action::requeue(PENDING_RETRY));
         }
     };
+    // The Service now asks for another network (its `cairn.dev/network` annotation changed, or
+    // the ClusterNetwork it drew from went away): its VIP on the old one is given back first, so
+    // nothing stays held for an owner that no longer wants it. Crash-safe: until the new
+    // allocation is written, the annotation still names the old network.
+    if let Some(old) = allocated_network(svc).filter(|old| *old != cn.spec.network) {
+        let old = old.to_string();
+        release_on(svc, ctx, &api, std::slice::from_ref(&old)).await?;
+    }
     let req = match allocate_request(svc, &ctx.cluster_id, &cn.spec.network) {
         Ok(r) => r,
         Err(e @ Error::Invalid { .. }) => {
@@ -388,10 +421,15 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
             .is_none()
         && !req.requested_addresses.is_empty();
 
-    let alloc = match ctx.ipam.allocate(req.clone()).await {
+    let admission = policy::admission(&cn, svc, ctx.namespace_labels(&ns).as_ref());
+    let alloc = match allocate_admitted(ctx, req.clone(), &admission).await {
         Ok(r) => r,
-        Err(Error::Store(StoreRefusal::Conflict(message) | StoreRefusal::Invalid(message))) if adopting => {
-            // The shown IP cannot be kept (outside the pool, or held by another owner).
+        Err(
+            Error::Store(StoreRefusal::Conflict(message) | StoreRefusal::Invalid(message))
+            | Error::Policy(message),
+        ) if adopting => {
+            // The shown IP cannot be kept (outside the pool, held by another owner, or in a
+            // pool the policies keep this Service from).
             ctx.event(
                 svc,
                 EventType::Warning,
@@ -404,10 +442,26 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
                 requested_addresses: vec![],
                 ..req
             };
-            match ctx.ipam.allocate(fresh).await {
+            match allocate_admitted(ctx, fresh, &admission).await {
                 Ok(r) => r,
-                Err(e) => return pending(svc, ctx, me, e).await,
+                Err(e) => {
+                    // Fail closed: the address the Service shows is not its own, so it must not
+                    // stay in status, where the load balancer would serve it.
+                    let foreign = &req.requested_addresses;
+                    let keep: Vec<_> = ingress_ips(svc)
+                        .into_iter()
+                        .filter(|ip| !foreign.contains(ip))
+                        .map(|ip| json!({ "ip": ip }))
+                        .collect();
+                    apply_status(&api, svc, ann(svc, ANN_ALLOCATED_FROM), keep).await?;
+                    return pending(svc, ctx, me, e).await;
+                }
             }
+        }
+        Err(Error::Policy(message)) => {
+            ctx.event(svc, EventType::Warning, "PolicyDenied", "Allocate", message)
+                .await;
+            return Ok(Action::requeue(PENDING_RETRY));
         }
         Err(Error::StoreUnavailable(m)) => {
             ctx.set_store_ok(false);
@@ -451,6 +505,69 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(RESYNC))
 }
 
+/// `Allocate`, within the pools the pool policies admit the Service to. Unrestricted: one
+/// request, the store picks the pool. Restricted: an address the Service already holds is kept
+/// (policies govern new allocations); a named pool must be admitted; otherwise each admitted
+/// pool is asked in turn (auto-assign ones, or any when addresses are requested).
+async fn allocate_admitted(
+    ctx: &Context,
+    req: pb::AllocateRequest,
+    admission: &Admission,
+) -> Result<pb::AllocateResponse> {
+    let Admission::Only { allowed, denied } = admission else {
+        return ctx.ipam.allocate(req).await;
+    };
+    let o = req.owner.clone().ok_or(Error::MissingObjectKey("owner"))?;
+    if let Some(held) = ctx.ipam.get_allocation(&req.network, o).await? {
+        return ctx
+            .ipam
+            .allocate(pb::AllocateRequest {
+                pool: held.pool,
+                ..req
+            })
+            .await;
+    }
+    if !req.pool.is_empty() {
+        if let Some((_, why)) = denied.iter().find(|(p, _)| *p == req.pool) {
+            return Err(Error::Policy(format!("annotation {ANN_POOL}: {why}")));
+        }
+        return ctx.ipam.allocate(req).await;
+    }
+    let candidates: Vec<&String> = allowed
+        .iter()
+        .filter(|(_, auto)| *auto || !req.requested_addresses.is_empty())
+        .map(|(p, _)| p)
+        .collect();
+    let mut last = None;
+    for pool in candidates {
+        match ctx
+            .ipam
+            .allocate(pb::AllocateRequest {
+                pool: pool.clone(),
+                ..req.clone()
+            })
+            .await
+        {
+            Ok(r) => return Ok(r),
+            Err(Error::Store(
+                r @ (StoreRefusal::Exhausted(_) | StoreRefusal::Conflict(_) | StoreRefusal::Invalid(_)),
+            )) => last = Some(r),
+            Err(e) => return Err(e),
+        }
+    }
+    match last {
+        // A requested address in none of the admitted pools: the policies are why.
+        Some(StoreRefusal::Invalid(m)) if !req.requested_addresses.is_empty() => Err(Error::Policy(format!(
+            "requested_addresses {}: not in a pool this Service may use ({m}); {}",
+            req.requested_addresses.join(","),
+            admission.denials()
+        ))),
+        // Every admitted pool refused: pending like any refusal (retried when an address frees).
+        Some(r) => Err(Error::Store(r)),
+        None => Err(Error::Policy(admission.denials())),
+    }
+}
+
 /// Records a Service the store cannot serve now.
 async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error) -> Result<Action> {
     match e {
@@ -465,6 +582,11 @@ async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error)
                 refusal.to_string(),
             )
             .await;
+            Ok(Action::requeue(PENDING_RETRY))
+        }
+        Error::Policy(message) => {
+            ctx.event(svc, EventType::Warning, "PolicyDenied", "Allocate", message)
+                .await;
             Ok(Action::requeue(PENDING_RETRY))
         }
         Error::StoreUnavailable(m) => {

@@ -49,6 +49,21 @@ async fn malformed_cluster_networks_are_rejected_by_the_apiserver() {
             "each gateway must be an IP",
         ),
         ("bad dns", json!({ "dnsServers": ["8.8.8"] }), "each DNS server"),
+        (
+            "policy for a missing pool",
+            json!({ "policies": [ { "pool": "nope", "namespaces": ["a"] } ] }),
+            "each policy must name a VIP pool",
+        ),
+        (
+            "policy for a NODE pool",
+            json!({ "policies": [ { "pool": "nodes", "namespaces": ["a"] } ] }),
+            "each policy must name a VIP pool",
+        ),
+        (
+            "empty policy",
+            json!({ "policies": [ { "pool": "vip" } ] }),
+            "a policy needs namespaces",
+        ),
         ("vlan", json!({ "vlan": 5000 }), "spec.vlan"),
         (
             "purpose",

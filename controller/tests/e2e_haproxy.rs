@@ -661,9 +661,10 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     .await
     .unwrap();
 
-    // 6. A configuration HAProxy cannot load (its VIP:port is taken by another process):
-    // an Event on the Service, a failure metric, and the previous configuration keeps
-    // serving. Once the port is free, the retry succeeds.
+    // 6. A Service HAProxy cannot serve (its VIP:port is taken by another process): its
+    // frontend is left out — an Event on the Service, a failure metric, the isolation gauge —
+    // while every other change still goes into service. Once the port is free, the retry
+    // serves it too.
     let squatter = TcpListener::bind("127.0.100.13:8084").await.unwrap();
     let failures_before = agent
         .metric("cairn_ccm_haproxy_reload_failures_total{stage=\"reload\"}")
@@ -676,16 +677,30 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     )
     .await;
     let _blk = Backend::start("127.0.101.1", bnp, "h1-a").await;
-    let msg = wait_event(&client, "default", "blocked", "ReloadFailed", "cannot bind").await;
+    let msg = wait_event(&client, "default", "blocked", "FrontendIsolated", "cannot bind").await;
     assert!(msg.contains("127.0.100.13:8084"), "{msg}");
     agent
         .wait_metric("cairn_ccm_haproxy_reload_failures_total{stage=\"reload\"}", |v| {
             v > failures_before
         })
         .await;
+    agent
+        .wait_metric("cairn_ccm_haproxy_isolated_frontends", |v| v == 1.0)
+        .await;
+    // A change made while `blocked` cannot be served still goes into service.
+    let (later, lnp) = lb_service(&client, "later", 8085, json!({})).await;
+    let _lat = Backend::start("127.0.101.1", lnp, "h1-a").await;
+    wait_only(later, "h1-a", 3).await;
     wait_all_answer(web, &["h1-a", "h1-b"]).await;
+    assert!(
+        !agent.config().contains("svc:default:blocked:"),
+        "the refused frontend is left out of the file HAProxy runs"
+    );
     drop(squatter);
     wait_only(blocked, "h1-a", 3).await;
+    agent
+        .wait_metric("cairn_ccm_haproxy_isolated_frontends", |v| v == 0.0)
+        .await;
 
     // 7. A deleted Service's VIP stops answering; the others keep answering.
     delete_and_wait_gone(&client, "default", "web").await;

@@ -113,20 +113,39 @@ pub fn cited_lines(output: &str, file: &Path) -> Vec<usize> {
 pub async fn write_atomic(path: &Path, text: &str) -> Result<(), ApplyError> {
     let tmp = temp_path(path);
     write_synced(&tmp, text).await?;
-    rename_synced(&tmp, path).await
+    let r = rename_synced(&tmp, path).await;
+    if r.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    r
 }
 
+/// A fresh temp name beside `path`, unique per process and call: a name an attacker (or a
+/// second agent on the same directory) could predict and pre-create would let them choose
+/// what is renamed over the configuration; [`write_synced`] also refuses to open an existing
+/// file.
 fn temp_path(path: &Path) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "haproxy.cfg".into());
-    path.with_file_name(format!(".{name}.cairn-new"))
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.cairn-{}-{seq}.tmp", std::process::id()))
 }
+
+/// The mode of the files the agent writes: HAProxy's group may read them, nobody else (the
+/// configuration names every backend address).
+pub const FILE_MODE: u32 = 0o640;
 
 async fn write_synced(path: &Path, text: &str) -> Result<(), ApplyError> {
     use tokio::io::AsyncWriteExt as _;
-    let mut f = tokio::fs::File::create(path)
+    // O_CREAT|O_EXCL: never follows a symlink or reuses a file someone else created.
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
         .await
         .map_err(io(format!("create {}", path.display())))?;
     f.write_all(text.as_bytes())
@@ -277,7 +296,11 @@ impl Haproxy {
                 e => e,
             });
         }
-        rename_synced(&tmp, &self.config).await
+        let r = rename_synced(&tmp, &self.config).await;
+        if r.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        r
     }
 
     /// Whether the agent runs HAProxy and it is alive.
@@ -532,5 +555,122 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read_to_string(&cfg).unwrap(), good, "untouched");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file left");
+    }
+
+    #[tokio::test]
+    async fn files_are_0640_and_never_written_through_a_planted_temp_name() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let bin = require_haproxy();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("haproxy.cfg");
+        // What someone with write access to the directory could plant at a predictable name.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".haproxy.cfg.cairn-new")).unwrap();
+        let h = Haproxy::new(
+            bin,
+            cfg.clone(),
+            dir.path().join("m.sock"),
+            Duration::from_secs(5),
+        );
+        let good = "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\
+                    frontend f\n    bind 127.0.0.1:1\n    default_backend b\nbackend b\n";
+        h.install(good).await.unwrap();
+        write_atomic(&dir.path().join("agent.addr"), "metrics=127.0.0.1:1\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "keep",
+            "written through the link"
+        );
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), good);
+        for f in [&cfg, &dir.path().join("agent.addr")] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            // 0640, or less under a stricter umask; never readable by others.
+            assert_eq!(mode & !FILE_MODE, 0, "{} is {mode:o}", f.display());
+            assert_eq!(mode & 0o600, 0o600, "{} is {mode:o}", f.display());
+        }
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".haproxy.cfg.cairn-new", "agent.addr", "haproxy.cfg", "victim"]
+        );
+    }
+
+    /// A long connection (a database session, a websocket) is served by the worker that
+    /// accepted it until it ends: reloads must never kill that worker, however many there are
+    /// (`mworker-max-reloads 50` did, after the 50th).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_connection_survives_a_hundred_reloads() {
+        use crate::haproxy::{
+            model::{Check, LbConfig, Proxy, Server, Settings},
+            render::render,
+        };
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let bin = require_haproxy();
+        let dir = tempfile::tempdir().unwrap();
+        // The backend: an echo server.
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let frontend = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cfg = LbConfig {
+            settings: Settings {
+                stats: None,
+                hard_stop_after: Duration::from_secs(3600),
+                maxconn: None,
+                user: None,
+                group: None,
+                log: None,
+            },
+            proxies: vec![Proxy {
+                name: "echo".into(),
+                owner: None,
+                binds: vec![frontend],
+                check: Check::Tcp,
+                servers: vec![Server {
+                    name: "n1".into(),
+                    addr: backend_addr,
+                }],
+                source_ranges: None,
+            }],
+        };
+        let path = dir.path().join("haproxy.cfg");
+        let mut h = Haproxy::new(bin, path, dir.path().join("m.sock"), Duration::from_secs(10));
+        h.install(&render(&cfg).text).await.unwrap();
+        h.start().await.unwrap();
+
+        let mut conn = tokio::net::TcpStream::connect(frontend).await.unwrap();
+        let mut buf = [0u8; 5];
+        conn.write_all(b"first").await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"first");
+        for i in 0..100 {
+            h.reload().await.unwrap_or_else(|e| panic!("reload {i}: {e}"));
+        }
+        // Still the same connection, through the worker that accepted it.
+        conn.write_all(b"after").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut buf))
+            .await
+            .expect("an answer within 5s")
+            .expect("the connection survived 100 reloads");
+        assert_eq!(&buf, b"after");
+        h.stop(Duration::from_secs(5)).await;
     }
 }

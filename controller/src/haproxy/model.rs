@@ -34,6 +34,10 @@ use crate::{
     svc::{ingress_ips, wants_lb},
 };
 
+/// The legacy form of `spec.loadBalancerSourceRanges` (comma-separated CIDRs), still honoured
+/// by Kubernetes' own cloud providers; ignoring it would open a Service its owner restricted.
+pub const LEGACY_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
 /// Nodes with this label never receive load-balancer traffic.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 /// Nodes with this label run an API server.
@@ -352,28 +356,44 @@ pub fn build(inputs: &Inputs<'_>, settings: Settings) -> (LbConfig, Vec<Warning>
         } else {
             BTreeSet::new()
         };
-        // An allow-list: entries that are not CIDRs are dropped (never widening it); if none
-        // is left, nobody is allowed.
-        let source_ranges = spec
+        // An allow-list: `spec.loadBalancerSourceRanges`, else the legacy annotation (as
+        // Kubernetes reads them: the field wins when set). Entries that are not CIDRs are
+        // dropped (never widening it); if none is left, nobody is allowed.
+        let legacy = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LEGACY_SOURCE_RANGES))
+            .filter(|v| !v.trim().is_empty());
+        let listed: Option<(String, Vec<String>)> = match spec
             .load_balancer_source_ranges
             .as_ref()
             .filter(|r| !r.is_empty())
-            .map(|ranges| {
-                let mut ok = Vec::new();
-                for r in ranges {
-                    match cidr(r) {
-                        Some(c) => ok.push(c),
-                        None => warnings.push(Warning {
-                            owner: Some(owner.clone()),
-                            reason: "InvalidSourceRange",
-                            message: format!("loadBalancerSourceRanges entry {r:?} is not a CIDR; ignored"),
-                        }),
-                    }
+        {
+            Some(r) => Some(("loadBalancerSourceRanges".into(), r.clone())),
+            None => legacy.map(|v| {
+                (
+                    format!("annotation {LEGACY_SOURCE_RANGES}"),
+                    v.split(',').map(str::to_string).collect(),
+                )
+            }),
+        };
+        let source_ranges = listed.map(|(field, ranges)| {
+            let mut ok = Vec::new();
+            for r in &ranges {
+                match cidr(r) {
+                    Some(c) => ok.push(c),
+                    None => warnings.push(Warning {
+                        owner: Some(owner.clone()),
+                        reason: "InvalidSourceRange",
+                        message: format!("{field} entry {r:?} is not a CIDR; ignored"),
+                    }),
                 }
-                ok.sort();
-                ok.dedup();
-                ok
-            });
+            }
+            ok.sort();
+            ok.dedup();
+            ok
+        });
         let check = match spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) {
             Some(port) if local && port > 0 => Check::Http {
                 path: "/healthz",

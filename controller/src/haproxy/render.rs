@@ -124,7 +124,6 @@ pub fn render(cfg: &LbConfig) -> Rendered {
         out,
         "    # Old workers finish established connections for at most this long after a reload.
     hard-stop-after {hard_stop}
-    mworker-max-reloads 50
 
 defaults
     mode tcp

@@ -84,8 +84,16 @@ impl Events {
     }
 
     /// Reports a failed apply: on the Services HAProxy's messages point at, else in the log.
-    /// `running`: whether a previous configuration is still in service.
-    pub(super) async fn apply_failed(&self, e: &ApplyError, r: &Rendered, config: &Path, running: bool) {
+    /// `running`: whether a previous configuration is still in service; `isolated`: whether
+    /// everything but those Services' frontends was put into service instead.
+    pub(super) async fn apply_failed(
+        &self,
+        e: &ApplyError,
+        r: &Rendered,
+        config: &Path,
+        running: bool,
+        isolated: bool,
+    ) {
         let lines = cited_lines(e.output(), config);
         let mut owners: Vec<&ServiceRef> = lines
             .iter()
@@ -95,12 +103,15 @@ impl Events {
         owners.sort();
         owners.dedup();
         let services: Vec<String> = owners.iter().map(ToString::to_string).collect();
-        if running {
+        if isolated {
+            tracing::error!(error = %e, ?services, "these Services' frontends are left out; every other change is applied");
+        } else if running {
             tracing::error!(error = %e, ?services, "configuration not applied; the previous one keeps running");
         } else {
             tracing::error!(error = %e, ?services, "configuration not applied; HAProxy is not running");
         }
         let reason = match e {
+            _ if isolated => "FrontendIsolated",
             ApplyError::Rejected { .. } => "ConfigRejected",
             _ => "ReloadFailed",
         };
@@ -117,7 +128,9 @@ impl Events {
                 .collect();
             let note = format!(
                 "HAProxy refused the configuration for this Service; {}: {}",
-                if running {
+                if isolated {
+                    "its frontend is left out (retried every --retry-interval) and every other change is applied"
+                } else if running {
                     "the previous configuration keeps running"
                 } else {
                     "HAProxy is not running"

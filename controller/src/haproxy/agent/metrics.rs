@@ -23,6 +23,7 @@ pub struct AgentMetrics {
     pub(super) backends: Gauge,
     backends_up: Gauge,
     pub(super) up: Gauge,
+    pub(super) isolated: Gauge,
 }
 
 impl AgentMetrics {
@@ -61,6 +62,11 @@ impl AgentMetrics {
                 Gauge::default(),
             ),
             up: r.register("up", "1 while HAProxy's master CLI answers", Gauge::default()),
+            isolated: r.register(
+                "isolated_frontends",
+                "Service frontends left out of the running configuration because HAProxy could not serve them (e.g. cannot bind VIP:port)",
+                Gauge::default(),
+            ),
             registry: r,
         };
         // Every stage from the start, so a rate over them is defined before the first failure.

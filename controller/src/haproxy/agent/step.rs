@@ -14,7 +14,7 @@ use super::{AgentArgs, AgentMetrics, events::Events};
 use crate::{
     crd::ClusterNetwork,
     haproxy::{
-        apply::{ApplyError, Haproxy, write_atomic},
+        apply::{ApplyError, Haproxy, cited_lines, write_atomic},
         model::{ApiServer, Inputs, LbConfig, Settings, Warning, build},
         render::{Rendered, render},
     },
@@ -132,25 +132,38 @@ impl Agent {
         self.metrics.reload_seconds.observe(now.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
-                self.metrics.reloads.inc();
-                self.metrics.frontends.set(r.frontends() as i64);
-                self.metrics.backends.set(cfg.servers() as i64);
-                self.metrics.up.set(1);
-                tracing::info!(
-                    frontends = r.frontends(),
-                    servers = cfg.servers(),
-                    took_ms = now.elapsed().as_millis() as u64,
-                    "configuration applied"
-                );
-                self.running = Some(r.text);
-                self.failed = None;
-                let _ = self.ready.send(true);
+                self.applied(&cfg, r, now, 0);
                 None
             }
             Err(e) => {
                 self.metrics.reload_failed(e.stage());
+                // The Services HAProxy's messages point at (e.g. a VIP:port it cannot bind):
+                // leave their frontends out and put every other change into service, so one
+                // Service never freezes the cluster's load balancer. The full configuration is
+                // tried again after --retry-interval.
+                let culprits = culprits(&e, &r, &self.args.config);
+                let mut isolated = false;
+                if !culprits.is_empty() {
+                    let mut rest = cfg.clone();
+                    rest.proxies.retain(|p| !culprits.contains(&p.name));
+                    let r2 = render(&rest);
+                    if self.running.as_deref() == Some(r2.text.as_str()) {
+                        isolated = true;
+                    } else {
+                        match self.apply(&r2).await {
+                            Ok(()) => {
+                                self.applied(&rest, r2, now, culprits.len());
+                                isolated = true;
+                            }
+                            Err(e2) => {
+                                self.metrics.reload_failed(e2.stage());
+                                tracing::error!(error = %e2, "the configuration without the refused frontends failed too");
+                            }
+                        }
+                    }
+                }
                 self.events
-                    .apply_failed(&e, &r, &self.args.config, self.running.is_some())
+                    .apply_failed(&e, &r, &self.args.config, self.running.is_some(), isolated)
                     .await;
                 let at = Instant::now();
                 self.failed = Some((r.text, at));
@@ -158,4 +171,36 @@ impl Agent {
             }
         }
     }
+
+    /// Records a configuration put into service; `isolated` Service frontends were left out.
+    fn applied(&mut self, cfg: &LbConfig, r: Rendered, started: Instant, isolated: usize) {
+        self.metrics.reloads.inc();
+        self.metrics.frontends.set(r.frontends() as i64);
+        self.metrics.backends.set(cfg.servers() as i64);
+        self.metrics.isolated.set(isolated as i64);
+        self.metrics.up.set(1);
+        tracing::info!(
+            frontends = r.frontends(),
+            servers = cfg.servers(),
+            isolated,
+            took_ms = started.elapsed().as_millis() as u64,
+            "configuration applied"
+        );
+        self.running = Some(r.text);
+        if isolated == 0 {
+            self.failed = None;
+        }
+        let _ = self.ready.send(true);
+    }
+}
+
+/// Names of the Service proxies an error's messages cite (never the API server's: without it
+/// the configuration is no use, and it cannot be left out).
+fn culprits(e: &ApplyError, r: &Rendered, config: &std::path::Path) -> std::collections::BTreeSet<String> {
+    cited_lines(e.output(), config)
+        .into_iter()
+        .filter_map(|l| r.section_at(l))
+        .filter(|s| s.owner.is_some())
+        .map(|s| s.proxy.clone())
+        .collect()
 }

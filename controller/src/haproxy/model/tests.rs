@@ -263,6 +263,45 @@ fn source_ranges_are_an_allow_list() {
 }
 
 #[test]
+fn the_legacy_source_ranges_annotation_is_honoured_and_the_field_wins() {
+    let mk = |annotation: &str, field: serde_json::Value| {
+        let mut s = (*lb(
+            "default",
+            "s",
+            "2024-01-01T00:00:00Z",
+            &["10.20.1.4"],
+            json!([{ "port": 80, "nodePort": 30080 }]),
+            json!({ "loadBalancerSourceRanges": field }),
+        ))
+        .clone();
+        s.metadata.annotations = Some(
+            [(LEGACY_SOURCE_RANGES.to_string(), annotation.to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let (cfg, w) = run(&[Arc::new(s)], &[], &[], &no_api());
+        (cfg.proxies[0].source_ranges.clone(), w)
+    };
+    // Alone, the annotation restricts the Service (it used to be ignored: open to everyone).
+    let (ranges, w) = mk("10.1.0.0/16, 192.168.7.0/24", json!([]));
+    assert_eq!(
+        ranges,
+        Some(vec!["10.1.0.0/16".to_string(), "192.168.7.0/24".into()])
+    );
+    assert!(w.is_empty(), "{w:?}");
+    // The field, when set, wins, as in Kubernetes.
+    let (ranges, _) = mk("10.1.0.0/16", json!(["172.16.0.0/12"]));
+    assert_eq!(ranges, Some(vec!["172.16.0.0/12".to_string()]));
+    // A bad entry is dropped with a warning naming the annotation; none left: nobody allowed.
+    let (ranges, w) = mk("everyone", json!([]));
+    assert_eq!(ranges, Some(vec![]));
+    assert_eq!(w.len(), 1);
+    assert!(w[0].message.contains(LEGACY_SOURCE_RANGES), "{}", w[0].message);
+    // Empty: not restricted.
+    assert_eq!(mk(" ", json!([])).0, None);
+}
+
+#[test]
 fn deleting_services_are_dropped() {
     let mut s = (*lb(
         "default",
