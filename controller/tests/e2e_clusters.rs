@@ -40,20 +40,32 @@ async fn ingress_map(client: &Client) -> BTreeMap<String, Vec<String>> {
 /// of 16 addresses, workloads on different ports.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_clusters_on_one_network_never_share_a_vip() {
+    two_clusters(Store::start().await).await;
+}
+
+/// The same, with the store serving mutual TLS only and each controller presenting its own
+/// cluster's certificate (`spiffe://cairn.local/cluster/<id>`), as the manifests deploy it.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_over_mtls_each_with_its_own_identity() {
+    let store = Store::start_tls(Pki::new(&["cluster-a", "cluster-b"])).await;
+    two_clusters(store).await;
+}
+
+async fn two_clusters(store: Store) {
     let planes = ControlPlane::start_many(2).await.expect("two control planes");
-    let store = Store::start().await;
     let spec = vip_network("net-a", "10.20.1.0-10.20.1.15", "10.20.2.0/24");
     let clients: Vec<Client> = planes.iter().map(|p| p.client().unwrap()).collect();
     for (i, (cp, c)) in planes.iter().zip(&clients).enumerate() {
         install_crd(c).await;
         create_network(c, "net-a", spec.clone()).await;
-        start_ccm(
-            cp,
-            "ccm",
-            &format!("cluster-{}", ["a", "b"][i]),
-            &store.endpoint,
-            &[],
-        );
+        let cluster = format!("cluster-{}", ["a", "b"][i]);
+        let tls = store
+            .pki
+            .as_ref()
+            .map(|p| p.ccm_flags(&cluster))
+            .unwrap_or_default();
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        start_ccm(cp, "ccm", &cluster, &store.endpoint, &tls);
     }
     // A fills ten, then B asks for ten more: 16 addresses for 20 Services.
     for i in 0..10 {

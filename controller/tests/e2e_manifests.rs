@@ -166,6 +166,15 @@ fn readme_networks() -> Vec<Value> {
         .collect()
 }
 
+/// The README's managed ClusterNetwork (the one that defines pools, so it needs nothing in the
+/// store beforehand).
+fn readme_managed_network() -> Value {
+    readme_networks()
+        .into_iter()
+        .find(|n| n["spec"]["pools"].is_array())
+        .expect("a README ClusterNetwork with pools")
+}
+
 fn cn_api(client: &Client) -> Api<DynamicObject> {
     Api::all_with(client.clone(), &ApiResource::erase::<ClusterNetwork>(&()))
 }
@@ -336,7 +345,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
             .await
             .expect("README ClusterNetwork accepted");
     }
-    let example = readme_networks().remove(0);
+    let example = readme_managed_network();
     cns.create(
         &PostParams::default(),
         &serde_json::from_value(example.clone()).unwrap(),
@@ -823,7 +832,7 @@ async fn ccm_runs_under_the_manifests_service_account() {
     assert_eq!(metric(port1, "cairn_ccm_leader").await, Some(0.0));
 
     // The README's ClusterNetwork becomes Ready, with this cluster's API-server VIP.
-    let example = readme_networks().remove(0);
+    let example = readme_managed_network();
     let net = example["metadata"]["name"].as_str().unwrap().to_string();
     cn_api(&admin)
         .create(&PostParams::default(), &serde_json::from_value(example).unwrap())

@@ -48,20 +48,97 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     target.join("debug").join(bin)
 }
 
+/// Certificates minted by `cairn-ipam certs` in a temporary directory: a CA, a server
+/// certificate for 127.0.0.1, and client certificates for the cloud and each cluster.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new(clusters: &[&str]) -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("cairn-pki-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8 path").to_string();
+        let certs = |args: &[&str]| {
+            let out = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
+                .arg("certs")
+                .args(args)
+                .output()
+                .expect("run cairn-ipam certs");
+            assert!(
+                out.status.success(),
+                "cairn-ipam certs {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        certs(&["init", "--dir", &d, "--trust-domain", "cairn.local"]);
+        certs(&["issue", "--dir", &d, "--server", "--ip", "127.0.0.1"]);
+        certs(&["issue", "--dir", &d, "--cloud"]);
+        for c in clusters {
+            certs(&["issue", "--dir", &d, "--cluster", c]);
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
+    }
+
+    /// The client files of `stem` (`cloud`, `cluster-<id>`).
+    pub fn client(&self, stem: &str) -> cairn_proto::tls::ClientTlsFiles {
+        cairn_proto::tls::ClientTlsFiles {
+            ca: Some(self.path("ca.pem").into()),
+            cert: Some(self.path(&format!("{stem}.pem")).into()),
+            key: Some(self.path(&format!("{stem}-key.pem")).into()),
+        }
+    }
+
+    /// `cairn-ccm`'s flags to reach the store as `cluster`.
+    pub fn ccm_flags(&self, cluster: &str) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.path("ca.pem"),
+            "--tls-cert".into(),
+            self.path(&format!("cluster-{cluster}.pem")),
+            "--tls-key".into(),
+            self.path(&format!("cluster-{cluster}-key.pem")),
+        ]
+    }
+}
+
 /// A `cairn-ipam serve` child on loopback, killed on drop.
 pub struct Store {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub endpoint: String,
+    /// Set: the store serves mutual TLS only, and [`Store::client`] is the cloud.
+    pub pki: Option<Pki>,
 }
 
 impl Store {
     pub async fn start() -> Store {
+        Store::start_with(None).await
+    }
+
+    /// A store serving mutual TLS with `pki`'s CA and server certificate.
+    pub async fn start_tls(pki: Pki) -> Store {
+        Store::start_with(Some(pki)).await
+    }
+
+    async fn start_with(pki: Option<Pki>) -> Store {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store {
             child: None,
             dir,
             endpoint: String::new(),
+            pki,
         };
         s.spawn().await;
         s
@@ -81,6 +158,17 @@ impl Store {
             .append(true)
             .open(self.dir.path().join("ipam.log"))
             .expect("log");
+        let tls: Vec<String> = match &self.pki {
+            Some(p) => vec![
+                "--tls-cert".into(),
+                p.path("server.pem"),
+                "--tls-key".into(),
+                p.path("server-key.pem"),
+                "--client-ca".into(),
+                p.path("ca.pem"),
+            ],
+            None => Vec::new(),
+        };
         let child = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
             .args([
                 "serve",
@@ -93,6 +181,7 @@ impl Store {
             .arg(self.dir.path().join("data"))
             .arg("--addr-file")
             .arg(&addr)
+            .args(&tls)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -129,13 +218,23 @@ impl Store {
         std::fs::read_to_string(self.dir.path().join("ipam.log")).unwrap_or_default()
     }
 
-    /// The store's own view, through its CLI-facing gRPC API.
+    /// The store's own view, through its CLI-facing gRPC API (as the cloud, under mTLS).
     pub async fn client(
         &self,
     ) -> cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel> {
-        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoint.clone())
+        let Some(pki) = &self.pki else {
+            return cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoint.clone())
+                .await
+                .expect("connect store");
+        };
+        let ch = pki
+            .client("cloud")
+            .endpoint(&self.endpoint)
+            .expect("TLS endpoint")
+            .connect()
             .await
-            .expect("connect store")
+            .expect("connect store over mTLS");
+        cairn_proto::v1::ipam_service_client::IpamServiceClient::new(ch)
     }
 
     /// Every allocation of a cluster.
