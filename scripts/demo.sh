@@ -2,11 +2,14 @@
 # `make demo`: Cairn's main job on one machine, on loopback only.
 #
 #   a real control plane (etcd + kube-apiserver)  ─┐
-#   cairn-ipam (embedded sled store)               ├─ a ClusterNetwork with a VIP pool in
+#   cairn-ipam (embedded sled store, mTLS only)    ├─ a network with a VIP pool in
 #   cairn-ccm (the controller)                     │  127.0.100.0/28 and a node pool in
 #   cairn-ccm haproxy-agent + haproxy              ─┘  127.0.101.0/28
 #
-# A Node registers tainted "uninitialized" and gets its address from the node pool; a
+# The on-prem workflow, secured: certificates are minted (`cairn-ipam certs`), the store serves
+# mutual TLS only, the cloud operator (role `cloud`) defines the network in the store, and the
+# cluster's ClusterNetwork binds to it; the controller talks to the store with cluster 'demo''s
+# own certificate. A Node registers tainted "uninitialized" and gets its address from the node pool; a
 # LoadBalancer Service gets a VIP; HAProxy forwards VIP:80 to the node's nodePort, where a
 # small HTTP server answers. The script prints what each step did and the answer through the
 # VIP, then tears everything down (DEMO_HOLD=1 keeps it running until Ctrl-C).
@@ -46,15 +49,37 @@ pids+=($!)
 wait_for "the control plane" 120 test -s "$work/plane.json"
 kubectl version 2>/dev/null | sed 's/^/  /' >&2 || true
 
-say "cairn-ipam: the store (sled in $work/ipam)"
+say "certificates: a CA, the store's server certificate, the cloud's and cluster 'demo''s client certificates"
+pki=$work/pki
+"$bin/cairn-ipam" certs init --dir "$pki" >&2
+"$bin/cairn-ipam" certs issue --dir "$pki" --server --ip 127.0.0.1 >&2
+"$bin/cairn-ipam" certs issue --dir "$pki" --cloud >&2
+"$bin/cairn-ipam" certs issue --dir "$pki" --cluster demo >&2
+
+say "cairn-ipam: the store (sled in $work/ipam), mutual TLS only"
 "$bin/cairn-ipam" serve --listen 127.0.0.1:0 --data-dir "$work/ipam" --addr-file "$work/ipam.addr" \
-  --default-reuse-grace 0s 2>"$work/ipam.log" &
+  --default-reuse-grace 0s --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" \
+  --client-ca "$pki/ca.pem" 2>"$work/ipam.log" &
 pids+=($!)
 wait_for "cairn-ipam" 30 test -s "$work/ipam.addr"
-store="http://$(sed -n 's/^grpc=//p' "$work/ipam.addr")"
+store="https://$(sed -n 's/^grpc=//p' "$work/ipam.addr")"
 echo "  serving on $store" >&2
+# The cloud operator's CLI: role `cloud` (everything); a cluster's certificate could only touch
+# its own addresses.
+cloud() { "$bin/cairn-ipam" --endpoint "$store" --tls-ca "$pki/ca.pem" --tls-cert "$pki/cloud.pem" --tls-key "$pki/cloud-key.pem" "$@"; }
 
-say "the ClusterNetwork CRD and a shared network"
+say "the cloud operator defines the shared network once, in the store"
+cat >"$work/demo-net.yaml" <<'YAML'
+name: demo-net
+reuseGraceSeconds: 0
+managedBy: cloud
+pools:
+  - { name: vip, purpose: VIP, ranges: [127.0.100.1-127.0.100.14] }
+  - { name: nodes, purpose: NODE, ranges: [127.0.101.1-127.0.101.14] }
+YAML
+cloud network apply -f "$work/demo-net.yaml" >&2
+
+say "the ClusterNetwork CRD; the cluster binds to the cloud's network (no pools: it never changes it)"
 kubectl apply -f manifests/crds/clusternetworks.cairn.dev.yaml
 kubectl wait --for=condition=Established --timeout=60s crd/clusternetworks.cairn.dev
 kubectl apply -f - <<'YAML'
@@ -64,15 +89,12 @@ metadata:
   name: demo-net
 spec:
   network: demo-net
-  reuseGraceSeconds: 0
-  pools:
-    - { name: vip, purpose: VIP, ranges: [127.0.100.1-127.0.100.14] }
-    - { name: nodes, purpose: NODE, ranges: [127.0.101.1-127.0.101.14] }
   apiServerVIP: {}
 YAML
 
 say "cairn-ccm: the controller for cluster 'demo'"
 "$bin/cairn-ccm" --kubeconfig "$work/demo.kubeconfig" --cluster-id demo --ipam-endpoint "$store" \
+  --tls-ca "$pki/ca.pem" --tls-cert "$pki/cluster-demo.pem" --tls-key "$pki/cluster-demo-key.pem" \
   --leader-elect false --metrics-listen 127.0.0.1:0 2>"$work/ccm.log" &
 pids+=($!)
 wait_for "the network to be Ready" 60 kubectl wait --for=condition=Ready --timeout=2s clusternetwork/demo-net
@@ -132,8 +154,8 @@ say "curl http://$vip/"
 curl -fsS --max-time 2 "http://$vip:80/"
 
 say "who holds what (the store's view)"
-CAIRN_IPAM_ENDPOINT=$store "$bin/cairn-ipam" alloc list
-CAIRN_IPAM_ENDPOINT=$store "$bin/cairn-ipam" usage
+cloud alloc list
+cloud usage
 
 if [ "${DEMO_HOLD:-0}" = 1 ]; then
   say "running; KUBECONFIG=$work/demo.kubeconfig — Ctrl-C to stop"

@@ -391,7 +391,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         &client,
         "apiServerVIP without a VIP pool",
         with("no-vip-pool", &|v| {
-            v["spec"]["pools"] = json!([{ "name": "nodes", "purpose": "NODE", "ranges": ["10.20.2.0/24"] }]);
+            v["spec"]["pools"] = json!([{ "name": "nodes", "purpose": "NODE", "ranges": ["10.30.2.0/24"] }]);
         }),
         &["spec", "apiServerVIP needs a VIP pool"],
     )
@@ -409,7 +409,7 @@ async fn manifests_apply_pass_pod_security_and_the_crd_validates() {
         .patch(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "network": "net-b" } })),
+            &Patch::Merge(json!({ "spec": { "network": "net-other" } })),
         )
         .await
     {
@@ -902,7 +902,7 @@ async fn ccm_runs_under_the_manifests_service_account() {
     assert!(
         addrs
             .iter()
-            .any(|a| a.type_ == "InternalIP" && a.address.starts_with("10.20.2.")),
+            .any(|a| a.type_ == "InternalIP" && a.address.starts_with("10.30.2.")),
         "{addrs:?}"
     );
     wait_event(

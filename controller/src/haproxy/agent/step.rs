@@ -148,6 +148,8 @@ impl Agent {
                     rest.proxies.retain(|p| !culprits.contains(&p.name));
                     let r2 = render(&rest);
                     if self.running.as_deref() == Some(r2.text.as_str()) {
+                        // What runs already leaves them out (the change was only theirs).
+                        self.metrics.isolated.set(culprits.len() as i64);
                         isolated = true;
                     } else {
                         match self.apply(&r2).await {
