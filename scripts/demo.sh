@@ -8,7 +8,7 @@
 #
 # The on-prem workflow, secured: certificates are minted (`cairn-ipam certs`), the store serves
 # mutual TLS only, the cloud operator (role `cloud`) defines the network in the store, and the
-# cluster's ClusterNetwork binds to it; the controller talks to the store with cluster 'demo''s
+# cluster's ClusterNetwork binds to it; the controller talks to the store with cluster demo's
 # own certificate. A Node registers tainted "uninitialized" and gets its address from the node pool; a
 # LoadBalancer Service gets a VIP; HAProxy forwards VIP:80 to the node's nodePort, where a
 # small HTTP server answers. The script prints what each step did and the answer through the
@@ -49,7 +49,7 @@ pids+=($!)
 wait_for "the control plane" 120 test -s "$work/plane.json"
 kubectl version 2>/dev/null | sed 's/^/  /' >&2 || true
 
-say "certificates: a CA, the store's server certificate, the cloud's and cluster 'demo''s client certificates"
+say "certificates: a CA, the store's server certificate, the cloud's and cluster demo's client certificates"
 pki=$work/pki
 "$bin/cairn-ipam" certs init --dir "$pki" >&2
 "$bin/cairn-ipam" certs issue --dir "$pki" --server --ip 127.0.0.1 >&2
