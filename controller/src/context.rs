@@ -55,15 +55,15 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context; `retrigger` feeds `Controller::reconcile_on` of the Service controller.
+    /// A context over the ClusterNetwork and Namespace caches; `retrigger` feeds
+    /// `Controller::reconcile_on` of the Service controller.
     pub fn new(
         client: Client,
         ipam: Ipam,
         cluster_id: String,
         lb_class: Option<String>,
         metrics: Arc<Metrics>,
-        networks: Store<ClusterNetwork>,
-        namespaces: Store<Namespace>,
+        (networks, namespaces): (Store<ClusterNetwork>, Store<Namespace>),
         retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
     ) -> Self {
         let recorder = Recorder::new(

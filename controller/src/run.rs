@@ -235,8 +235,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         cluster_id.clone(),
         args.load_balancer_class.clone(),
         metrics.clone(),
-        cn_store.clone(),
-        ns_store,
+        (cn_store.clone(), ns_store),
         retrigger_tx,
     ));
 

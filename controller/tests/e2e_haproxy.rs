@@ -636,6 +636,29 @@ async fn traffic_flows_through_haproxy_and_follows_the_cluster() {
     wait_refused(loc).await;
     source_ranges(&["10.0.0.0/8", "127.0.0.0/8"]).await;
     wait_only(loc, "h1-a", 3).await;
+    // The legacy annotation restricts the Service too when the field is empty (it used to be
+    // ignored, leaving the Service open to everyone).
+    let legacy = |ranges: &str| {
+        let client = client.clone();
+        let ranges = ranges.to_string();
+        async move {
+            Api::<Service>::namespaced(client, "default")
+                .patch(
+                    "loc",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({
+                        "metadata": { "annotations": { "service.beta.kubernetes.io/load-balancer-source-ranges": ranges } },
+                        "spec": { "loadBalancerSourceRanges": null },
+                    })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    legacy("10.0.0.0/8").await;
+    wait_refused(loc).await;
+    legacy("10.0.0.0/8,127.0.0.0/8").await;
+    wait_only(loc, "h1-a", 3).await;
 
     // 5. UDP ports are not served: an Event says so; the TCP port is.
     create_lb(

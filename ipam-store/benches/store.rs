@@ -5,7 +5,7 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,engine,grpc,rss,restart`; `engine` is the in-process
+//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls`; `engine` is the in-process
 //! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
@@ -13,6 +13,8 @@
 //!    measured fsync latency.
 //! 3. `rss`: the server's resident memory holding 100k allocations.
 //! 4. `restart`: spawn-to-serving time on a data dir holding 1M allocations.
+//! 5. `mtls`: Allocate at 64 in flight over mutual TLS beside plaintext, alternating servers
+//!    (plaintext, mTLS, plaintext, mTLS) in one run; certificates from `cairn-ipam certs`.
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
@@ -709,10 +711,18 @@ struct Server {
     ready: Duration,
     /// Cores the rest of the machine kept busy while the server started.
     others: f64,
+    /// Client files when the server runs mutual TLS.
+    tls: Option<cairn_proto::tls::ClientTlsFiles>,
 }
 
 impl Server {
     fn start(args: &Args, data_dir: &Path, log: &Path) -> anyhow::Result<Self> {
+        Server::start_with(args, data_dir, log, None)
+    }
+
+    /// With `pki` (a `cairn-ipam certs` directory holding server and cloud certificates):
+    /// mutual TLS only, clients connect as the cloud.
+    fn start_with(args: &Args, data_dir: &Path, log: &Path, pki: Option<&Path>) -> anyhow::Result<Self> {
         let addr_file = data_dir.with_extension("addr");
         let _ = fs::remove_file(&addr_file);
         let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -735,6 +745,19 @@ impl Server {
         if let Some(c) = args.cache_mib {
             cmd.args(["--cache-mib", &c.to_string()]);
         }
+        if let Some(d) = pki {
+            cmd.arg("--tls-cert")
+                .arg(d.join("server.pem"))
+                .arg("--tls-key")
+                .arg(d.join("server-key.pem"))
+                .arg("--client-ca")
+                .arg(d.join("ca.pem"));
+        }
+        let tls = pki.map(|d| cairn_proto::tls::ClientTlsFiles {
+            ca: Some(d.join("ca.pem")),
+            cert: Some(d.join("cloud.pem")),
+            key: Some(d.join("cloud-key.pem")),
+        });
         let tck = clk_tck();
         let busy0 = machine_busy_secs(tck);
         let t = Instant::now();
@@ -770,6 +793,7 @@ impl Server {
             log: log.to_path_buf(),
             ready,
             others,
+            tls,
         })
     }
 
@@ -784,10 +808,12 @@ impl Server {
     async fn clients(&self, n: usize) -> anyhow::Result<Vec<IpamServiceClient<Channel>>> {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
-            let ch = Channel::from_shared(format!("http://{}", self.grpc))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
+            let uri = format!("http://{}", self.grpc);
+            let ep = match &self.tls {
+                Some(t) => t.endpoint(&uri)?,
+                None => Channel::from_shared(uri)?,
+            };
+            let ch = ep.tcp_nodelay(true).connect().await?;
             v.push(IpamServiceClient::new(ch));
         }
         Ok(v)
@@ -1286,6 +1312,91 @@ async fn bench_grpc(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> 
 }
 
 // ============================================================================================
+// Section 5: mutual TLS beside plaintext
+// ============================================================================================
+
+async fn bench_mtls(args: &Args, work: &Path) -> anyhow::Result<()> {
+    println!("## 5. Allocate over mutual TLS beside plaintext (64 in flight, 4 connections)");
+    println!();
+    let pki = work.join("pki");
+    for a in [
+        &["init", "--dir"][..],
+        &["issue", "--server", "--ip", "127.0.0.1", "--dir"],
+        &["issue", "--cloud", "--dir"],
+    ] {
+        let st = Command::new(&args.server_bin)
+            .arg("certs")
+            .args(a)
+            .arg(&pki)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("cairn-ipam certs {a:?} failed");
+        }
+    }
+    let dur = Duration::from_secs_f64(args.secs);
+    let warm = Duration::from_secs_f64((args.secs / 10.0).min(1.0));
+    let tck = clk_tck();
+    println!(
+        "Each row: a fresh server and data dir, {:.0} s measured after {:.1} s warm-up; TLS 1.3 \
+         (rustls, ring), client certificate of the cloud role, so every call also passes the \
+         authorization layer. Rows alternate so drift on the machine hits both modes.",
+        dur.as_secs_f64(),
+        warm.as_secs_f64()
+    );
+    println!();
+    println!("| round | transport | allocs/s | p50 ms | p99 ms | max ms | errors | server CPU |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 1..=2 {
+        for (i, tls) in [false, true].into_iter().enumerate() {
+            let data = work.join(format!("mtls-{round}-{i}"));
+            fs::create_dir_all(&data)?;
+            let mut srv = Server::start_with(
+                args,
+                &data,
+                &work.join(format!("mtls-{round}-{i}.log")),
+                tls.then_some(pki.as_path()),
+            )?;
+            let clients = srv.clients(4).await?;
+            upsert(&mut clients[0].clone()).await?;
+            let note = wait_quiet(args.quiet);
+            let s0 = cpu_secs(&srv.pid, tck);
+            let t0 = Instant::now();
+            let r = load(&clients, 64, Arc::new(AtomicU64::new(0)), None, warm, dur).await;
+            let wall = t0.elapsed().as_secs_f64();
+            let s1 = cpu_secs(&srv.pid, tck);
+            let rate = r.done as f64 / r.elapsed.as_secs_f64();
+            rates[i].push(rate);
+            println!(
+                "| {round} | {} | {rate:.0} | {} | {} | {} | {} | {:.0}% |{}",
+                if tls { "mTLS" } else { "plaintext" },
+                ms(r.lat.pct(50.0)),
+                ms(r.lat.pct(99.0)),
+                ms(r.lat.max()),
+                r.errors,
+                (s1 - s0) / wall * 100.0,
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {note}")
+                },
+            );
+            srv.stop()?;
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (plain, tls) = (mean(&rates[0]), mean(&rates[1]));
+    println!();
+    println!(
+        "mTLS throughput cost: {:.1}% ({tls:.0} vs {plain:.0} allocs/s, means of the rounds; target ≤ 10%).",
+        (1.0 - tls / plain.max(1.0)) * 100.0
+    );
+    println!();
+    Ok(())
+}
+
+// ============================================================================================
 // Section 3: RSS
 // ============================================================================================
 
@@ -1677,6 +1788,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.want("restart") {
         rt.block_on(bench_restart(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
+    }
+    if args.want("mtls") {
+        rt.block_on(bench_mtls(&args, &work_path))?;
         println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());
