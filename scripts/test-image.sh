@@ -48,6 +48,14 @@ ipam=$("${run[@]}" --rm --read-only --entrypoint /usr/local/bin/cairn-ipam "$tag
 [ "$ipam" = "cairn-ipam $version" ] || fail "cairn-ipam --version in the image printed '$ipam'"
 say "both binaries run in the image ($ccm, $ipam)"
 
+# The first address in the CLI's proto3 JSON (an AllocateResponse wraps the Allocation).
+first_address() {
+  python3 -c 'import json,sys
+d = json.load(open(sys.argv[1]))
+d = d.get("allocation", d)
+print(d["addresses"][0])' "$1"
+}
+
 # --- the store serves from the container, the host's CLI talks to it ----------------------------
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 endpoint=http://127.0.0.1:$port
@@ -75,7 +83,7 @@ YAML
 "$cli" --endpoint "$endpoint" network apply -f "$work/net.yaml" >/dev/null
 "$cli" --endpoint "$endpoint" -o json alloc create --network image-net --cluster img --kind service \
   --namespace default --name web --port tcp/80 >"$work/alloc.json"
-ip=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"][0])' "$work/alloc.json")
+ip=$(first_address "$work/alloc.json")
 say "allocated $ip through the container"
 # The data is on the volume, written by uid 65532, and the root filesystem stayed read-only.
 mnt=$(podman volume inspect --format '{{.Mountpoint}}' "$vol")
@@ -89,7 +97,7 @@ podman rm -f -t 0 "$name" >/dev/null
 start
 "$cli" --endpoint "$endpoint" -o json alloc get --network image-net --cluster img --kind service \
   --namespace default --name web >"$work/after.json"
-after=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"][0])' "$work/after.json")
+after=$(first_address "$work/after.json")
 [ "$after" = "$ip" ] || fail "after a kill -9 and a new container the allocation is $after, was $ip"
 
 size=$(podman image inspect --format '{{.Size}}' "$tag")
