@@ -161,8 +161,10 @@ impl Context {
         };
         // Never awaited in the reconcile: publishing is an apiserver round trip plus the
         // Recorder's own cache upkeep, and a burst of allocations would wait on both
-        // (docs/benchmarks.md, proposal 3). A full queue drops the event, with a log line.
+        // (docs/benchmarks.md, proposal 3). A full queue drops the event, counted in
+        // `cairn_ccm_events_dropped_total`.
         if let Err(e) = self.events.try_send((ev, obj.object_ref(&()))) {
+            self.metrics.events_dropped.inc();
             tracing::debug!(reason, error = %e, "event queue full; event dropped");
         }
     }

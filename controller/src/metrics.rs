@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Orphaned allocations released by the repair loop.
     pub orphans_released: Counter,
+    /// Events dropped because the publishing queue was full.
+    pub events_dropped: Counter,
     /// Duration of each repair pass (one store listing plus one pass over the caches).
     pub repair_seconds: Histogram,
 }
@@ -62,6 +64,11 @@ impl Metrics {
             orphans_released: r.register(
                 "orphans_released",
                 "orphaned allocations released by repair",
+                Counter::default(),
+            ),
+            events_dropped: r.register(
+                "events_dropped",
+                "Kubernetes Events dropped because the publishing queue was full",
                 Counter::default(),
             ),
             repair_seconds: r.register(

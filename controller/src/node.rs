@@ -91,6 +91,23 @@ async fn release(node: &Node, ctx: &Context, o: pb::Owner) -> Result<Vec<String>
     Ok(released)
 }
 
+/// Whether the Node is done: no cloud taint, our finalizer, our providerID, and addresses with
+/// an InternalIP and its Hostname — everything the reconcile would otherwise (re)write.
+fn initialised(node: &Node, pid: &str) -> bool {
+    let addrs = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    !tainted(node)
+        && has_finalizer(node)
+        && node.spec.as_ref().and_then(|s| s.provider_id.as_deref()) == Some(pid)
+        && addrs.iter().any(|a| a.type_ == "InternalIP")
+        && addrs
+            .iter()
+            .any(|a| a.type_ == "Hostname" && Some(a.address.as_str()) == node.metadata.name.as_deref())
+}
+
 /// Reconciles one Node.
 #[tracing::instrument(name = "reconcile_node", skip_all, fields(
     name = node.metadata.name.as_deref(),
@@ -141,6 +158,10 @@ async fn apply(node: &Node, ctx: &Context) -> Result<Action> {
     }
     if !tainted(node) && !has_finalizer(node) {
         // Not ours to initialise (or initialised by someone else).
+        return Ok(Action::await_change());
+    }
+    if initialised(node, &provider_id(&ctx.cluster_id, &name)) {
+        // A status heartbeat or a resync of a Node we finished: no store call.
         return Ok(Action::await_change());
     }
 

@@ -1345,8 +1345,8 @@ async fn bench_mtls(args: &Args, work: &Path) -> anyhow::Result<()> {
         warm.as_secs_f64()
     );
     println!();
-    println!("| round | transport | allocs/s | p50 ms | p99 ms | max ms | errors | server CPU |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("| round | transport | allocs/s | p50 ms | p99 ms | max ms | errors | server CPU | machine |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
     let mut rates = [Vec::new(), Vec::new()];
     for round in 1..=2 {
         for (i, tls) in [false, true].into_iter().enumerate() {
@@ -1369,18 +1369,13 @@ async fn bench_mtls(args: &Args, work: &Path) -> anyhow::Result<()> {
             let rate = r.done as f64 / r.elapsed.as_secs_f64();
             rates[i].push(rate);
             println!(
-                "| {round} | {} | {rate:.0} | {} | {} | {} | {} | {:.0}% |{}",
+                "| {round} | {} | {rate:.0} | {} | {} | {} | {} | {:.0}% | {note} |",
                 if tls { "mTLS" } else { "plaintext" },
                 ms(r.lat.pct(50.0)),
                 ms(r.lat.pct(99.0)),
                 ms(r.lat.max()),
                 r.errors,
                 (s1 - s0) / wall * 100.0,
-                if note.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {note}")
-                },
             );
             srv.stop()?;
         }
