@@ -3,7 +3,7 @@
 //! of failed reconciles (for its backoff).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -46,8 +46,9 @@ pub struct Context {
     pub networks: Store<ClusterNetwork>,
     /// Namespaces (for the labels pool policies select on), from a reflector.
     pub namespaces: Store<Namespace>,
-    /// Services waiting for an address; re-triggered when the store frees one.
-    pending: Mutex<HashSet<ObjectRef<Service>>>,
+    /// Services waiting for an address, and the store network each waits on (`None`: any);
+    /// re-triggered when the store frees one there.
+    pending: Mutex<HashMap<ObjectRef<Service>, Option<String>>>,
     retrigger: mpsc::UnboundedSender<ObjectRef<Service>>,
     store_ok: AtomicBool,
     /// Failed reconciles in a row, per object; absent after a successful one.
@@ -90,7 +91,7 @@ impl Context {
             metrics,
             networks,
             namespaces,
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
             retrigger,
             store_ok: AtomicBool::new(true),
             failures: Mutex::new(HashMap::new()),
@@ -169,22 +170,37 @@ impl Context {
         }
     }
 
-    /// Marks a Service as waiting for an address (or not).
-    pub fn set_pending(&self, svc: ObjectRef<Service>, pending: bool) {
+    /// Marks a Service as waiting for an address on store network `on` (`Some(None)`: on any
+    /// network, e.g. it has none yet), or as not waiting (`None`).
+    pub fn set_pending(&self, svc: ObjectRef<Service>, on: Option<Option<String>>) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending {
-            p.insert(svc);
-        } else {
-            p.remove(&svc);
+        match on {
+            Some(network) => {
+                p.insert(svc, network);
+            }
+            None => {
+                p.remove(&svc);
+            }
         }
         self.metrics.pending_services.set(p.len() as i64);
     }
 
-    /// Re-triggers every waiting Service (the store freed an address somewhere).
+    /// Re-triggers every waiting Service (this controller freed an address).
     pub fn retrigger_pending(&self) {
         let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for r in p.iter() {
+        for r in p.keys() {
             let _ = self.retrigger.send(r.clone());
+        }
+    }
+
+    /// Re-triggers the Services waiting on store network `network` (or on any): an address
+    /// was freed there. A release elsewhere in the fleet wakes nobody it cannot help.
+    pub fn retrigger_pending_on(&self, network: &str) {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, on) in p.iter() {
+            if on.as_deref().is_none_or(|n| n == network) {
+                let _ = self.retrigger.send(r.clone());
+            }
         }
     }
 

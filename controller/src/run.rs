@@ -95,7 +95,10 @@ async fn store_watch(ctx: Arc<Context>) {
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(ev) if ev.r#type == T::Deleted as i32 || ev.r#type == T::Modified as i32 => {
-                            ctx.retrigger_pending()
+                            match ev.allocation.as_ref().map(|a| a.network.as_str()) {
+                                Some(network) if !network.is_empty() => ctx.retrigger_pending_on(network),
+                                _ => ctx.retrigger_pending(),
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => {

@@ -273,7 +273,7 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<()>
         .map(|cn| cn.spec.network.clone())
         .collect();
     release_on(svc, ctx, api, &networks).await?;
-    ctx.set_pending(ObjectRef::from_obj(svc), false);
+    ctx.set_pending(ObjectRef::from_obj(svc), None);
     Ok(())
 }
 
@@ -378,7 +378,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
     let cn = match ctx.network_for(svc, PoolPurpose::Vip) {
         Ok(cn) => cn,
         Err(e) => {
-            ctx.set_pending(me, true);
+            ctx.set_pending(me, Some(None));
             ctx.event(
                 svc,
                 EventType::Warning,
@@ -454,7 +454,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
                         .map(|ip| json!({ "ip": ip }))
                         .collect();
                     apply_status(&api, svc, ann(svc, ANN_ALLOCATED_FROM), keep).await?;
-                    return pending(svc, ctx, me, e).await;
+                    return pending(svc, ctx, me, &cn.spec.network, e).await;
                 }
             }
         }
@@ -467,10 +467,10 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
             ctx.set_store_ok(false);
             return Err(Error::StoreUnavailable(m));
         }
-        Err(e) => return pending(svc, ctx, me, e).await,
+        Err(e) => return pending(svc, ctx, me, &cn.spec.network, e).await,
     };
     ctx.set_store_ok(true);
-    ctx.set_pending(me, false);
+    ctx.set_pending(me, None);
     let Some(a) = alloc.allocation else {
         return Err(Error::MissingObjectKey("allocation"));
     };
@@ -569,11 +569,17 @@ async fn allocate_admitted(
 }
 
 /// Records a Service the store cannot serve now.
-async fn pending(svc: &Service, ctx: &Context, me: ObjectRef<Service>, e: Error) -> Result<Action> {
+async fn pending(
+    svc: &Service,
+    ctx: &Context,
+    me: ObjectRef<Service>,
+    network: &str,
+    e: Error,
+) -> Result<Action> {
     match e {
         Error::Store(refusal) => {
             ctx.set_store_ok(true);
-            ctx.set_pending(me, true);
+            ctx.set_pending(me, Some(Some(network.to_string())));
             ctx.event(
                 svc,
                 EventType::Warning,

@@ -231,20 +231,20 @@ async fn clusters_bind_to_a_cloud_defined_network_and_never_share_an_address() {
         .collect();
     assert_eq!(held, seen.keys().cloned().collect::<BTreeSet<_>>());
 
-    // A cluster cannot change the cloud's network: a managed ClusterNetwork for the same
-    // network is a Conflict, and the store's definition stays as the cloud made it.
-    create_network(
-        &clients[0],
-        "takeover",
-        json!({
-            "network": NET,
+    // A cluster cannot change the cloud's network: giving its ClusterNetwork pools (making it
+    // managed) is a Conflict, and the store's definition stays as the cloud made it.
+    let api: Api<ClusterNetwork> = Api::all(clients[0].clone());
+    api.patch(
+        "shared",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({ "spec": {
             "pools": [{ "name": "vip", "purpose": "VIP", "ranges": ["10.30.9.0/24"] }],
-        }),
+        } })),
     )
-    .await;
+    .await
+    .expect("add pools");
     eventually("the takeover is a Conflict", ACT, || async {
-        let api: Api<ClusterNetwork> = Api::all(clients[0].clone());
-        let cn = api.get("takeover").await.map_err(|e| e.to_string())?;
+        let cn = api.get("shared").await.map_err(|e| e.to_string())?;
         let conds = cn.status.unwrap_or_default().conditions;
         if conds
             .iter()
