@@ -214,13 +214,17 @@ impl Ipam {
         Ok(call!(self, get_usage, req)?.pools)
     }
 
-    /// A watch of every allocation change (all networks, all clusters).
-    pub async fn watch(&self) -> Result<tonic::Streaming<pb::WatchAllocationsResponse>> {
+    /// A watch of every allocation change on one network (all clusters; under mTLS other
+    /// clusters' events arrive redacted, with their network).
+    pub async fn watch(&self, network: &str) -> Result<tonic::Streaming<pb::WatchAllocationsResponse>> {
         let mut c = self.client.clone();
-        c.watch_allocations(pb::WatchAllocationsRequest::default())
-            .await
-            .map(|r| r.into_inner())
-            .map_err(decode)
+        c.watch_allocations(pb::WatchAllocationsRequest {
+            network: network.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(decode)
     }
 }
 

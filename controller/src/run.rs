@@ -6,7 +6,7 @@
 //! it as a follower) rather than risk two writers; on SIGTERM the leader releases the lease so
 //! a standby takes over at once.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use cairn_proto::tls::ClientTlsFiles;
@@ -84,31 +84,59 @@ pub struct RunArgs {
     pub orphan_grace: u64,
 }
 
-/// Wakes pending Services whenever the store frees an address on any network (any cluster).
-async fn store_watch(ctx: Arc<Context>) {
+/// Watches the store on every network this cluster's ClusterNetworks name — one watch per
+/// network, not the whole fleet — and wakes the Services waiting there when an address is freed
+/// (released, or out of its reuse grace). Networks come and go with the ClusterNetworks.
+async fn store_watches(ctx: Arc<Context>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    loop {
+        let want: std::collections::BTreeSet<String> = ctx
+            .networks
+            .state()
+            .iter()
+            .map(|cn| cn.spec.network.clone())
+            .collect();
+        running.retain(|n, h| {
+            let keep = want.contains(n);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for n in want {
+            if let std::collections::hash_map::Entry::Vacant(e) = running.entry(n) {
+                let h = tasks.spawn(store_watch(ctx.clone(), e.key().clone()));
+                e.insert(h);
+            }
+        }
+        // Reap finished (aborted) tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn store_watch(ctx: Arc<Context>, network: String) {
     use cairn_proto::v1::WatchEventType as T;
     let mut backoff = Duration::from_millis(200);
     loop {
-        match ctx.ipam.watch().await {
+        match ctx.ipam.watch(&network).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(200);
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(ev) if ev.r#type == T::Deleted as i32 || ev.r#type == T::Modified as i32 => {
-                            match ev.allocation.as_ref().map(|a| a.network.as_str()) {
-                                Some(network) if !network.is_empty() => ctx.retrigger_pending_on(network),
-                                _ => ctx.retrigger_pending(),
-                            }
+                            ctx.retrigger_pending_on(&network)
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::debug!(error = %e, "store watch ended");
+                            tracing::debug!(%network, error = %e, "store watch ended");
                             break;
                         }
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "store watch failed"),
+            Err(e) => tracing::debug!(%network, error = %e, "store watch failed"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -283,7 +311,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         Duration::from_secs(args.repair_interval),
         Duration::from_secs(args.orphan_grace),
     ));
-    let watch = tokio::spawn(store_watch(ctx.clone()));
+    let watch = tokio::spawn(store_watches(ctx.clone()));
     let store_up = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
