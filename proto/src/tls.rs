@@ -335,7 +335,7 @@ pub fn diagnose(err: &(dyn StdError + 'static), client_tls: bool) -> Option<Mism
         && (has("frame with invalid size")
             || has("broken pipe")
             || has("connection reset")
-            || has("connection closed before message completed"))
+            || has("connection closed"))
     {
         // A TLS server hangs up on (or answers with a TLS alert to) an HTTP/2 preface.
         Some(Mismatch::PlaintextToTls)

@@ -151,6 +151,21 @@ async fn plaintext_client_to_tls_server() {
     assert!(m.to_string().contains("set --tls-ca, --tls-cert and --tls-key"));
 }
 
+/// The same hang-up can surface as hyper's `Canceled` ("connection closed"), depending on
+/// when the server's close lands (seen in CI).
+#[test]
+fn a_cancelled_plaintext_call_to_a_tls_server_is_a_plaintext_mismatch() {
+    let e = std::io::Error::other(
+        "Cancelled: operation was canceled: transport error: operation was canceled: connection closed",
+    );
+    assert_eq!(diagnose(&e, false), Some(Mismatch::PlaintextToTls));
+    assert_eq!(
+        diagnose(&e, true),
+        None,
+        "a TLS client's closed connection is something else"
+    );
+}
+
 #[tokio::test]
 async fn tls_client_to_plaintext_server() {
     let ca = ca("store ca");
