@@ -128,6 +128,14 @@ fn condition(
     }
 }
 
+/// Whether `conds` already show condition `type_` with `status` for `reason` (an event is sent
+/// when a condition appears, not on every resync).
+fn shows(conds: &[Condition], type_: &str, status: &str, reason: &str) -> bool {
+    conds
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == status && c.reason == reason)
+}
+
 fn summary(usage: &[PoolUsage], purpose: &str) -> Option<String> {
     let rows: Vec<_> = usage.iter().filter(|u| u.purpose == purpose).collect();
     if rows.is_empty() {
@@ -224,13 +232,11 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
             "ClusterNetwork {first:?} already binds this cluster to network {:?}; this one is ignored until that one is deleted",
             cn.spec.network
         );
-        st.mode = None;
-        st.definition = None;
-        st.store_version = None;
-        st.api_server_vip = None;
-        st.usage = Vec::new();
-        st.vip_usage = None;
-        st.node_usage = None;
+        // Nothing of the store's view: this object stands for nothing there.
+        st = ClusterNetworkStatus {
+            observed_generation: generation,
+            ..Default::default()
+        };
         st.conditions = vec![
             condition(
                 "Conflict",
@@ -249,11 +255,7 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
                 &old.conditions,
             ),
         ];
-        if old
-            .conditions
-            .iter()
-            .all(|c| !(c.type_ == "Conflict" && c.reason == "DuplicateNetwork" && c.status == "True"))
-        {
+        if !shows(&old.conditions, "Conflict", "True", "DuplicateNetwork") {
             ctx.event(cn, EventType::Warning, "DuplicateNetwork", "Reconcile", message)
                 .await;
         }
@@ -305,11 +307,7 @@ async fn apply(cn: &ClusterNetwork, ctx: &Context) -> Result<Action> {
                 generation,
                 &old.conditions,
             ));
-            if old
-                .conditions
-                .iter()
-                .all(|c| !(c.type_ == "Ready" && c.reason == "NetworkNotFound" && c.status == "False"))
-            {
+            if !shows(&old.conditions, "Ready", "False", "NetworkNotFound") {
                 ctx.event(cn, EventType::Warning, "NetworkNotFound", "GetNetwork", message)
                     .await;
             }

@@ -285,6 +285,15 @@ fn allocated_network(svc: &Service) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
+/// The Service's ingress entries without `drop` (only those go: the rest may be someone else's).
+fn ingress_without(svc: &Service, drop: &[String]) -> Vec<serde_json::Value> {
+    ingress_ips(svc)
+        .into_iter()
+        .filter(|ip| !drop.contains(ip))
+        .map(|ip| json!({ "ip": ip }))
+        .collect()
+}
+
 /// Releases the Service's VIP(s) on `networks`, takes the released addresses out of its
 /// ingress (only those: another implementation may own the Service now) and records it.
 async fn release_on(
@@ -311,11 +320,7 @@ async fn release_on(
         }
     }
     if !released.is_empty() {
-        let keep: Vec<_> = ingress_ips(svc)
-            .into_iter()
-            .filter(|ip| !released.contains(ip))
-            .map(|ip| json!({ "ip": ip }))
-            .collect();
+        let keep = ingress_without(svc, &released);
         if svc.metadata.deletion_timestamp.is_none() {
             // The annotation is restated so the apply keeps it, as the merge patch used to.
             apply_status(api, svc, ann(svc, ANN_ALLOCATED_FROM), keep).await?;
@@ -447,12 +452,7 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
                 Err(e) => {
                     // Fail closed: the address the Service shows is not its own, so it must not
                     // stay in status, where the load balancer would serve it.
-                    let foreign = &req.requested_addresses;
-                    let keep: Vec<_> = ingress_ips(svc)
-                        .into_iter()
-                        .filter(|ip| !foreign.contains(ip))
-                        .map(|ip| json!({ "ip": ip }))
-                        .collect();
+                    let keep = ingress_without(svc, &req.requested_addresses);
                     apply_status(&api, svc, ann(svc, ANN_ALLOCATED_FROM), keep).await?;
                     return pending(svc, ctx, me, &cn.spec.network, e).await;
                 }

@@ -217,16 +217,7 @@ async fn grpcurl_speaks_mutual_tls_with_cacert_cert_key() {
         &["issue", "--dir", d, "--cloud"],
         &["issue", "--dir", d, "--cluster", "a"],
     ] {
-        let out = std::process::Command::new(bin())
-            .arg("certs")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "certs {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        certs(args);
     }
     let p = |f: &str| format!("{d}/{f}");
     let (cert, key, ca) = (p("server.pem"), p("server-key.pem"), p("ca.pem"));

@@ -17,20 +17,6 @@ use cairn_proto::{tls::ClientTlsFiles, v1 as pb};
 use common::*;
 use tonic::Code;
 
-/// Runs `cairn-ipam certs <args>` and panics with its stderr on failure.
-fn certs(args: &[&str]) {
-    let out = std::process::Command::new(bin())
-        .arg("certs")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cairn-ipam certs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA in a temporary directory, with a server certificate for 127.0.0.1 and the client
 /// certificates the tests use.
 struct Pki {

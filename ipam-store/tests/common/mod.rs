@@ -440,3 +440,17 @@ pub fn grpcurl_bin() -> PathBuf {
          (or point CAIRN_BIN_DIR at a directory holding it)"
     );
 }
+
+/// Runs `cairn-ipam certs <args>` and panics with its stderr on failure.
+pub fn certs(args: &[&str]) {
+    let out = std::process::Command::new(bin())
+        .arg("certs")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cairn-ipam certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
