@@ -11,8 +11,10 @@
 //!    made durable through an engine with group commit.
 //! 5. [`grpc`] — the API edge: proto ⇄ domain conversion, the service, watch streams, and the
 //!    one mapping of [`Error`] to `tonic::Status`.
-//! 6. [`server`], [`metrics`], [`cli`] — wiring: listeners, probes and metrics, and the admin
-//!    CLI (a gRPC client of the API).
+//! 6. [`web`] — the read-only web view and its JSON endpoints (HTML and HTTP only; reads the
+//!    ledger).
+//! 7. [`server`], [`metrics`], [`cli`] — wiring: listeners, probes, metrics and the web view,
+//!    and the admin CLI (a gRPC client of the API).
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -26,5 +28,6 @@ pub mod model;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod web;
 
 pub use error::{Error, Result};

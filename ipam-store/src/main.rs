@@ -85,6 +85,10 @@ enum Cmd {
         /// Prometheus /metrics, /healthz and /readyz listen address.
         #[arg(long, env = "CAIRN_IPAM_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the read-only web view (/ui/) and its JSON (/api/v1/) on --metrics-listen.
+        /// It shows every network, pool and holder to whoever reaches that address.
+        #[arg(long, env = "CAIRN_IPAM_WEB_VIEW", default_value_t = true, action = clap::ArgAction::Set)]
+        web_view: bool,
         /// Reuse grace for networks that set none, e.g. 30s, 5m (whole seconds).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         default_reuse_grace: Duration,
@@ -143,6 +147,7 @@ async fn main() -> ExitCode {
             backend,
             etcd,
             metrics_listen,
+            web_view,
             default_reuse_grace,
             cache_mib,
             addr_file,
@@ -186,6 +191,7 @@ async fn main() -> ExitCode {
             let opts = ServeOptions {
                 listen,
                 metrics_listen,
+                web_view,
                 data_dir,
                 etcd: (backend == Backend::Etcd).then(|| etcd.options()),
                 default_grace_secs: grace,

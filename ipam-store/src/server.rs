@@ -1,5 +1,5 @@
 //! `cairn-ipam serve`: wires the ledger, the gRPC services (IpamService, health, reflection)
-//! and the metrics endpoint, and shuts down gracefully.
+//! and the metrics endpoint with the read-only web view, and shuts down gracefully.
 //!
 //! With [`ServeOptions::tls`] the gRPC port speaks mutual TLS only (a plaintext or
 //! certificate-less client fails at the handshake), the certificate files are re-read when they
@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Metrics/health HTTP address; None = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the read-only web view (`/ui/`, `/api/v1/`) on the metrics listener too.
+    pub web_view: bool,
     /// sled directory (unused with `etcd`).
     pub data_dir: PathBuf,
     /// The etcd backend's settings; `None` = sled in `data_dir`.
@@ -142,16 +144,25 @@ pub async fn serve(
 
     let mut probes = None;
     if let Some(m) = opts.metrics_listen {
-        let p = ProbeServer::start(
+        let web = if opts.web_view {
+            crate::web::router(ledger.clone(), stopping_rx.clone())
+        } else {
+            axum::Router::new()
+        };
+        let p = ProbeServer::start_with(
             "--metrics-listen",
             m,
             Arc::new(Probes {
                 ledger: ledger.clone(),
                 metrics: metrics.clone(),
             }),
+            web,
         )
         .await?;
         addrs.push_str(&format!("metrics={}\n", p.local_addr()));
+        if opts.web_view {
+            tracing::info!(url = %format!("http://{}/ui/", p.local_addr()), "serving the read-only web view");
+        }
         probes = Some(p);
     }
     if let Some(f) = &opts.addr_file {

@@ -2,6 +2,8 @@
 //! `/readyz` (it can do its job now). The caller says what each answers through [`Endpoints`];
 //! the routes, status codes and bodies are the same in every binary.
 //!
+//! A binary may add routes of its own ([`ProbeServer::start_with`]; `cairn-ipam`'s web view).
+//!
 //! The server runs on its own task from [`ProbeServer::start`] until [`ProbeServer::stop`]
 //! (which lets requests in flight finish) or until the handle is dropped.
 
@@ -70,6 +72,18 @@ impl ProbeServer {
         addr: SocketAddr,
         endpoints: Arc<E>,
     ) -> Result<Self, Error> {
+        Self::start_with(flag, addr, endpoints, Router::new()).await
+    }
+
+    /// [`ProbeServer::start`], also serving `extra`'s routes (which must not use the three
+    /// probe paths). Requests in flight on `extra` must end on their own for [`ProbeServer::stop`]
+    /// to return (long-lived streams: end them on the caller's shutdown signal).
+    pub async fn start_with<E: Endpoints>(
+        flag: &'static str,
+        addr: SocketAddr,
+        endpoints: Arc<E>,
+        extra: Router,
+    ) -> Result<Self, Error> {
         let bind_err = |source| Error::Bind { flag, addr, source };
         let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
         let bound = listener.local_addr().map_err(bind_err)?;
@@ -86,7 +100,8 @@ impl ProbeServer {
                 "/readyz",
                 get(|State(e): State<Arc<E>>| async move { e.readiness().await.reply() }),
             )
-            .with_state(endpoints);
+            .with_state(endpoints)
+            .merge(extra);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)

@@ -385,5 +385,7 @@ pub(super) fn filter(
         } else {
             Some(model::parse_addr("address", address)?)
         },
+        namespace: None,
+        name: None,
     })
 }

@@ -19,7 +19,7 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::{AllocateReq, Change, ListFilter, Outcome, State, Upserted, Usage};
+use super::{AddressInfo, AllocateReq, Change, ListFilter, Outcome, State, Upserted, Usage};
 use crate::{
     error::{Error, Result},
     model::{Allocation, NetworkDef, NetworkRecord, Owner},
@@ -230,6 +230,17 @@ impl Ledger {
     /// Usage per pool and family.
     pub async fn usage(&self, network: Option<&str>) -> Result<Vec<Usage>> {
         self.read(|st| st.usage(network, now_ms())).await
+    }
+
+    /// See [`State::lookup`].
+    pub async fn lookup(&self, ip: std::net::IpAddr) -> Result<AddressInfo> {
+        self.read(|st| Ok(st.lookup(ip))).await
+    }
+
+    /// Every durable commit batch from now on, without a snapshot (for live views that load
+    /// their state by paging). A receiver that falls behind gets `Lagged` and must reload.
+    pub fn subscribe(&self) -> broadcast::Receiver<Committed> {
+        self.events.subscribe()
     }
 
     /// True when any address of `a` is outside its pool's ranges.

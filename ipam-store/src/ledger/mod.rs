@@ -37,7 +37,7 @@ mod types;
 
 pub use durable::{CommitObserver, Committed, Ledger, NoObserver, now_ms};
 pub use state::{MAX_REVISION, State};
-pub use types::{AllocateReq, Change, ListFilter, Outcome, Upserted, Usage};
+pub use types::{AddressInfo, AllocateReq, Change, ListFilter, Outcome, Upserted, Usage};
 
 #[cfg(test)]
 mod tests;

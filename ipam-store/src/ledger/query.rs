@@ -2,7 +2,9 @@
 
 use std::ops::Bound;
 
-use super::{ListFilter, Usage, state::State};
+use std::net::IpAddr;
+
+use super::{AddressInfo, ListFilter, Usage, state::State};
 use crate::{
     alloc::addr::{AddrRange, Family},
     error::{Error, Result},
@@ -44,6 +46,9 @@ impl State {
             (Some(n), None) => format!("{n}/"),
             _ => String::new(),
         };
+        if let Some(ip) = f.address {
+            return Ok(self.list_holding(ip, f, size, page_token));
+        }
         let start = if page_token.is_empty() {
             Bound::Included(prefix.clone())
         } else {
@@ -65,6 +70,65 @@ impl State {
             out.push(a.clone());
         }
         Ok((out, next))
+    }
+
+    /// [`State::list`] by address: through each network's holder index, not a scan.
+    fn list_holding(
+        &self,
+        ip: IpAddr,
+        f: &ListFilter,
+        size: usize,
+        page_token: &str,
+    ) -> (Vec<Allocation>, String) {
+        let mut keys: Vec<&String> = self
+            .networks
+            .values()
+            .filter_map(|n| n.holders.get(&ip))
+            .flatten()
+            .filter(|k| page_token.is_empty() || k.as_str() > page_token)
+            .collect();
+        keys.sort();
+        let mut matching = keys
+            .into_iter()
+            .filter_map(|k| self.allocs.get(k))
+            .filter(|a| f.matches(a));
+        let out: Vec<Allocation> = matching.by_ref().take(size).cloned().collect();
+        let next = match (out.len() == size, matching.next()) {
+            (true, Some(_)) => out.last().map(Allocation::key).unwrap_or_default(),
+            _ => String::new(),
+        };
+        (out, next)
+    }
+
+    /// Who holds `ip`, in which network and pool, and whether it waits out a reuse grace.
+    /// Proportional to the number of networks, not of allocations.
+    pub fn lookup(&self, ip: IpAddr) -> AddressInfo {
+        let ip = ip.to_canonical();
+        let network = self.spaces.owner_of(&ip).map(str::to_string);
+        let pool = network
+            .as_ref()
+            .and_then(|n| self.networks.get(n))
+            .and_then(|n| n.pool_spanning(&ip).map(|i| n.pools[i].name.clone()));
+        let mut keys: Vec<&String> = self
+            .networks
+            .values()
+            .filter_map(|n| n.holders.get(&ip))
+            .flatten()
+            .collect();
+        keys.sort();
+        let grace = self
+            .networks
+            .values()
+            .find_map(|n| n.quarantine.get(&ip))
+            .or_else(|| self.released.get(&ip))
+            .cloned();
+        AddressInfo {
+            address: ip,
+            network,
+            pool,
+            holders: keys.into_iter().filter_map(|k| self.allocs.get(k)).cloned().collect(),
+            grace,
+        }
     }
 
     /// Every allocation matching `f` (for watch snapshots).

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use crate::{
     alloc::addr::Family,
-    model::{Allocation, NetworkRecord, Owner, OwnerKind, Port, Purpose},
+    model::{Allocation, NetworkRecord, Owner, OwnerKind, Port, Purpose, Quarantined},
     store::Op,
 };
 
@@ -68,6 +68,10 @@ pub struct ListFilter {
     pub kind: Option<OwnerKind>,
     /// Holding this address.
     pub address: Option<IpAddr>,
+    /// Owner namespace (Services).
+    pub namespace: Option<String>,
+    /// Owner name.
+    pub name: Option<String>,
 }
 
 impl ListFilter {
@@ -78,7 +82,25 @@ impl ListFilter {
             && self.cluster_id.as_ref().is_none_or(|c| *c == a.owner.cluster_id)
             && self.kind.is_none_or(|k| k == a.owner.kind)
             && self.address.is_none_or(|ip| a.addresses.contains(&ip))
+            && self.namespace.as_ref().is_none_or(|n| *n == a.owner.namespace)
+            && self.name.as_ref().is_none_or(|n| *n == a.owner.name)
     }
+}
+
+/// Everything the ledger knows about one address: whose space it lies in, who holds it, and
+/// whether it waits out a reuse grace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AddressInfo {
+    /// The address (IPv4-mapped IPv6 normalised to IPv4).
+    pub address: IpAddr,
+    /// The network whose address space contains it.
+    pub network: Option<String>,
+    /// The pool of that network whose ranges contain it.
+    pub pool: Option<String>,
+    /// Its holders (more than one only when shared), in key order.
+    pub holders: Vec<Allocation>,
+    /// Its reuse-grace entry, when released recently.
+    pub grace: Option<Quarantined>,
 }
 
 /// Usage of one pool and family.
