@@ -4,7 +4,7 @@ CARGO ?= cargo
 export CAIRN_BIN_DIR ?= $(CURDIR)/.cache/bin
 
 .PHONY: all build toolchain tools image test-image test test-unit test-store test-controller test-harness lint deny advisories demo bench bench-smoke clean-cache reliability reliability-backup \
-	test-go check-go-generated check-monitoring fuzz fuzz-smoke
+	test-go check-go-generated check-monitoring fuzz fuzz-smoke web-screenshot
 
 all: build
 
@@ -55,7 +55,9 @@ test-unit: toolchain
 	$(CARGO) test --workspace --exclude cairn-e2e --lib --bins
 	$(CARGO) test --workspace --exclude cairn-e2e --doc
 
-# cairn-ipam's integration tests: gRPC API, CLI, kill -9 crash cycles, grpcurl, regressions.
+# cairn-ipam's integration tests: gRPC API, CLI, kill -9 crash cycles, grpcurl, regressions,
+# the web view over HTTP and in headless chromium (chromium + chromium-driver from apt; the
+# browser test fails, never skips, without them).
 test-store: toolchain
 	$(CARGO) test -p cairn-ipam --test '*'
 
@@ -108,6 +110,10 @@ bench: toolchain tools
 
 # Keeps the benchmarks building and running in CI: tiny sizes, debug build (no second,
 # release build of the whole dependency tree), figures meaningless.
+# The README's screenshot of the web view: the browser test, saving the overview it loads.
+web-screenshot: toolchain
+	CAIRN_WEB_SCREENSHOT=$(CURDIR)/docs/web-view.png $(CARGO) test -p cairn-ipam --test web_browser
+
 bench-smoke: toolchain
 	$(CARGO) test -p cairn-ipam --bench store -- --quick
 	$(CARGO) test -p cairn-ccm --bench burst -- --quick

@@ -5,7 +5,7 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls`; `engine` is the in-process
+//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web`; `engine` is the in-process
 //! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
@@ -15,6 +15,8 @@
 //! 4. `restart`: spawn-to-serving time on a data dir holding 1M allocations.
 //! 5. `mtls`: Allocate at 64 in flight over mutual TLS beside plaintext, alternating servers
 //!    (plaintext, mTLS, plaintext, mTLS) in one run; certificates from `cairn-ipam certs`.
+//! 6. `web`: the web view's pages and JSON with 100k allocations (one request at a time, a new
+//!    connection each, as a browser's first load), and paging through everything.
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
@@ -140,6 +142,10 @@ struct Sizes {
     restarts: usize,
     /// fsync probe samples.
     fsyncs: usize,
+    /// Allocations behind the web view's figures.
+    web_allocs: u64,
+    /// Timed requests per web view row.
+    web_samples: usize,
 }
 
 impl Sizes {
@@ -153,6 +159,8 @@ impl Sizes {
                 restart_allocs: 10_000,
                 restarts: 1,
                 fsyncs: 50,
+                web_allocs: 2_000,
+                web_samples: 20,
             }
         } else {
             Sizes {
@@ -163,6 +171,8 @@ impl Sizes {
                 restart_allocs: 1_000_000,
                 restarts: 3,
                 fsyncs: 300,
+                web_allocs: 100_000,
+                web_samples: 200,
             }
         }
     }
@@ -1617,6 +1627,137 @@ fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> 
 }
 
 // ============================================================================================
+// Section 6: web view
+// ============================================================================================
+
+/// One HTTP/1.1 GET on a new connection: status and body.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header")?;
+    let code = head.split(' ').nth(1).context("no status")?.parse()?;
+    Ok((code, body.to_string()))
+}
+
+fn bench_web(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    let n = sz.web_allocs;
+    println!("## 6. Web view with {n} allocations");
+    println!();
+    let data = work.join("web-data");
+    build_store(&data, n)?;
+    let srv = Server::start(args, &data, &work.join("web-server.log"))?;
+    let m = srv.metrics.clone();
+    let mid = n / 2;
+    let (_, body) = http_get(&m, &format!("/api/v1/allocations?name=svc-{mid}"))?;
+    let j: serde_json::Value = serde_json::from_str(&body)?;
+    let ip = j["allocations"][0]["addresses"][0]
+        .as_str()
+        .context("no address")?
+        .to_string();
+    let key = j["allocations"][0]["key"]
+        .as_str()
+        .context("no key")?
+        .replace('/', "%2F");
+    let rows: Vec<(String, String)> = vec![
+        ("overview `/ui/`".into(), "/ui/".into()),
+        (
+            "networks JSON `/api/v1/networks`".into(),
+            "/api/v1/networks".into(),
+        ),
+        (
+            "network page `/ui/networks/bench` (first 100 rows)".into(),
+            "/ui/networks/bench".into(),
+        ),
+        (
+            "table, a middle page (100 rows, by token)".into(),
+            format!("/ui/allocations?page_token={key}"),
+        ),
+        (
+            "JSON, a middle page of 1,000".into(),
+            format!("/api/v1/allocations?page_size=1000&page_token={key}"),
+        ),
+        (
+            "who holds an address, JSON".into(),
+            format!("/api/v1/addresses/{ip}"),
+        ),
+        (
+            "who holds an address, page `/ui/search`".into(),
+            format!("/ui/search?q={ip}"),
+        ),
+        (
+            "table filtered by address (holder index)".into(),
+            format!("/ui/allocations?address={ip}"),
+        ),
+        (
+            "one Service by cluster, namespace and name".into(),
+            format!("/api/v1/allocations?cluster=bench&namespace=ns&name=svc-{mid}"),
+        ),
+    ];
+    println!("| request | p50 ms | p99 ms | max ms | bytes |");
+    println!("|---|---:|---:|---:|---:|");
+    for (label, path) in rows {
+        let mut bytes = 0;
+        for _ in 0..5 {
+            let (code, body) = http_get(&m, &path)?;
+            if code != 200 {
+                bail!("GET {path}: {code}: {body}");
+            }
+            bytes = body.len();
+        }
+        let mut v = Vec::with_capacity(sz.web_samples);
+        for _ in 0..sz.web_samples {
+            let t = Instant::now();
+            http_get(&m, &path)?;
+            v.push(t.elapsed().as_nanos() as u64);
+        }
+        let s = Samples::new(v);
+        println!(
+            "| {label} | {} | {} | {} | {bytes} |",
+            ms(s.pct(50.0)),
+            ms(s.pct(99.0)),
+            ms(s.max())
+        );
+    }
+    // Everything, page after page, as a script exporting through the JSON would.
+    let t = Instant::now();
+    let (mut token, mut seen, mut pages) = (String::new(), 0usize, 0usize);
+    loop {
+        let (_, body) = http_get(
+            &m,
+            &format!("/api/v1/allocations?page_size=1000&page_token={token}"),
+        )?;
+        let j: serde_json::Value = serde_json::from_str(&body)?;
+        seen += j["allocations"].as_array().map_or(0, Vec::len);
+        pages += 1;
+        token = j["next_page_token"]
+            .as_str()
+            .unwrap_or_default()
+            .replace('/', "%2F");
+        if token.is_empty() {
+            break;
+        }
+    }
+    if seen as u64 != n {
+        bail!("paging saw {seen} allocations, not {n}");
+    }
+    println!();
+    println!(
+        "Paging through all {n} in {pages} JSON pages of 1,000: {:.2} s. Server VmRSS after: {} MiB.",
+        t.elapsed().as_secs_f64(),
+        mib(srv.rss_kib())
+    );
+    println!();
+    drop(srv);
+    Ok(())
+}
+
+// ============================================================================================
 // Section 4: restart
 // ============================================================================================
 
@@ -1787,6 +1928,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.want("mtls") {
         rt.block_on(bench_mtls(&args, &work_path))?;
+        println!("{}\n", loadavg());
+    }
+    if args.want("web") {
+        bench_web(&args, &sz, &work_path)?;
         println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());

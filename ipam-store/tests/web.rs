@@ -37,7 +37,8 @@ impl Reply {
 /// One HTTP/1.1 request with `Connection: close`; the whole reply.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
@@ -95,14 +96,29 @@ async fn networks_json_carries_definition_and_usage() {
     assert_eq!(n["gateways"], serde_json::json!(["10.20.0.1"]));
     assert_eq!(n["dns_servers"], serde_json::json!(["10.20.0.2"]));
     assert_eq!(n["vlan"], 20);
-    let vip = n["pools"].as_array().unwrap().iter().find(|p| p["name"] == "vip").unwrap();
+    let vip = n["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "vip")
+        .unwrap();
     assert_eq!(vip["purpose"], "VIP");
-    let v4u = vip["usage"].as_array().unwrap().iter().find(|u| u["family"] == "IPv4").unwrap();
+    let v4u = vip["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["family"] == "IPv4")
+        .unwrap();
     // api + 3 Services hold one IPv4 VIP each (the network's first pool family).
     assert_eq!(v4u["used"], "4");
     // A CIDR range leaves out its own network and broadcast addresses.
     assert_eq!(v4u["total"], "254");
-    let nodes = n["pools"].as_array().unwrap().iter().find(|p| p["name"] == "nodes").unwrap();
+    let nodes = n["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "nodes")
+        .unwrap();
     assert_eq!(nodes["usage"][0]["used"], "1");
 
     let one = get(m, "/api/v1/networks/lab").await;
@@ -130,7 +146,9 @@ async fn an_address_lookup_says_who_holds_it_or_why_not() {
     assert_eq!(j["holders"][0]["owner"]["name"], "web");
 
     // The IPv4-mapped form names the same address.
-    let mapped = get(m, &format!("/api/v1/addresses/::ffff:{}", v4(web))).await.json();
+    let mapped = get(m, &format!("/api/v1/addresses/::ffff:{}", v4(web)))
+        .await
+        .json();
     assert_eq!(mapped["address"], j["address"]);
     assert_eq!(mapped["state"], "held");
 
@@ -148,15 +166,25 @@ async fn an_address_lookup_says_who_holds_it_or_why_not() {
     assert!(g["holders"].as_array().unwrap().is_empty());
 
     let free = get(m, "/api/v1/addresses/10.20.1.200").await.json();
-    assert_eq!((free["state"].as_str(), free["pool"].as_str()), (Some("not-held"), Some("vip")));
+    assert_eq!(
+        (free["state"].as_str(), free["pool"].as_str()),
+        (Some("not-held"), Some("vip"))
+    );
     let gap = get(m, "/api/v1/addresses/10.20.9.9").await.json();
-    assert_eq!((gap["network"].as_str(), gap["pool"].as_str()), (Some("lab"), None));
+    assert_eq!(
+        (gap["network"].as_str(), gap["pool"].as_str()),
+        (Some("lab"), None)
+    );
     let outside = get(m, "/api/v1/addresses/192.0.2.1").await.json();
     assert!(outside["network"].is_null());
 
     let bad = get(m, "/api/v1/addresses/10.20.1").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["error"].as_str().unwrap().starts_with("address: "), "{}", bad.body);
+    assert!(
+        bad.json()["error"].as_str().unwrap().starts_with("address: "),
+        "{}",
+        bad.body
+    );
 }
 
 #[tokio::test]
@@ -164,38 +192,52 @@ async fn allocation_filters_and_pages_cover_everything_once() {
     let (s, _c, allocs) = seeded(&["--default-reuse-grace", "0s"]).await;
     let m = s.metrics.unwrap();
     let keys = |j: &Value| -> Vec<String> {
-        j["allocations"].as_array().unwrap().iter().map(|a| a["key"].as_str().unwrap().to_string()).collect()
+        j["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["key"].as_str().unwrap().to_string())
+            .collect()
     };
     // A namespace across the fleet, then a Service of one cluster.
     let ns1 = get(m, "/api/v1/allocations?namespace=ns1").await.json();
     assert_eq!(keys(&ns1), ["lab/c1/service/ns1/web", "lab/c2/service/ns1/web"]);
-    let one = get(m, "/api/v1/allocations?cluster=c1&namespace=ns1&name=web").await.json();
+    let one = get(m, "/api/v1/allocations?cluster=c1&namespace=ns1&name=web")
+        .await
+        .json();
     assert_eq!(keys(&one), ["lab/c1/service/ns1/web"]);
     let nodes = get(m, "/api/v1/allocations?kind=node").await.json();
     assert_eq!(keys(&nodes), ["lab/c1/node//n1"]);
-    let by_ip = get(m, &format!("/api/v1/allocations?address={}", v4(&allocs[4]))).await.json();
+    let by_ip = get(m, &format!("/api/v1/allocations?address={}", v4(&allocs[4])))
+        .await
+        .json();
     assert_eq!(keys(&by_ip), ["lab/c2/service/ns1/web"]);
 
     // Pages of 2 chain through all 5, each once, in key order.
     let mut seen = Vec::new();
     let mut token = String::new();
     for _ in 0..10 {
-        let j = get(m, &format!("/api/v1/allocations?page_size=2&page_token={token}")).await.json();
+        let j = get(m, &format!("/api/v1/allocations?page_size=2&page_token={token}"))
+            .await
+            .json();
         seen.extend(keys(&j));
         token = j["next_page_token"].as_str().unwrap().replace('/', "%2F");
         if token.is_empty() {
             break;
         }
     }
-    let mut all: Vec<String> = allocs.iter().map(|a| {
-        let o = a.owner.as_ref().unwrap();
-        let kind = match o.kind() {
-            pb::OwnerKind::ApiServer => "api-server",
-            pb::OwnerKind::Node => "node",
-            _ => "service",
-        };
-        format!("lab/{}/{kind}/{}/{}", o.cluster_id, o.namespace, o.name)
-    }).collect();
+    let mut all: Vec<String> = allocs
+        .iter()
+        .map(|a| {
+            let o = a.owner.as_ref().unwrap();
+            let kind = match o.kind() {
+                pb::OwnerKind::ApiServer => "api-server",
+                pb::OwnerKind::Node => "node",
+                _ => "service",
+            };
+            format!("lab/{}/{kind}/{}/{}", o.cluster_id, o.namespace, o.name)
+        })
+        .collect();
     all.sort();
     assert_eq!(seen, all);
 
@@ -221,31 +263,57 @@ async fn pages_escape_input_set_security_headers_and_are_read_only() {
     let home = get(m, "/ui/").await;
     assert_eq!(home.status, 200, "{}", home.body);
     assert!(home.header("content-type").unwrap().starts_with("text/html"));
-    assert!(home.body.contains("10.20.0.0/16") && home.body.contains(">lab<"), "{}", home.body);
+    assert!(
+        home.body.contains("10.20.0.0/16") && home.body.contains(">lab<"),
+        "{}",
+        home.body
+    );
     let csp = home.header("content-security-policy").unwrap();
-    assert!(csp.contains("script-src 'self'") && csp.contains("default-src 'none'"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
     assert_eq!(home.header("x-content-type-options").as_deref(), Some("nosniff"));
     assert_eq!(get(m, "/").await.status, 303);
 
     // A search for an address shows its holder; for a cluster, redirects to its table.
     let hit = get(m, &format!("/ui/search?q={}", v4(&allocs[2]))).await;
     assert_eq!(hit.status, 200);
-    assert!(hit.body.contains("Held by 1 owner") && hit.body.contains("ns1/web"), "{}", hit.body);
+    assert!(
+        hit.body.contains("Held by 1 owner") && hit.body.contains("ns1/web"),
+        "{}",
+        hit.body
+    );
     let ns = get(m, "/ui/search?q=c1%2Fns2").await;
     assert_eq!(ns.status, 303);
-    assert_eq!(ns.header("location").as_deref(), Some("/ui/allocations?cluster=c1&namespace=ns2"));
+    assert_eq!(
+        ns.header("location").as_deref(),
+        Some("/ui/allocations?cluster=c1&namespace=ns2")
+    );
 
     // Markup in the input comes back escaped, and bounded.
     let long = "x".repeat(5000);
-    let evil = get(m, &format!("/ui/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E%2F%2F{long}")).await;
+    let evil = get(
+        m,
+        &format!("/ui/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E%2F%2F{long}"),
+    )
+    .await;
     assert_eq!(evil.status, 400);
     assert!(!evil.body.contains("<script>alert"), "{}", evil.body);
     assert!(evil.body.contains("&lt;script&gt;alert(1)"), "{}", evil.body);
-    assert!(evil.body.len() < 5000, "the error echoes the whole input: {} bytes", evil.body.len());
+    assert!(
+        evil.body.len() < 5000,
+        "the error echoes the whole input: {} bytes",
+        evil.body.len()
+    );
 
     let bad = get(m, "/ui/allocations?kind=pod").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.body.contains("kind: &quot;pod&quot; is not one of"), "{}", bad.body);
+    assert!(
+        bad.body.contains("kind: &quot;pod&quot; is not one of"),
+        "{}",
+        bad.body
+    );
 
     for method in ["POST", "PUT", "DELETE"] {
         for path in ["/ui/", "/api/v1/networks", "/api/v1/allocations"] {
@@ -285,8 +353,15 @@ async fn the_event_stream_sends_each_durable_change_with_its_row() {
     // The stream is open once its greeting comment arrives; only then allocate.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let l = tokio::time::timeout_at(deadline, lines.next_line()).await.unwrap().unwrap().unwrap();
-        assert!(!l.starts_with("HTTP/1.1 4") && !l.starts_with("HTTP/1.1 5"), "{l}");
+        let l = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            !l.starts_with("HTTP/1.1 4") && !l.starts_with("HTTP/1.1 5"),
+            "{l}"
+        );
         if l.starts_with(":live") || l == ": live" {
             break;
         }
@@ -295,7 +370,10 @@ async fn the_event_stream_sends_each_durable_change_with_its_row() {
     let ev = next_event_with(&mut lines, &["\"ADDED\"", "c3/service/default/fresh"]).await;
     assert_eq!(ev["allocation"]["addresses"][0], v4(&a));
     let row = ev["row"].as_str().unwrap();
-    assert!(row.starts_with("<tr ") && row.contains("data-key=\"lab/c3/service/default/fresh\""), "{row}");
+    assert!(
+        row.starts_with("<tr ") && row.contains("data-key=\"lab/c3/service/default/fresh\""),
+        "{row}"
+    );
 
     c.release(pb::ReleaseRequest {
         network: "lab".into(),

@@ -8,11 +8,37 @@ use super::{AddressInfo, ListFilter, Usage, state::State};
 use crate::{
     alloc::addr::{AddrRange, Family},
     error::{Error, Result},
-    model::{Allocation, Owner},
+    model::{Allocation, Owner, OwnerKind},
 };
 
 const MAX_PAGE: usize = 10_000;
 const DEFAULT_PAGE: usize = 1_000;
+
+/// The longest key prefix that `f` fixes within `network`.
+fn narrow(network: &str, f: &ListFilter) -> String {
+    let mut p = format!("{network}/");
+    let Some(c) = &f.cluster_id else { return p };
+    p.push_str(c);
+    p.push('/');
+    // A namespace implies a Service: other kinds' keys have an empty one.
+    let service = f.namespace.as_ref().is_some_and(|n| !n.is_empty());
+    let Some(k) = f.kind.or(service.then_some(OwnerKind::Service)) else {
+        return p;
+    };
+    p.push_str(k.as_str());
+    p.push('/');
+    let ns = match (k, &f.namespace) {
+        (OwnerKind::Service, Some(ns)) => ns.as_str(),
+        (OwnerKind::Service, None) => return p,
+        _ => "",
+    };
+    p.push_str(ns);
+    p.push('/');
+    if let Some(n) = &f.name {
+        p.push_str(n);
+    }
+    p
+}
 
 impl State {
     /// The owner's allocation.
@@ -40,36 +66,44 @@ impl State {
             n if n > MAX_PAGE => return Err(Error::invalid("page_size", format!("{n} exceeds {MAX_PAGE}"))),
             n => n,
         };
-        // Narrow the scan by key prefix where the filters allow.
-        let prefix = match (&f.network, &f.cluster_id) {
-            (Some(n), Some(c)) => format!("{n}/{c}/"),
-            (Some(n), None) => format!("{n}/"),
-            _ => String::new(),
-        };
         if let Some(ip) = f.address {
             return Ok(self.list_holding(ip, f, size, page_token));
         }
-        let start = if page_token.is_empty() {
-            Bound::Included(prefix.clone())
-        } else {
-            Bound::Excluded(page_token.to_string())
+        // Narrow the scan to key prefixes where the filters allow: one per network when a
+        // cluster is named (`network/cluster/[kind/[namespace/[name]]]`), so a cluster's,
+        // namespace's or Service's rows cost a range read per network, not a scan of the
+        // ledger. Prefixes are walked in key order, so page tokens work across them.
+        let mut prefixes: Vec<String> = match (&f.network, &f.cluster_id) {
+            (Some(n), _) => vec![narrow(n, f)],
+            (None, Some(_)) => self.networks.keys().map(|n| narrow(n, f)).collect(),
+            (None, None) => vec![String::new()],
         };
+        prefixes.sort();
         let mut out = Vec::new();
-        let mut next = String::new();
-        for (k, a) in self.allocs.range((start, Bound::Unbounded)) {
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            if !f.matches(a) {
+        for prefix in &prefixes {
+            let start = if page_token.is_empty() || page_token < prefix.as_str() {
+                Bound::Included(prefix.clone())
+            } else if page_token.starts_with(prefix.as_str()) {
+                Bound::Excluded(page_token.to_string())
+            } else {
+                // The token is past every key with this prefix.
                 continue;
+            };
+            for (k, a) in self.allocs.range((start, Bound::Unbounded)) {
+                if !k.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if !f.matches(a) {
+                    continue;
+                }
+                if out.len() == size {
+                    let next = out.last().map(Allocation::key).unwrap_or_default();
+                    return Ok((out, next));
+                }
+                out.push(a.clone());
             }
-            if out.len() == size {
-                next = out.last().map(Allocation::key).unwrap_or_default();
-                break;
-            }
-            out.push(a.clone());
         }
-        Ok((out, next))
+        Ok((out, String::new()))
     }
 
     /// [`State::list`] by address: through each network's holder index, not a scan.
@@ -126,7 +160,11 @@ impl State {
             address: ip,
             network,
             pool,
-            holders: keys.into_iter().filter_map(|k| self.allocs.get(k)).cloned().collect(),
+            holders: keys
+                .into_iter()
+                .filter_map(|k| self.allocs.get(k))
+                .cloned()
+                .collect(),
             grace,
         }
     }

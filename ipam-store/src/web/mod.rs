@@ -73,9 +73,18 @@ pub fn router(ledger: Arc<Ledger>, stopping: watch::Receiver<bool>) -> Router {
         .route("/ui/networks/{name}", get(ui_network))
         .route("/ui/allocations", get(ui_allocations))
         .route("/ui/search", get(ui_search))
-        .route("/ui/style.css", get(|| async { asset("text/css; charset=utf-8", include_str!("style.css")) }))
-        .route("/ui/live.js", get(|| async { asset("text/javascript; charset=utf-8", include_str!("live.js")) }))
-        .route("/ui/favicon.svg", get(|| async { asset("image/svg+xml", include_str!("favicon.svg")) }))
+        .route(
+            "/ui/style.css",
+            get(|| async { asset("text/css; charset=utf-8", include_str!("style.css")) }),
+        )
+        .route(
+            "/ui/live.js",
+            get(|| async { asset("text/javascript; charset=utf-8", include_str!("live.js")) }),
+        )
+        .route(
+            "/ui/favicon.svg",
+            get(|| async { asset("image/svg+xml", include_str!("favicon.svg")) }),
+        )
         .route("/api/v1/networks", get(api_networks))
         .route("/api/v1/networks/{name}", get(api_network))
         .route("/api/v1/allocations", get(api_allocations))
@@ -89,7 +98,10 @@ pub fn router(ledger: Arc<Ledger>, stopping: watch::Receiver<bool>) -> Router {
 async fn headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.entry(header::CACHE_CONTROL)
@@ -194,7 +206,12 @@ impl AllocQuery {
             Some("api-server") => Some(OwnerKind::ApiServer),
             Some("node") => Some(OwnerKind::Node),
             Some("service") => Some(OwnerKind::Service),
-            Some(k) => return Err(invalid("kind", format!("{:?} is not one of api-server, node, service", shorten(k)))),
+            Some(k) => {
+                return Err(invalid(
+                    "kind",
+                    format!("{:?} is not one of api-server, node, service", shorten(k)),
+                ));
+            }
         };
         let address = match &self.address {
             None => None,
@@ -204,7 +221,12 @@ impl AllocQuery {
             None => DEFAULT_PAGE,
             Some(s) => match s.parse::<usize>() {
                 Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-                _ => return Err(invalid("page_size", format!("{:?} is not a number from 1 to {MAX_PAGE}", shorten(s)))),
+                _ => {
+                    return Err(invalid(
+                        "page_size",
+                        format!("{:?} is not a number from 1 to {MAX_PAGE}", shorten(s)),
+                    ));
+                }
             },
         };
         Ok((
@@ -350,7 +372,10 @@ fn parse_search(q: &str) -> Result<Search, WebError> {
     if parts.len() > 3 || parts.iter().any(|p| p.is_empty()) || q.len() > 256 {
         return Err(invalid(
             "q",
-            format!("{:?} is neither an IP address nor cluster[/namespace[/name]]", shorten(q)),
+            format!(
+                "{:?} is neither an IP address nor cluster[/namespace[/name]]",
+                shorten(q)
+            ),
         ));
     }
     let part = |i: usize| parts.get(i).map(|s| s.to_string());

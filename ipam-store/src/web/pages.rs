@@ -269,7 +269,11 @@ pub(super) fn address(a: &AddressView) -> Markup {
 
 /// An error page (400/404/503) with the message naming the field.
 pub(super) fn error(title: &str, msg: &str) -> Markup {
-    layout(title, "", html! { h1 { (title) } p.error role="alert" { (msg) } p { a href="/ui/" { "Back to the networks" } } })
+    layout(
+        title,
+        "",
+        html! { h1 { (title) } p.error role="alert" { (msg) } p { a href="/ui/" { "Back to the networks" } } },
+    )
 }
 
 /// Percent-encodes a path segment or query value.

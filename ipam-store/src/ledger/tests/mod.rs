@@ -630,3 +630,63 @@ fn inv5_a_force_deleted_networks_addresses_wait_out_the_grace_in_any_network() {
     let (got, _) = alloc(&mut st, req("net-b", svc("b", "two")), 31_001).unwrap();
     assert_eq!(got.addresses, vec![ip("10.0.1.1")]);
 }
+
+/// Listing by cluster (without a network) reads one key range per network; the pages must
+/// still come in key order across networks whose names sort differently with the `/` that
+/// ends them ("a-b/" < "a/" although "a" < "a-b"), each row once.
+#[test]
+fn list_by_cluster_pages_in_key_order_across_networks() {
+    let mut st = State::new(0);
+    for (n, r) in [
+        ("a", "10.0.1.1-10.0.1.9"),
+        ("a-b", "10.0.2.1-10.0.2.9"),
+        ("b", "10.0.3.1-10.0.3.9"),
+    ] {
+        st.upsert_network(net(n, vec![pool("vip", Purpose::Vip, &[r])]), None, false, 0)
+            .unwrap();
+        for c in ["c1", "c2"] {
+            for s in ["x", "y"] {
+                alloc(&mut st, req(n, svc(c, s)), 0).unwrap();
+            }
+        }
+    }
+    // A neighbour whose name merely starts like "x".
+    alloc(&mut st, req("b", svc("c1", "xy")), 0).unwrap();
+    let pages = |f: &ListFilter, size: usize| {
+        let (mut keys, mut token) = (Vec::new(), String::new());
+        loop {
+            let (rows, next) = st.list(f, size, &token).unwrap();
+            keys.extend(rows.iter().map(|a| a.key()));
+            if next.is_empty() {
+                return keys;
+            }
+            token = next;
+        }
+    };
+    let c1 = ListFilter {
+        cluster_id: Some("c1".into()),
+        ..ListFilter::default()
+    };
+    let mut want: Vec<String> = st.allocs.keys().filter(|k| k.contains("/c1/")).cloned().collect();
+    want.sort();
+    for size in [1, 2, 5, 100] {
+        assert_eq!(pages(&c1, size), want, "page size {size}");
+    }
+    // A Service by cluster, kind, namespace and name: its row in each network, not "xy".
+    let one = ListFilter {
+        cluster_id: Some("c1".into()),
+        kind: Some(OwnerKind::Service),
+        namespace: Some("default".into()),
+        name: Some("x".into()),
+        ..ListFilter::default()
+    };
+    let want = [
+        "a-b/c1/service/default/x",
+        "a/c1/service/default/x",
+        "b/c1/service/default/x",
+    ];
+    assert_eq!(pages(&one, 1), want);
+    // The same without the kind: a namespace means a Service.
+    let no_kind = ListFilter { kind: None, ..one };
+    assert_eq!(pages(&no_kind, 1), want);
+}
