@@ -59,11 +59,12 @@ pki=$work/pki
 say "cairn-ipam: the store (sled in $work/ipam), mutual TLS only"
 "$bin/cairn-ipam" serve --listen 127.0.0.1:0 --data-dir "$work/ipam" --addr-file "$work/ipam.addr" \
   --default-reuse-grace 0s --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" \
-  --client-ca "$pki/ca.pem" 2>"$work/ipam.log" &
+  --client-ca "$pki/ca.pem" --metrics-listen 127.0.0.1:0 2>"$work/ipam.log" &
 pids+=($!)
 wait_for "cairn-ipam" 30 test -s "$work/ipam.addr"
 store="https://$(sed -n 's/^grpc=//p' "$work/ipam.addr")"
-echo "  serving on $store" >&2
+web="http://$(sed -n 's/^metrics=//p' "$work/ipam.addr")"
+echo "  serving on $store; read-only web view on $web/ui/" >&2
 # The cloud operator's CLI: role `cloud` (everything); a cluster's certificate could only touch
 # its own addresses.
 cloud() { "$bin/cairn-ipam" --endpoint "$store" --tls-ca "$pki/ca.pem" --tls-cert "$pki/cloud.pem" --tls-key "$pki/cloud-key.pem" "$@"; }
@@ -156,9 +157,11 @@ curl -fsS --max-time 2 "http://$vip:80/"
 say "who holds what (the store's view)"
 cloud alloc list
 cloud usage
+echo "  the web view's answer for $vip ($web/api/v1/addresses/$vip):" >&2
+curl -fsS --max-time 5 "$web/api/v1/addresses/$vip" | python3 -c 'import json,sys; a=json.load(sys.stdin); h=a["holders"][0]["owner"]; print("  ", a["address"], a["state"], "by cluster", h["cluster"], h["kind"], h["namespace"] + "/" + h["name"], "in", a["network"] + "/" + a["pool"])' >&2
 
 if [ "${DEMO_HOLD:-0}" = 1 ]; then
-  say "running; KUBECONFIG=$work/demo.kubeconfig — Ctrl-C to stop"
+  say "running; KUBECONFIG=$work/demo.kubeconfig, web view $web/ui/ — Ctrl-C to stop"
   wait
 fi
 say "demo finished"
