@@ -22,6 +22,7 @@ pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod grpc;
+pub mod ha;
 pub mod ledger;
 pub mod metrics;
 pub mod model;

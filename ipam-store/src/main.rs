@@ -51,6 +51,14 @@ struct EtcdArgs {
     /// Client key (PEM) for etcd.
     #[arg(long, requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// With etcd, replicas elect one writer: the gRPC URL clients reach this replica at,
+    /// published while it leads (default: http(s)://<bound --listen>).
+    #[arg(long, env = "CAIRN_IPAM_ADVERTISE")]
+    advertise: Option<String>,
+    /// With etcd: the leader lease; a dead leader is replaced after about this long
+    /// (whole seconds, 2s to 60s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    leader_lease: Duration,
 }
 
 impl EtcdArgs {
@@ -188,7 +196,21 @@ async fn main() -> ExitCode {
                     }
                 },
             };
+            let lease = etcd.leader_lease;
+            if lease.subsec_nanos() != 0 || !(2..=60).contains(&lease.as_secs()) {
+                eprintln!("error: --leader-lease: whole seconds from 2s to 60s");
+                return ExitCode::from(2);
+            }
+            let advertise = etcd.advertise.clone();
+            if let Some(a) = &advertise
+                && !(a.starts_with("http://") || a.starts_with("https://"))
+            {
+                eprintln!("error: --advertise: {a:?} is not an http:// or https:// URL");
+                return ExitCode::from(2);
+            }
             let opts = ServeOptions {
+                advertise,
+                leader_lease_secs: lease.as_secs() as i64,
                 listen,
                 metrics_listen,
                 web_view,

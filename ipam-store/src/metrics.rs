@@ -47,6 +47,7 @@ pub struct Metrics {
     commit_requests: Histogram,
     allocations: Gauge,
     pool_addresses: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    leader: Gauge,
 }
 
 impl Metrics {
@@ -90,6 +91,11 @@ impl Metrics {
                 "addresses per network, pool, family and state",
                 Family::default(),
             ),
+            leader: r.register(
+                "leader",
+                "1 while this replica is the store's writer (always with sled), 0 while it follows",
+                Gauge::default(),
+            ),
             registry: r,
         }
     }
@@ -109,8 +115,15 @@ impl Metrics {
             .inc();
     }
 
+    /// The text exposition of a follower replica (no ledger loaded).
+    pub fn render_follower(&self) -> String {
+        self.leader.set(0);
+        self.registry.render()
+    }
+
     /// The text exposition, with gauges refreshed from the ledger.
     pub async fn render(&self, ledger: &Ledger) -> String {
+        self.leader.set(1);
         self.allocations.set(ledger.allocation_count() as i64);
         if let Ok(usage) = ledger.usage(None).await {
             self.pool_addresses.clear();

@@ -10,18 +10,21 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use axum::response::IntoResponse as _;
 use cairn_proto::v1::ipam_service_server::IpamServiceServer;
 use cairn_runtime::{Endpoints, ProbeServer, Status};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
+use tower::ServiceExt as _;
 
 use crate::{
     auth::TrustDomain,
     grpc::IpamService,
+    ha::Gate,
     ledger::Ledger,
     metrics::{CommitMetrics, Metrics},
     store::{Engine, etcd::EtcdEngine, etcd::EtcdOptions, sled_engine::SledEngine},
@@ -53,33 +56,72 @@ pub struct ServeOptions {
     /// Mutual TLS and authorization: the files and the trust domain of client identities;
     /// `None` = plaintext, no authorization.
     pub tls: Option<(TlsFiles, TrustDomain)>,
+    /// With etcd: the URL clients reach this replica at, published while it leads (default
+    /// `http(s)://<bound --listen>`).
+    pub advertise: Option<String>,
+    /// With etcd: the leader lease's TTL in seconds (failover takes about this long).
+    pub leader_lease_secs: i64,
 }
 
 /// What `/metrics`, `/healthz` and `/readyz` answer: the ledger's figures, and whether it
-/// still reads (a failed ledger is neither healthy nor ready).
+/// still reads (a failed ledger is neither healthy nor ready). A follower replica (no ledger
+/// yet) is healthy but not ready.
 struct Probes {
-    ledger: Arc<Ledger>,
+    ledger: watch::Receiver<Option<Arc<Ledger>>>,
     metrics: Arc<Metrics>,
+}
+
+impl Probes {
+    fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.ledger.borrow().clone()
+    }
 }
 
 impl Endpoints for Probes {
     async fn metrics(&self) -> String {
-        self.metrics.render(&self.ledger).await
+        match self.ledger() {
+            Some(l) => self.metrics.render(&l).await,
+            None => self.metrics.render_follower(),
+        }
     }
 
     async fn health(&self) -> Status {
-        match self.ledger.usage(None).await {
-            Ok(_) => Status::Ok("ok\n"),
-            Err(_) => Status::Unavailable("storage failure\n"),
+        match self.ledger() {
+            None => Status::Ok("ok (follower)\n"),
+            Some(l) => match l.usage(None).await {
+                Ok(_) => Status::Ok("ok\n"),
+                Err(_) => Status::Unavailable("storage failure\n"),
+            },
         }
     }
 
     async fn readiness(&self) -> Status {
-        self.health().await
+        match self.ledger() {
+            None => Status::Unavailable("not ready: this replica follows the leader\n"),
+            Some(_) => self.health().await,
+        }
     }
 }
 
-/// Serves until `shutdown` resolves or the ledger fails; then drains and syncs.
+/// The web view once the ledger is loaded; 503 before (a follower has no ledger).
+fn gated_web(cell: Arc<OnceLock<axum::Router>>) -> axum::Router {
+    axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let cell = cell.clone();
+        async move {
+            match cell.get() {
+                Some(r) => r.clone().oneshot(req).await.into_response(),
+                None => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "this cairn-ipam replica follows the leader; the web view is on the leader\n",
+                )
+                    .into_response(),
+            }
+        }
+    })
+}
+
+/// Serves until `shutdown` resolves, the ledger fails or (etcd) leadership is lost; then
+/// drains and syncs.
 pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -95,31 +137,23 @@ pub async fn serve(
             None
         }
     };
-    let engine: Arc<dyn Engine> = match &opts.etcd {
-        Some(etcd) => Arc::new(EtcdEngine::connect(etcd)?),
+    let (engine, etcd): (Arc<dyn Engine>, Option<Arc<EtcdEngine>>) = match &opts.etcd {
+        Some(o) => {
+            let e = Arc::new(EtcdEngine::connect(o)?);
+            (e.clone(), Some(e))
+        }
         None => {
             std::fs::create_dir_all(&opts.data_dir)
                 .with_context(|| format!("creating --data-dir {}", opts.data_dir.display()))?;
-            Arc::new(SledEngine::open(&opts.data_dir, opts.cache_bytes)?)
+            (
+                Arc::new(SledEngine::open(&opts.data_dir, opts.cache_bytes)?),
+                None,
+            )
         }
     };
-    let backend = engine.name();
     let metrics = Arc::new(Metrics::new());
-    let ledger = Ledger::open(
-        engine,
-        opts.default_grace_secs,
-        Arc::new(CommitMetrics(metrics.clone())),
-    )?;
-    tracing::info!(
-        allocations = ledger.allocation_count(),
-        load_ms = started.elapsed().as_millis() as u64,
-        backend,
-        data_dir = %opts.data_dir.display(),
-        "ledger loaded"
-    );
-
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<IpamServiceServer<IpamService>>().await;
+    health.set_not_serving::<IpamServiceServer<IpamService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cairn_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -129,11 +163,48 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     // Set when shutdown begins, so open watch streams end and the graceful drain can finish.
-    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
-    let mut svc = IpamService::new(ledger.clone(), metrics.clone(), opts.default_grace_secs)
-        .with_shutdown(stopping_rx.clone());
-    if let Some((_, td)) = &tls {
-        svc = svc.with_auth(td.clone());
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+
+    // What a leader serves, opened once the ledger is loaded (at once with sled; on winning
+    // the election with etcd). Until then the gates answer as a follower.
+    let (leader_tx, leader_rx) = watch::channel(String::new());
+    let gate: Gate<IpamServiceServer<IpamService>> = Gate::new(leader_rx);
+    let web_cell: Arc<OnceLock<axum::Router>> = Arc::new(OnceLock::new());
+    let (ledger_tx, ledger_rx) = watch::channel::<Option<Arc<Ledger>>>(None);
+    let activate = {
+        let (gate, web_cell, metrics) = (gate.clone(), web_cell.clone(), metrics.clone());
+        let (stopping_rx, tls_td) = (stopping_rx.clone(), tls.as_ref().map(|(_, td)| td.clone()));
+        let (grace, web_view, data_dir) = (opts.default_grace_secs, opts.web_view, opts.data_dir.clone());
+        move |engine: Arc<dyn Engine>| -> anyhow::Result<Arc<Ledger>> {
+            let backend = engine.name();
+            let t = Instant::now();
+            let ledger = Ledger::open(engine, grace, Arc::new(CommitMetrics(metrics.clone())))?;
+            tracing::info!(
+                allocations = ledger.allocation_count(),
+                load_ms = t.elapsed().as_millis() as u64,
+                backend,
+                data_dir = %data_dir.display(),
+                "ledger loaded"
+            );
+            let mut svc =
+                IpamService::new(ledger.clone(), metrics.clone(), grace).with_shutdown(stopping_rx.clone());
+            if let Some(td) = &tls_td {
+                svc = svc.with_auth(td.clone());
+            }
+            gate.open(
+                IpamServiceServer::new(svc)
+                    .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+            );
+            if web_view {
+                let _ = web_cell.set(crate::web::router(ledger.clone(), stopping_rx.clone()));
+            }
+            Ok(ledger)
+        }
+    };
+    if etcd.is_none() {
+        ledger_tx.send_replace(Some(activate(engine.clone())?));
+        health.set_serving::<IpamServiceServer<IpamService>>().await;
     }
 
     let listener = TcpListener::bind(opts.listen)
@@ -145,7 +216,7 @@ pub async fn serve(
     let mut probes = None;
     if let Some(m) = opts.metrics_listen {
         let web = if opts.web_view {
-            crate::web::router(ledger.clone(), stopping_rx.clone())
+            gated_web(web_cell.clone())
         } else {
             axum::Router::new()
         };
@@ -153,7 +224,7 @@ pub async fn serve(
             "--metrics-listen",
             m,
             Arc::new(Probes {
-                ledger: ledger.clone(),
+                ledger: ledger_rx.clone(),
                 metrics: metrics.clone(),
             }),
             web,
@@ -173,9 +244,62 @@ pub async fn serve(
     }
     tracing::info!(%grpc_addr, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "serving cairn.ipam.v1.IpamService");
 
+    // With etcd: campaign (serving as a follower meanwhile), then load the ledger and open the
+    // gates. Losing the lease afterwards stops the process (see `ha`).
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+    if let Some(etcd) = etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let id = opts
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
+        let ttl = opts.leader_lease_secs;
+        let (ledger_tx, health) = (ledger_tx.clone(), health.clone());
+        tokio::spawn(async move {
+            let lead = crate::ha::campaign(etcd, id, ttl, leader_tx).await;
+            let mut lost = lead.lost_signal();
+            let opened = tokio::task::spawn_blocking(move || activate(engine)).await;
+            match opened {
+                Ok(Ok(l)) => {
+                    ledger_tx.send_replace(Some(l));
+                    health.set_serving::<IpamServiceServer<IpamService>>().await;
+                }
+                Ok(Err(e)) => {
+                    let _ = lost_tx.send(format!("loading the ledger after winning the election: {e:#}"));
+                    return;
+                }
+                Err(e) => {
+                    let _ = lost_tx.send(format!("loading the ledger after winning the election: {e}"));
+                    return;
+                }
+            }
+            let _ = lost.wait_for(|l| *l).await;
+            drop(lead);
+            let _ = lost_tx
+                .send("lost the leader lease; stopping so a restart campaigns again as a follower".into());
+        });
+    } else {
+        drop(lost_tx);
+    }
+
     let failure = {
-        let ledger = ledger.clone();
-        async move { ledger.failure().await }
+        let mut ledger_rx = ledger_rx.clone();
+        async move {
+            let ledger = match ledger_rx.wait_for(Option::is_some).await {
+                Ok(l) => l.clone(),
+                Err(_) => return std::future::pending().await,
+            };
+            match ledger {
+                Some(l) => l.failure().await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let lost = async move {
+        match lost_rx.await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
     };
     let (fail_tx, mut fail_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
@@ -183,7 +307,11 @@ pub async fn serve(
             () = shutdown => tracing::info!("shutting down"),
             e = failure => {
                 tracing::error!(error = %e, "storage failure; stopping so a restart reloads from disk");
-                let _ = fail_tx.send(e);
+                let _ = fail_tx.send(format!("storage failure: {e}"));
+            }
+            why = lost => {
+                tracing::error!(reason = %why, "stepping down");
+                let _ = fail_tx.send(why);
             }
         }
         let _ = stopping_tx.send(true);
@@ -192,11 +320,7 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(
-            IpamServiceServer::new(svc)
-                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
-        );
+        .add_service(gate);
     let served = match tls {
         Some((tls, _)) => {
             let mut stopping = stopping_rx;
@@ -226,9 +350,14 @@ pub async fn serve(
     }
     served.context("gRPC server")?;
     if let Ok(e) = fail_rx.try_recv() {
-        anyhow::bail!("storage failure: {e}");
+        anyhow::bail!("{e}");
     }
-    ledger.sync().await?;
-    tracing::info!("stopped; every acknowledged write is on disk");
+    let ledger = ledger_rx.borrow().clone();
+    if let Some(l) = ledger {
+        l.sync().await?;
+        tracing::info!("stopped; every acknowledged write is durable");
+    } else {
+        tracing::info!("stopped (a follower: nothing to sync)");
+    }
     Ok(())
 }

@@ -26,6 +26,9 @@ fn etcd_flags(etcd: &EtcdCluster) -> Vec<String> {
         etcd.endpoints().join(","),
         "--etcd-prefix".into(),
         "/test".into(),
+        // A killed store's successor waits out this lease before it leads.
+        "--leader-lease".into(),
+        "2s".into(),
     ]
 }
 

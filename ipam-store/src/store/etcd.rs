@@ -185,6 +185,11 @@ impl Leadership {
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
+
+    /// Turns true when the lease could not be kept alive (await `wait_for(|l| *l)`).
+    pub fn lost_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lost.clone()
+    }
 }
 
 impl Drop for Leadership {
@@ -358,6 +363,20 @@ impl EtcdEngine {
             } else {
                 e
             }
+        })
+    }
+
+    /// The id of the replica holding `<prefix>/meta/leader` now, if any (one read).
+    pub fn leader(&self) -> Result<Option<String>> {
+        let key = format!("{}{LEADER_KEY}", self.root);
+        self.call("leader lookup", move |mut kv| {
+            let key = key.clone();
+            async move { kv.get(key, None).await }
+        })
+        .map(|r| {
+            r.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
         })
     }
 

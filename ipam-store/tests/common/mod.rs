@@ -47,6 +47,8 @@ pub struct Server {
     pub metrics: Option<SocketAddr>,
     /// How many times the process was started.
     pub starts: u32,
+    /// With etcd: (re)starts wait until this replica leads.
+    pub wait_lead: bool,
 }
 
 impl Server {
@@ -63,6 +65,15 @@ impl Server {
     /// Starts a server whose data directory is `data_dir` (default: inside its temporary
     /// directory), with extra `serve` flags.
     pub async fn start_on(data_dir: Option<&Path>, extra: &[&str]) -> Server {
+        Server::start_as(data_dir, extra, true).await
+    }
+
+    /// An etcd replica that may follow: returns once it serves (leader or not).
+    pub async fn start_replica(extra: &[&str]) -> Server {
+        Server::start_as(None, extra, false).await
+    }
+
+    async fn start_as(data_dir: Option<&Path>, extra: &[&str], wait_lead: bool) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("cairn-ipam-test-")
             .tempdir()
@@ -79,6 +90,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
             starts: 0,
+            wait_lead,
         };
         s.spawn().await;
         s
@@ -164,6 +176,11 @@ impl Server {
                 }
                 if let Some(a) = grpc {
                     self.addr = a;
+                    if self.wait_lead && self.extra.iter().any(|f| f == "etcd") {
+                        // With etcd the replica campaigns first (and waits out a killed
+                        // predecessor's lease): wait until it leads.
+                        self.wait_serving(deadline).await;
+                    }
                     return;
                 }
             }
@@ -182,6 +199,39 @@ impl Server {
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// True when gRPC health says `cairn.ipam.v1.IpamService` is SERVING (this replica leads).
+    pub async fn is_serving(&self) -> bool {
+        let Ok(ch) = Channel::from_shared(self.endpoint()).unwrap().connect().await else {
+            return false;
+        };
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "cairn.ipam.v1.IpamService".into(),
+        })
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
+    }
+
+    async fn wait_serving(&mut self, deadline: Instant) {
+        while !self.is_serving().await {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "cairn-ipam serve exited with {st} before leading\n{}",
+                    self.log_tail(60)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cairn-ipam did not lead within {START_DEADLINE:?}\n{}",
+                self.log_tail(60)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

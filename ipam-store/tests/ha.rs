@@ -1,0 +1,360 @@
+//! HA store: three `cairn-ipam serve --backend etcd` replicas on a real 3-member etcd cluster
+//! on loopback. One leads; the others answer UNAVAILABLE naming it (and are not ready). Killing
+//! the leader -9 hands the ledger to another replica with nothing lost; a leader paused
+//! (SIGSTOP) past its lease is replaced, and when it resumes its in-flight write is fenced off
+//! in etcd — refused, not doubled — and it stops. Under two clusters' concurrent load through
+//! a failover-aware client, with the leader killed repeatedly: 0 duplicate addresses, 0 lost
+//! acknowledged allocations, 0 resurrected releases.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../src/store/etcd_cluster.rs"]
+mod etcd_cluster;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use cairn_ipam::store::etcd::server_flags;
+use cairn_proto::v1 as pb;
+use common::*;
+use etcd_cluster::EtcdCluster;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
+
+fn replica_flags(etcd: &EtcdCluster) -> Vec<String> {
+    [
+        "--default-reuse-grace",
+        "0s",
+        "--backend",
+        "etcd",
+        "--etcd-endpoints",
+        &etcd.endpoints().join(","),
+        "--etcd-prefix",
+        "/ha",
+        "--leader-lease",
+        "2s",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect()
+}
+
+async fn replicas(etcd: &EtcdCluster) -> Vec<Server> {
+    let flags = replica_flags(etcd);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut v = Vec::new();
+    for _ in 0..3 {
+        v.push(Server::start_replica(&flags).await);
+    }
+    v
+}
+
+/// The index of the one replica that leads, once exactly one does.
+async fn leader(rs: &mut [Server]) -> usize {
+    let until = Instant::now() + FAILOVER_DEADLINE;
+    loop {
+        let mut serving = Vec::new();
+        for (i, r) in rs.iter_mut().enumerate() {
+            if r.is_running() && r.is_serving().await {
+                serving.push(i);
+            }
+        }
+        if serving.len() == 1 {
+            return serving[0];
+        }
+        assert!(serving.len() <= 1, "two replicas lead at once: {serving:?}");
+        assert!(
+            Instant::now() < until,
+            "no replica leads after {FAILOVER_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Bytes received and not yet read by the process listening on loopback `port`, over its
+/// established connections (`/proc/net/tcp`'s rx_queue).
+fn unread_bytes_on(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let established = *f.get(3)? == "01";
+            let rx = u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
+            (local_port == port && established).then_some(rx)
+        })
+        .sum()
+}
+
+fn signal(r: &Server, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(r.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+#[tokio::test]
+async fn one_replica_leads_the_others_name_it_and_a_kill_hands_over_everything() {
+    let etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas(&etcd).await;
+    let l = leader(&mut rs).await;
+    let mut c = rs[l].client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    let before = allocate(&mut c, alloc_req("net-a", svc("a", "web"))).await;
+
+    for (i, r) in rs.iter().enumerate().filter(|(i, _)| *i != l) {
+        let mut f = r.client().await;
+        let e = f
+            .allocate(alloc_req("net-a", svc("a", "other")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "replica {i}: {e}");
+        assert!(
+            e.message().contains(&rs[l].endpoint()),
+            "replica {i}: {}",
+            e.message()
+        );
+        assert_eq!(
+            e.metadata().get("cairn-leader").unwrap().to_str().unwrap(),
+            rs[l].endpoint()
+        );
+        assert_eq!(
+            http_status(r.metrics.unwrap(), "/readyz").await,
+            503,
+            "replica {i}"
+        );
+        assert_eq!(
+            http_status(r.metrics.unwrap(), "/healthz").await,
+            200,
+            "replica {i}"
+        );
+    }
+    assert_eq!(http_status(rs[l].metrics.unwrap(), "/readyz").await, 200);
+
+    rs[l].kill();
+    let n = leader(&mut rs).await;
+    assert_ne!(n, l);
+    let mut c = rs[n].client().await;
+    let got = c
+        .get_allocation(pb::GetAllocationRequest {
+            network: "net-a".into(),
+            owner: Some(svc("a", "web")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.addresses, before.addresses);
+    let next = allocate(&mut c, alloc_req("net-a", svc("a", "after"))).await;
+    assert_ne!(next.addresses, before.addresses);
+    // The killed replica comes back as a follower of the new leader.
+    rs[l].restart().await;
+    let e = rs[l]
+        .client()
+        .await
+        .allocate(alloc_req("net-a", svc("a", "x")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert_eq!(leader(&mut rs).await, n);
+}
+
+#[tokio::test]
+async fn a_paused_leader_is_fenced_off_when_it_resumes() {
+    let etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas(&etcd).await;
+    let old = leader(&mut rs).await;
+    let mut c = rs[old].client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    allocate(&mut c, alloc_req("net-a", svc("a", "first"))).await;
+
+    signal(&rs[old], rustix::process::Signal::STOP);
+    // Another replica takes over once the paused leader's lease expires...
+    let until = Instant::now() + FAILOVER_DEADLINE;
+    let new = loop {
+        let mut found = None;
+        for (i, r) in rs.iter().enumerate().filter(|(i, _)| *i != old) {
+            if r.is_serving().await {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(
+            Instant::now() < until,
+            "no new leader while the old one is paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // ...and hands out the next free address.
+    let mut nc = rs[new].client().await;
+    let taken = allocate(&mut nc, alloc_req("net-a", svc("b", "on-new-leader"))).await;
+
+    // A write sent to the paused leader: its memory still has that address free.
+    let mut stale = c.clone();
+    let in_flight = tokio::spawn(async move {
+        stale
+            .allocate(alloc_req("net-a", svc("c", "on-old-leader")))
+            .await
+    });
+    // The request must be waiting in the paused process's socket before it resumes.
+    let port = rs[old].addr.port();
+    eventually(
+        "the write to reach the paused leader's socket",
+        Duration::from_secs(30),
+        || async move { (unread_bytes_on(port) > 0).then_some(()) },
+    )
+    .await;
+    signal(&rs[old], rustix::process::Signal::CONT);
+    let r = tokio::time::timeout(Duration::from_secs(60), in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "the deposed leader acknowledged a write: {:?}",
+        r.unwrap()
+    );
+
+    // It stops (a restart would make it a follower), saying why.
+    let until = Instant::now() + Duration::from_secs(60);
+    while rs[old].is_running() {
+        assert!(Instant::now() < until, "the deposed leader kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = rs[old].log_text();
+    eprintln!("{}", rs[old].log_tail(12));
+    assert!(
+        log.contains("fenced") || log.contains("lost the leader lease"),
+        "{}",
+        rs[old].log_tail(30)
+    );
+
+    // Nothing doubled: the new leader's ledger has each address once, and not the refused one.
+    let all = list_all(&mut nc, pb::ListAllocationsRequest::default()).await;
+    let mut by_addr: HashMap<String, Vec<String>> = HashMap::new();
+    for a in &all {
+        for ip in &a.addresses {
+            by_addr
+                .entry(ip.clone())
+                .or_default()
+                .push(a.owner.as_ref().unwrap().name.clone());
+        }
+    }
+    assert!(by_addr.values().all(|v| v.len() == 1), "{by_addr:?}");
+    assert!(
+        all.iter()
+            .all(|a| a.owner.as_ref().unwrap().name != "on-old-leader")
+    );
+    assert_eq!(by_addr[&taken.addresses[0]], ["on-new-leader"]);
+}
+
+/// Finds the leader among `rs` and returns a client of it (what a failover-aware client does).
+async fn leader_client(rs: &mut [Server]) -> Client {
+    let i = leader(rs).await;
+    rs[i].client().await
+}
+
+#[tokio::test]
+async fn concurrent_clusters_through_repeated_leader_kills_lose_and_double_nothing() {
+    let etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas(&etcd).await;
+    let mut c = leader_client(&mut rs).await;
+    upsert(&mut c, net_a("net-a")).await;
+    // Acknowledged state, as the clients saw it: owner -> addresses (None = released).
+    let mut acked: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    let kills = std::env::var("CAIRN_HA_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut failovers = Vec::new();
+    for round in 0..kills {
+        let mut c = leader_client(&mut rs).await;
+        // Two clusters, concurrently: each allocates 10 and releases every third.
+        let mut tasks = Vec::new();
+        for cluster in ["a", "b"] {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..10 {
+                    let name = format!("r{round}-{i}");
+                    let a = allocate(&mut c, alloc_req("net-a", svc(cluster, &name))).await;
+                    out.push((format!("{cluster}/{name}"), Some(a.addresses)));
+                    if i % 3 == 0 {
+                        c.release(pb::ReleaseRequest {
+                            network: "net-a".into(),
+                            owner: Some(svc(cluster, &name)),
+                        })
+                        .await
+                        .unwrap();
+                        out.push((format!("{cluster}/{name}"), None));
+                    }
+                }
+                out
+            }));
+        }
+        for t in tasks {
+            for (k, v) in t.await.unwrap() {
+                acked.insert(k, v);
+            }
+        }
+        // Kill the leader -9 and time until another one takes an Allocate.
+        let l = leader(&mut rs).await;
+        rs[l].kill();
+        let t = Instant::now();
+        loop {
+            let n = leader(&mut rs).await;
+            let mut nc = rs[n].client().await;
+            if nc
+                .allocate(alloc_req("net-a", svc("probe", &format!("p{round}"))))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        failovers.push(t.elapsed());
+        acked.insert(format!("probe/p{round}"), Some(vec![]));
+        rs[l].restart().await;
+        let _ = &mut c;
+    }
+    eprintln!("failover (kill -9 of the leader -> first Allocate acknowledged by the next): {failovers:?}");
+
+    let mut c = leader_client(&mut rs).await;
+    let all = list_all(&mut c, pb::ListAllocationsRequest::default()).await;
+    let held: HashMap<String, Vec<String>> = all
+        .iter()
+        .map(|a| {
+            let o = a.owner.as_ref().unwrap();
+            (format!("{}/{}", o.cluster_id, o.name), a.addresses.clone())
+        })
+        .collect();
+    for (k, v) in &acked {
+        match v {
+            Some(addrs) if k.starts_with("probe/") => assert!(held.contains_key(k), "lost {k}"),
+            Some(addrs) => assert_eq!(held.get(k), Some(addrs), "acknowledged {k} lost or moved"),
+            None => assert!(!held.contains_key(k), "released {k} came back"),
+        }
+    }
+    let mut owners: HashMap<&String, usize> = HashMap::new();
+    for a in &all {
+        for ip in &a.addresses {
+            *owners.entry(ip).or_default() += 1;
+        }
+    }
+    assert!(owners.values().all(|n| *n == 1), "an address has two owners");
+}
