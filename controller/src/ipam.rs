@@ -1,13 +1,24 @@
-//! The store client: one lazily connected channel, per-call deadlines, and a short in-call
-//! retry of transient failures (every call the controller makes is idempotent: Allocate and
+//! The store client: one lazily connected channel per store replica, per-call deadlines, and a
+//! short in-call retry of transient failures (every call the controller makes is idempotent: Allocate and
 //! UpsertNetwork per owner/definition, Release when nothing is held). Longer outages surface as
 //! `Error::StoreUnavailable` and the reconcilers back off.
+//!
+//! Several replicas (an HA store on etcd, `--ipam-endpoint a,b,c`): calls go to the one that
+//! answered last; an UNAVAILABLE answer moves them to the leader the follower named
+//! (`cairn-leader` metadata) when it is in the list, otherwise to the next replica, so a
+//! failover needs no operator action.
 //!
 //! This is the only module that sees gRPC: a status the store answers with is decoded here,
 //! once, into [`StoreRefusal`] (the store's own error kinds) or `Error::StoreUnavailable`, so
 //! reconcilers decide on what the store meant, not on transport codes.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use cairn_proto::{
     tls::ClientTlsFiles,
@@ -25,7 +36,10 @@ const ATTEMPTS: u32 = 3;
 /// The store client.
 #[derive(Clone)]
 pub struct Ipam {
-    client: IpamServiceClient<Channel>,
+    /// One per replica, with the authority (`host:port`) it was given as.
+    replicas: Arc<Vec<(String, IpamServiceClient<Channel>)>>,
+    /// The replica calls go to.
+    current: Arc<AtomicUsize>,
 }
 
 /// Why the store refused a request, mirroring the store's error kinds. Each carries the store's
@@ -93,23 +107,34 @@ fn decode(s: Status) -> Error {
 macro_rules! call {
     ($self:ident, $method:ident, $req:expr) => {{
         let mut attempt = 0;
+        // Every replica once, and the usual retries.
+        let attempts = ATTEMPTS + $self.replicas.len() as u32 - 1;
         loop {
-            let mut c = $self.client.clone();
+            let (i, mut c) = $self.client();
             let mut r = tonic::Request::new($req.clone());
             r.set_timeout(CALL_TIMEOUT);
             match c.$method(r).await {
                 Ok(resp) => break Ok(resp.into_inner()),
                 Err(s) => {
+                    let moved = $self.fail_over(i, &s);
                     let e = decode(s);
                     attempt += 1;
-                    if !matches!(e, Error::StoreUnavailable(_)) || attempt >= ATTEMPTS {
+                    if !matches!(e, Error::StoreUnavailable(_)) || attempt >= attempts {
                         break Err(e);
                     }
-                    tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
+                    if !moved {
+                        tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt.min(3) - 1))).await;
+                    }
                 }
             }
         }
     }};
+}
+
+/// `host:port` of an endpoint URL (`http://h:p/...` → `h:p`).
+fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 impl Ipam {
@@ -117,22 +142,75 @@ impl Ipam {
     /// when `tls` is set (`http://` then means `https://`); connects lazily, so a store that is
     /// down at start-up delays work instead of failing it. Bad TLS files fail here, naming the
     /// flag and file.
+    ///
+    /// `endpoint` may list several replicas, comma-separated.
     pub fn new(endpoint: &str, tls: &ClientTlsFiles) -> Result<Self> {
-        let ch = tls
-            .endpoint(endpoint)
-            .map_err(|e| Error::Invalid {
-                field: "--ipam-endpoint".into(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        Ok(Ipam {
-            client: IpamServiceClient::new(ch)
+        let mut replicas = Vec::new();
+        for e in endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let ch = tls
+                .endpoint(e)
+                .map_err(|err| Error::Invalid {
+                    field: "--ipam-endpoint".into(),
+                    message: format!("{e}: {err}"),
+                })?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            let client = IpamServiceClient::new(ch)
                 .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE);
+            replicas.push((authority(e), client));
+        }
+        if replicas.is_empty() {
+            return Err(Error::Invalid {
+                field: "--ipam-endpoint".into(),
+                message: "no endpoint given".into(),
+            });
+        }
+        Ok(Ipam {
+            replicas: Arc::new(replicas),
+            current: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// The replica calls go to now, and its index.
+    fn client(&self) -> (usize, IpamServiceClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.replicas.len();
+        (i, self.replicas[i].1.clone())
+    }
+
+    /// After replica `i` failed with `s`: moves to the leader it named, or to the next replica
+    /// when it was unreachable or unavailable. True when calls now go elsewhere.
+    fn fail_over(&self, i: usize, s: &Status) -> bool {
+        let n = self.replicas.len();
+        if n == 1
+            || !matches!(
+                s.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+            )
+        {
+            return false;
+        }
+        let named = s
+            .metadata()
+            .get("cairn-leader")
+            .and_then(|v| v.to_str().ok())
+            .map(authority)
+            .and_then(|a| self.replicas.iter().position(|(r, _)| *r == a));
+        let to = named.unwrap_or((i + 1) % n);
+        if to == i {
+            return false;
+        }
+        // Only the first caller to see replica i fail moves everyone on.
+        let moved = self
+            .current
+            .compare_exchange(i, to, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if moved {
+            tracing::info!(from = %self.replicas[i].0, to = %self.replicas[to].0, code = ?s.code(), "store replica failover");
+        }
+        moved || self.current.load(Ordering::Relaxed) != i
     }
 
     /// UpsertNetwork.
@@ -217,14 +295,17 @@ impl Ipam {
     /// A watch of every allocation change on one network (all clusters; under mTLS other
     /// clusters' events arrive redacted, with their network).
     pub async fn watch(&self, network: &str) -> Result<tonic::Streaming<pb::WatchAllocationsResponse>> {
-        let mut c = self.client.clone();
+        let (i, mut c) = self.client();
         c.watch_allocations(pb::WatchAllocationsRequest {
             network: network.to_string(),
             ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
-        .map_err(decode)
+        .map_err(|s| {
+            self.fail_over(i, &s);
+            decode(s)
+        })
     }
 }
 
@@ -285,5 +366,38 @@ mod tests {
                 e => panic!("{code:?} decoded as {e:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_replica_hands_calls_to_the_leader_it_names_or_the_next() {
+        let ipam = Ipam::new(
+            "http://127.0.0.1:1, http://127.0.0.1:2,http://127.0.0.1:3",
+            &ClientTlsFiles::default(),
+        )
+        .unwrap();
+        assert_eq!(ipam.client().0, 0);
+        // A follower naming the leader (as https://, under TLS): straight there.
+        let mut st = Status::unavailable("not the leader");
+        st.metadata_mut()
+            .insert("cairn-leader", "https://127.0.0.1:3".parse().unwrap());
+        assert!(ipam.fail_over(0, &st));
+        assert_eq!(ipam.client().0, 2);
+        // Unreachable, or a leader we were not given: the next one.
+        assert!(ipam.fail_over(2, &Status::unavailable("connection refused")));
+        assert_eq!(ipam.client().0, 0);
+        let mut st = Status::unavailable("not the leader");
+        st.metadata_mut()
+            .insert("cairn-leader", "http://10.0.0.9:50051".parse().unwrap());
+        assert!(ipam.fail_over(0, &st));
+        assert_eq!(ipam.client().0, 1);
+        // A failure seen late (calls already moved on) does not move them again.
+        assert!(ipam.fail_over(0, &Status::unavailable("old news")));
+        assert_eq!(ipam.client().0, 1);
+        // A refusal is an answer, not a reason to change replicas.
+        assert!(!ipam.fail_over(1, &Status::failed_precondition("held by another cluster")));
+        assert_eq!(ipam.client().0, 1);
+        // One replica: nothing to change.
+        let one = Ipam::new("http://127.0.0.1:1", &ClientTlsFiles::default()).unwrap();
+        assert!(!one.fail_over(0, &Status::unavailable("down")));
     }
 }

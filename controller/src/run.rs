@@ -36,7 +36,8 @@ pub struct RunArgs {
     /// This cluster's id in the store (required): lowercase letters, digits, '-' and '.'.
     #[arg(long, env = "CAIRN_CLUSTER_ID")]
     pub cluster_id: Option<String>,
-    /// The store's gRPC endpoint.
+    /// The store's gRPC endpoint; an HA store's replicas comma-separated (calls follow the
+    /// leader).
     #[arg(long, env = "CAIRN_IPAM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     pub ipam_endpoint: String,
     /// CA bundle the store's certificate must chain to; turns on TLS to the store.

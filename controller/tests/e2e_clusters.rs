@@ -38,9 +38,45 @@ async fn ingress_map(client: &Client) -> BTreeMap<String, Vec<String>> {
 
 /// The seed's failure, reproduced and refuted: two clusters, one network object, one VIP pool
 /// of 16 addresses, workloads on different ports.
+/// Where the two clusters' controllers find the store.
+enum AnyStore {
+    One(Store),
+    /// Three replicas on etcd; the leader is killed -9 between the two clusters' bursts.
+    Ha(HaStore),
+}
+
+impl AnyStore {
+    fn endpoint(&self) -> String {
+        match self {
+            AnyStore::One(s) => s.endpoint.clone(),
+            AnyStore::Ha(s) => s.endpoint(),
+        }
+    }
+    fn pki(&self) -> Option<&Pki> {
+        match self {
+            AnyStore::One(s) => s.pki.as_ref(),
+            AnyStore::Ha(_) => None,
+        }
+    }
+    async fn allocations(&self, cluster: &str) -> Vec<cairn_proto::v1::Allocation> {
+        match self {
+            AnyStore::One(s) => s.allocations(cluster).await,
+            AnyStore::Ha(s) => s.allocations(cluster).await,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_clusters_on_one_network_never_share_a_vip() {
-    two_clusters(Store::start().await).await;
+    two_clusters(AnyStore::One(Store::start().await)).await;
+}
+
+/// The seed scenario on an HA store, with the leading replica killed -9 between the two
+/// clusters' bursts: the controllers, given all three replicas, follow the new leader on their
+/// own and nothing assigned before the kill moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_on_an_ha_store_through_a_leader_kill() {
+    two_clusters(AnyStore::Ha(HaStore::start().await)).await;
 }
 
 /// The same, with the store serving mutual TLS only and each controller presenting its own
@@ -48,10 +84,10 @@ async fn two_clusters_on_one_network_never_share_a_vip() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_clusters_over_mtls_each_with_its_own_identity() {
     let store = Store::start_tls(Pki::new(&["cluster-a", "cluster-b"])).await;
-    two_clusters(store).await;
+    two_clusters(AnyStore::One(store)).await;
 }
 
-async fn two_clusters(store: Store) {
+async fn two_clusters(mut store: AnyStore) {
     let planes = ControlPlane::start_many(2).await.expect("two control planes");
     let spec = vip_network("net-a", "10.20.1.0-10.20.1.15", "10.20.2.0/24");
     let clients: Vec<Client> = planes.iter().map(|p| p.client().unwrap()).collect();
@@ -59,13 +95,9 @@ async fn two_clusters(store: Store) {
         install_crd(c).await;
         create_network(c, "net-a", spec.clone()).await;
         let cluster = format!("cluster-{}", ["a", "b"][i]);
-        let tls = store
-            .pki
-            .as_ref()
-            .map(|p| p.ccm_flags(&cluster))
-            .unwrap_or_default();
+        let tls = store.pki().map(|p| p.ccm_flags(&cluster)).unwrap_or_default();
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
-        start_ccm(cp, "ccm", &cluster, &store.endpoint, &tls);
+        start_ccm(cp, "ccm", &cluster, &store.endpoint(), &tls);
     }
     // A fills ten, then B asks for ten more: 16 addresses for 20 Services.
     for i in 0..10 {
@@ -73,6 +105,9 @@ async fn two_clusters(store: Store) {
     }
     for i in 0..10 {
         wait_ingress(&clients[0], "default", &format!("a-{i}"), 1).await;
+    }
+    if let AnyStore::Ha(ha) = &mut store {
+        ha.kill_leader().await;
     }
     for i in 0..10 {
         create_lb(&clients[1], "default", &format!("b-{i}"), 8080, json!({})).await;

@@ -160,6 +160,32 @@ async fn one_replica_leads_the_others_name_it_and_a_kill_hands_over_everything()
     assert_eq!(got.addresses, before.addresses);
     let next = allocate(&mut c, alloc_req("net-a", svc("a", "after"))).await;
     assert_ne!(next.addresses, before.addresses);
+    // The CLI given every replica finds the new leader on its own (the dead one refuses).
+    let all = rs.iter().map(Server::endpoint).collect::<Vec<_>>().join(",");
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "--endpoint",
+            &all,
+            "alloc",
+            "create",
+            "--network",
+            "net-a",
+            "--cluster",
+            "a",
+        ])
+        .args(["--kind", "service", "--namespace", "default", "--name", "via-cli"])
+        .env_remove("CAIRN_IPAM_ENDPOINT")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = c
+        .get_allocation(pb::GetAllocationRequest {
+            network: "net-a".into(),
+            owner: Some(svc("a", "via-cli")),
+        })
+        .await;
+    assert!(got.is_ok(), "{got:?}");
     // The killed replica comes back as a follower of the new leader.
     rs[l].restart().await;
     let e = rs[l]

@@ -264,6 +264,159 @@ impl Drop for Store {
     }
 }
 
+#[path = "../../../ipam-store/src/store/etcd_cluster.rs"]
+mod etcd_cluster;
+
+/// An HA store: three `cairn-ipam serve --backend etcd` replicas on a 3-member etcd cluster on
+/// loopback (lease 2 s), killed on drop. [`HaStore::endpoint`] lists all three, as a
+/// controller is configured for an HA store.
+pub struct HaStore {
+    etcd: etcd_cluster::EtcdCluster,
+    dir: tempfile::TempDir,
+    replicas: Vec<Option<Child>>,
+    endpoints: Vec<String>,
+}
+
+impl HaStore {
+    pub async fn start() -> HaStore {
+        let etcd = etcd_cluster::EtcdCluster::start(3, &cairn_ipam::store::etcd::server_flags());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = HaStore {
+            etcd,
+            dir,
+            replicas: Vec::new(),
+            endpoints: Vec::new(),
+        };
+        for i in 0..3 {
+            let addr = s.dir.path().join(format!("addr-{i}"));
+            let log = std::fs::File::create(s.dir.path().join(format!("ipam-{i}.log"))).expect("log");
+            let child = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--default-reuse-grace", "0s"])
+                .args([
+                    "--backend",
+                    "etcd",
+                    "--etcd-prefix",
+                    "/ccm-ha",
+                    "--leader-lease",
+                    "2s",
+                ])
+                .arg("--etcd-endpoints")
+                .arg(s.etcd.endpoints().join(","))
+                .arg("--addr-file")
+                .arg(&addr)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn cairn-ipam");
+            s.replicas.push(Some(child));
+            let text = eventually("cairn-ipam replica serving", Duration::from_secs(30), || {
+                let addr = addr.clone();
+                async move { std::fs::read_to_string(&addr) }
+            })
+            .await
+            .expect("cairn-ipam replica did not start");
+            let grpc = text
+                .lines()
+                .find_map(|l| l.strip_prefix("grpc="))
+                .expect("grpc= line");
+            s.endpoints.push(format!("http://{grpc}"));
+        }
+        s.leader().await;
+        s
+    }
+
+    /// Every replica, comma-separated (`--ipam-endpoint`).
+    pub fn endpoint(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// The index of the replica that leads (waits for one).
+    pub async fn leader(&self) -> usize {
+        eventually("a store replica leads", Duration::from_secs(60), || async {
+            for (i, e) in self.endpoints.iter().enumerate() {
+                if self.replicas[i].is_none() {
+                    continue;
+                }
+                let Ok(ch) = tonic::transport::Channel::from_shared(e.clone())
+                    .expect("uri")
+                    .connect()
+                    .await
+                else {
+                    continue;
+                };
+                let r = tonic_health::pb::health_client::HealthClient::new(ch)
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: "cairn.ipam.v1.IpamService".into(),
+                    })
+                    .await;
+                if r.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(i);
+                }
+            }
+            Err("none serves".to_string())
+        })
+        .await
+        .expect("no store replica leads")
+    }
+
+    /// SIGKILLs the leading replica; returns its index.
+    pub async fn kill_leader(&mut self) -> usize {
+        let i = self.leader().await;
+        if let Some(mut c) = self.replicas[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        i
+    }
+
+    /// A client of the leader.
+    pub async fn client(
+        &self,
+    ) -> cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel> {
+        let i = self.leader().await;
+        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(self.endpoints[i].clone())
+            .await
+            .expect("connect store leader")
+    }
+
+    /// Every allocation of a cluster.
+    pub async fn allocations(&self, cluster: &str) -> Vec<cairn_proto::v1::Allocation> {
+        let mut c = self.client().await;
+        c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
+            cluster_id: cluster.into(),
+            page_size: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .allocations
+    }
+
+    pub fn logs(&self) -> String {
+        (0..self.replicas.len())
+            .map(|i| {
+                let t = std::fs::read_to_string(self.dir.path().join(format!("ipam-{i}.log")))
+                    .unwrap_or_default();
+                format!("--- cairn-ipam replica {i} ---\n{t}")
+            })
+            .collect()
+    }
+}
+
+impl Drop for HaStore {
+    fn drop(&mut self) {
+        for c in self.replicas.iter_mut().filter_map(Option::take) {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
 /// Starts `cairn-ccm` for `cluster` against `cp` (as a component of the control plane, so it
 /// is killed with it and its log is printed on failure). `name` distinguishes replicas.
 pub fn start_ccm(cp: &ControlPlane, name: &str, cluster: &str, store: &str, extra: &[&str]) -> u32 {

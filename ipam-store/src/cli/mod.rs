@@ -35,7 +35,8 @@ pub enum Output {
 /// Where the server is and how to print.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// gRPC endpoint of the store.
+    /// gRPC endpoint of the store; several replicas (etcd backend) comma-separated: the CLI
+    /// uses the one that leads, waiting up to 30 s for an election.
     #[arg(
         long,
         global = true,
@@ -207,19 +208,69 @@ pub enum AllocCmd {
     },
 }
 
+/// How long the CLI waits for one of several replicas to lead.
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A client of the store at `--endpoint`, over TLS when `--tls-ca`/`--tls-cert`/`--tls-key`
-/// are set. Errors keep their source chain so `main` can explain a TLS mismatch.
+/// are set; of the leading replica when it lists several. Errors keep their source chain so
+/// `main` can explain a TLS mismatch.
 async fn connect(c: &ClientArgs) -> anyhow::Result<IpamServiceClient<Channel>> {
-    let endpoint = &c.endpoint;
-    let ch = c
-        .tls()
-        .endpoint(endpoint)?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the store at {endpoint}"))?;
+    let endpoints: Vec<&str> = c
+        .endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let ch = match endpoints.as_slice() {
+        [] => anyhow::bail!("--endpoint: empty"),
+        [endpoint] => c
+            .tls()
+            .endpoint(endpoint)?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the store at {endpoint}"))?,
+        several => leading(c, several).await?,
+    };
     Ok(IpamServiceClient::new(ch)
         .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
+}
+
+/// The channel to whichever of `endpoints` says (gRPC health) that it serves
+/// `cairn.ipam.v1.IpamService`: the leader; followers say NOT_SERVING.
+async fn leading(c: &ClientArgs, endpoints: &[&str]) -> anyhow::Result<Channel> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let until = std::time::Instant::now() + ELECTION_WAIT;
+    loop {
+        let mut why = Vec::new();
+        for endpoint in endpoints {
+            let ch = match c.tls().endpoint(endpoint)?.connect().await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    why.push(format!("{endpoint}: {e}"));
+                    continue;
+                }
+            };
+            let req = HealthCheckRequest {
+                service: "cairn.ipam.v1.IpamService".into(),
+            };
+            match HealthClient::new(ch.clone()).check(req).await {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(ch),
+                Ok(_) => why.push(format!("{endpoint}: follows")),
+                Err(e) => why.push(format!("{endpoint}: {}", e.message())),
+            }
+        }
+        if std::time::Instant::now() >= until {
+            anyhow::bail!(
+                "no store replica leads after {}s: {}",
+                ELECTION_WAIT.as_secs(),
+                why.join("; ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
