@@ -4,6 +4,9 @@
 //! renders — and `cairn-ccm` runs as a process authenticated as the manifests'
 //! ServiceAccount, with the Deployment's own args and config, against a `cairn-ipam` started
 //! with the StatefulSet's args, and does its job under exactly that RBAC (and nothing more).
+//! The HA overlay (`overlays/ha-etcd`) applies too, and three store processes started with its
+//! rendered args on a real TLS etcd cluster elect one leader, which alone passes the readiness
+//! probe while every replica passes liveness.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -1102,4 +1105,176 @@ async fn store_holds(endpoint: &str, name: &str) -> bool {
     .allocations
     .iter()
     .any(|a| a.owner.as_ref().is_some_and(|o| o.name == name))
+}
+
+/// `overlays/ha-etcd`: applies without warnings (with its Secret), renders 3 spread replicas
+/// without a volume claim, and its args and probes work: three `cairn-ipam` processes started
+/// with the rendered args and env (etcd endpoints and client certificate from the Secret, on
+/// a real 3-member etcd over mutual TLS) elect exactly one leader, which alone is ready
+/// (readiness: gRPC health of IpamService), while all three pass the HTTP liveness and
+/// start-up probes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ha_overlay_runs_three_replicas_with_one_ready_leader() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let overlay = manifests().join("overlays/ha-etcd");
+    apply_k(&cp, &manifests().join("namespace")).await;
+    apply_k(&cp, &manifests().join("crds")).await;
+    // The Secret the overlay expects, from real certificates.
+    let pki = Pki::new(&[]);
+    let etcd = etcd_cluster::EtcdCluster::start_tls(
+        3,
+        &cairn_ipam::store::etcd::server_flags(),
+        &etcd_cluster::ServerTls {
+            ca: Path::new(&pki.path("ca.pem")),
+            cert: Path::new(&pki.path("server.pem")),
+            key: Path::new(&pki.path("server-key.pem")),
+        },
+    );
+    let endpoints = etcd.endpoints().join(",");
+    let (ok, _, err) = kubectl(
+        cp.kubeconfig_path(),
+        &[
+            "-n",
+            NS,
+            "create",
+            "secret",
+            "generic",
+            "cairn-ipam-etcd",
+            &format!("--from-literal=endpoints={endpoints}"),
+            &format!("--from-file=ca.pem={}", pki.path("ca.pem")),
+            &format!("--from-file=client.pem={}", pki.path("cloud.pem")),
+            &format!("--from-file=client-key.pem={}", pki.path("cloud-key.pem")),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    apply_k(&cp, &overlay).await;
+
+    let docs = render(cp.kubeconfig_path(), &overlay).await;
+    let sts: StatefulSet = serde_json::from_value(find(&docs, "StatefulSet", "cairn-ipam").clone()).unwrap();
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert!(
+        spec.volume_claim_templates.is_none(),
+        "etcd replicas need no volume"
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    let anti = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .expect("anti-affinity");
+    assert_eq!(
+        anti.required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()[0]
+            .topology_key,
+        "kubernetes.io/hostname"
+    );
+    let c = container(pod);
+    let ready = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .expect("gRPC readiness");
+    assert_eq!(ready.service.as_deref(), Some("cairn.ipam.v1.IpamService"));
+    let health_paths: Vec<_> = [&c.liveness_probe, &c.startup_probe]
+        .iter()
+        .map(|p| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+        })
+        .collect();
+    assert_eq!(
+        health_paths,
+        [Some("/healthz".to_string()), Some("/healthz".to_string())]
+    );
+    // Mounted Secret files, as the kubelet would lay them out.
+    let mount = &c.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(mount.name, "etcd-client");
+    let files = BTreeMap::from([
+        (format!("{}/ca.pem", mount.mount_path), pki.path("ca.pem")),
+        (format!("{}/client.pem", mount.mount_path), pki.path("cloud.pem")),
+        (
+            format!("{}/client-key.pem", mount.mount_path),
+            pki.path("cloud-key.pem"),
+        ),
+    ]);
+
+    // Three replicas with the rendered args: loopback listeners, $(POD_IP) = 127.0.0.1.
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let (grpc, metrics) = (free_port(), free_port());
+        let mut cmd = Command::new(workspace_bin("cairn-ipam", "cairn-ipam"));
+        for a in c.args.iter().flatten() {
+            let a = a
+                .replace("$(POD_IP)", "127.0.0.1")
+                .replace(":50051", &format!(":{grpc}"));
+            cmd.arg(match a.split_once('=') {
+                Some(("--listen", _)) => format!("--listen=127.0.0.1:{grpc}"),
+                Some(("--metrics-listen", _)) => format!("--metrics-listen=127.0.0.1:{metrics}"),
+                Some((flag, path)) if files.contains_key(path) => format!("{flag}={}", files[path]),
+                _ => a,
+            });
+        }
+        for e in c.env.iter().flatten() {
+            let from = e.value_from.as_ref();
+            let v = match (
+                &e.value,
+                from.and_then(|f| f.field_ref.as_ref()),
+                from.and_then(|f| f.secret_key_ref.as_ref()),
+            ) {
+                (Some(v), _, _) => v.clone(),
+                (None, Some(f), _) if f.field_path == "status.podIP" => "127.0.0.1".into(),
+                (None, _, Some(k)) if k.name == "cairn-ipam-etcd" && k.key == "endpoints" => {
+                    endpoints.clone()
+                }
+                _ => panic!("unexpected env {e:?}"),
+            };
+            cmd.env(&e.name, v);
+        }
+        cmd.arg("--addr-file").arg(dir.path().join(format!("addr-{i}")));
+        cp.spawn(&format!("cairn-ipam-{i}"), &cmd)
+            .expect("spawn cairn-ipam");
+        replicas.push((format!("http://127.0.0.1:{grpc}"), metrics));
+    }
+    // Liveness and start-up (/healthz) pass on every replica; readiness on exactly one.
+    let cpr = &cp;
+    for (_, metrics) in &replicas {
+        eventually("/healthz 200", ACT, || async move {
+            cpr.check_running().expect("cairn-ipam running");
+            match http_get(&format!("127.0.0.1:{metrics}"), "/healthz").await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+        .expect("liveness");
+    }
+    let leaders = eventually("exactly one ready replica", ACT, || {
+        let replicas = &replicas;
+        async move {
+            let mut ready = Vec::new();
+            for (i, (grpc, _)) in replicas.iter().enumerate() {
+                if ipam_serving(grpc).await {
+                    ready.push(i);
+                }
+            }
+            if ready.len() == 1 {
+                Ok(ready)
+            } else {
+                Err(format!("ready: {ready:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    for (i, (_, metrics)) in replicas.iter().enumerate() {
+        let (code, _) = http_get(&format!("127.0.0.1:{metrics}"), "/readyz")
+            .await
+            .unwrap();
+        assert_eq!(code == 200, leaders.contains(&i), "replica {i}: /readyz {code}");
+    }
 }

@@ -265,7 +265,27 @@ impl Drop for Store {
 }
 
 #[path = "../../../ipam-store/src/store/etcd_cluster.rs"]
-mod etcd_cluster;
+pub mod etcd_cluster;
+
+/// True when the store at `endpoint` (plaintext) says through gRPC health that it serves
+/// `cairn.ipam.v1.IpamService`, i.e. it is the leading replica.
+pub async fn ipam_serving(endpoint: &str) -> bool {
+    let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.to_string())
+        .expect("uri")
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "cairn.ipam.v1.IpamService".into(),
+        })
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
+}
 
 /// An HA store: three `cairn-ipam serve --backend etcd` replicas on a 3-member etcd cluster on
 /// loopback (lease 2 s), killed on drop. [`HaStore::endpoint`] lists all three, as a
