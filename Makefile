@@ -147,5 +147,6 @@ clean-cache:
 # 1,000 kill -9 cycles of cairn-ipam under load from 3 clusters, and two clusters racing for
 # 100,000 addresses on one network through separate connections.
 reliability:
+	CAIRN_HA_KILLS=20 $(CARGO) test -p cairn-ipam --test ha concurrent_clusters -- --nocapture
 	CAIRN_CRASH_CYCLES=1000 $(CARGO) test -p cairn-ipam --test crash -- --nocapture
 	CAIRN_RACE_ALLOCS=100000 $(CARGO) test -p cairn-ipam --test race -- --nocapture
