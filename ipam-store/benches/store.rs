@@ -5,7 +5,7 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web`; `engine` is the in-process
+//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web,etcd`; `engine` is the in-process
 //! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
@@ -17,6 +17,9 @@
 //!    (plaintext, mTLS, plaintext, mTLS) in one run; certificates from `cairn-ipam certs`.
 //! 6. `web`: the web view's pages and JSON with 100k allocations (one request at a time, a new
 //!    connection each, as a browser's first load), and paging through everything.
+//! 7. `etcd`: Allocate throughput and latency at 1, 16 and 64 in flight on a 3-member etcd
+//!    cluster on loopback beside sled, alternating, in one run; then a new leader's takeover
+//!    time (spawn → serving) with 100k allocations in etcd.
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
@@ -43,11 +46,14 @@ use cairn_ipam::{
     alloc::addr::Family,
     ledger::{AllocateReq, Ledger, NoObserver, State},
     model::{Allocation, NetworkDef, NetworkRecord, Owner, OwnerKind, PoolDef, Port, Protocol, Purpose},
-    store::{Engine as _, Op, sled_engine::SledEngine},
+    store::{Engine, Op, etcd::EtcdEngine, etcd::EtcdOptions, sled_engine::SledEngine},
 };
 use cairn_proto::v1::{self as pb, ipam_service_client::IpamServiceClient};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
+
+#[path = "../src/store/etcd_cluster.rs"]
+mod etcd_cluster;
 
 // ============================================================================================
 // Options
@@ -733,6 +739,17 @@ impl Server {
     /// With `pki` (a `cairn-ipam certs` directory holding server and cloud certificates):
     /// mutual TLS only, clients connect as the cloud.
     fn start_with(args: &Args, data_dir: &Path, log: &Path, pki: Option<&Path>) -> anyhow::Result<Self> {
+        Server::start_args(args, data_dir, log, pki, &[])
+    }
+
+    /// With `extra` serve flags (e.g. `--backend etcd …`).
+    fn start_args(
+        args: &Args,
+        data_dir: &Path,
+        log: &Path,
+        pki: Option<&Path>,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let addr_file = data_dir.with_extension("addr");
         let _ = fs::remove_file(&addr_file);
         let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -755,6 +772,7 @@ impl Server {
         if let Some(c) = args.cache_mib {
             cmd.args(["--cache-mib", &c.to_string()]);
         }
+        cmd.args(extra);
         if let Some(d) = pki {
             cmd.arg("--tls-cert")
                 .arg(d.join("server.pem"))
@@ -1627,6 +1645,141 @@ fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> 
 }
 
 // ============================================================================================
+// Section 7: etcd beside sled
+// ============================================================================================
+
+/// Waits until a freshly started etcd-backed server leads (its Allocate path is open).
+async fn until_serving(srv: &Server, deadline: Duration) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let ch = Channel::from_shared(format!("http://{}", srv.grpc))?
+            .connect()
+            .await?;
+        let r = tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "cairn.ipam.v1.IpamService".into(),
+            })
+            .await;
+        if r.is_ok_and(|r| {
+            r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        }) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > deadline {
+            bail!(
+                "the etcd-backed server did not lead within {deadline:?}; see {}",
+                srv.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn bench_etcd(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    println!("## 7. etcd beside sled");
+    println!();
+    let etcd = etcd_cluster::EtcdCluster::start(3, &cairn_ipam::store::etcd::server_flags());
+    let endpoints = etcd.endpoints().join(",");
+    let dur = Duration::from_secs_f64(args.secs);
+    let warm = Duration::from_secs_f64((args.secs / 10.0).min(1.0));
+    let tck = clk_tck();
+    println!(
+        "3 etcd members (`{}`, v3.6, release) on loopback in the work dir's file system, real \
+         fsync; each row a fresh `cairn-ipam serve` (release) and a fresh sled data dir or etcd \
+         prefix; {:.0} s measured after {:.1} s warm-up; min(N, 4) connections. Rows alternate \
+         sled and etcd so drift on the machine hits both.",
+        etcd_cluster::etcd_binary().display(),
+        dur.as_secs_f64(),
+        warm.as_secs_f64()
+    );
+    println!();
+    println!("| in flight | engine | allocs/s | p50 ms | p99 ms | max ms | errors | server CPU | machine |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
+    for inflight in [1usize, 16, 64] {
+        for engine in ["sled", "etcd"] {
+            let name = format!("etcd-bench-{inflight}-{engine}");
+            let data = work.join(&name);
+            fs::create_dir_all(&data)?;
+            let extra: Vec<String> = if engine == "etcd" {
+                vec![
+                    "--backend".into(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    endpoints.clone(),
+                    "--etcd-prefix".into(),
+                    format!("/{name}"),
+                ]
+            } else {
+                vec![]
+            };
+            let mut srv = Server::start_args(args, &data, &work.join(format!("{name}.log")), None, &extra)?;
+            if engine == "etcd" {
+                until_serving(&srv, Duration::from_secs(60)).await?;
+            }
+            let clients = srv.clients(inflight.min(4)).await?;
+            upsert(&mut clients[0].clone()).await?;
+            let note = wait_quiet(args.quiet);
+            let s0 = cpu_secs(&srv.pid, tck);
+            let t0 = Instant::now();
+            let r = load(&clients, inflight, Arc::new(AtomicU64::new(0)), None, warm, dur).await;
+            let wall = t0.elapsed().as_secs_f64();
+            let s1 = cpu_secs(&srv.pid, tck);
+            println!(
+                "| {inflight} | {engine} | {:.0} | {} | {} | {} | {} | {:.0}% | {note} |",
+                r.done as f64 / r.elapsed.as_secs_f64(),
+                ms(r.lat.pct(50.0)),
+                ms(r.lat.pct(99.0)),
+                ms(r.lat.max()),
+                r.errors,
+                (s1 - s0) / wall * 100.0,
+            );
+            srv.stop()?;
+        }
+    }
+    println!();
+    // Takeover at scale: what a new leader does before it serves is load the ledger from etcd.
+    let n = sz.web_allocs;
+    let mut opts = EtcdOptions::new(etcd.endpoints());
+    opts.prefix = "/etcd-bench-takeover".into();
+    let engine = EtcdEngine::connect(&opts)?;
+    let t = Instant::now();
+    write_allocs(&engine, n, 10_000)?;
+    let written = t.elapsed();
+    drop(engine);
+    let data = work.join("etcd-takeover");
+    fs::create_dir_all(&data)?;
+    let extra = vec![
+        "--backend".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        endpoints.clone(),
+        "--etcd-prefix".into(),
+        "/etcd-bench-takeover".into(),
+    ];
+    let mut takeovers = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut srv = Server::start_args(args, &data, &work.join("etcd-takeover.log"), None, &extra)?;
+        until_serving(&srv, Duration::from_secs(300)).await?;
+        takeovers.push(t.elapsed());
+        srv.stop()?;
+    }
+    println!(
+        "Takeover with {n} allocations in etcd (written in {:.1} s with the library, 10,000 ops per \
+         transaction): spawn → leading and serving in {} (3 starts, each after the previous one's \
+         SIGTERM, which resigns the lease; a failover after a crash adds the dead leader's lease).",
+        written.as_secs_f64(),
+        takeovers
+            .iter()
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    Ok(())
+}
+
+// ============================================================================================
 // Section 6: web view
 // ============================================================================================
 
@@ -1772,7 +1925,7 @@ fn build_store(dir: &Path, n: u64) -> anyhow::Result<Duration> {
 }
 
 /// Commits one network and `n` allocations to `engine`, `ops_per_commit` ops at a time.
-fn write_allocs(engine: &SledEngine, n: u64, ops_per_commit: usize) -> anyhow::Result<()> {
+fn write_allocs(engine: &dyn Engine, n: u64, ops_per_commit: usize) -> anyhow::Result<()> {
     let mut st = State::new(0);
     let (_, mut ops, _) = st.upsert_network(network_def("10.0.0.0/8", Some(0)), None, false, NOW_MS)?;
     st.seq = 1;
@@ -1932,6 +2085,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.want("web") {
         bench_web(&args, &sz, &work_path)?;
+        println!("{}\n", loadavg());
+    }
+    if args.want("etcd") {
+        rt.block_on(bench_etcd(&args, &sz, &work_path))?;
         println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());

@@ -247,6 +247,9 @@ pub async fn serve(
     // With etcd: campaign (serving as a follower meanwhile), then load the ledger and open the
     // gates. Losing the lease afterwards stops the process (see `ha`).
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+    // The won leadership, resigned at a graceful stop (a standby takes over at once).
+    let held: Arc<std::sync::Mutex<Option<crate::store::etcd::Leadership>>> = Arc::default();
+    let resign = etcd.clone().map(|e| (e, held.clone()));
     if let Some(etcd) = etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let id = opts
@@ -258,6 +261,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let lead = crate::ha::campaign(etcd, id, ttl, leader_tx).await;
             let mut lost = lead.lost_signal();
+            *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(lead);
             let opened = tokio::task::spawn_blocking(move || activate(engine)).await;
             match opened {
                 Ok(Ok(l)) => {
@@ -274,7 +278,7 @@ pub async fn serve(
                 }
             }
             let _ = lost.wait_for(|l| *l).await;
-            drop(lead);
+            drop(held.lock().unwrap_or_else(|p| p.into_inner()).take());
             let _ = lost_tx
                 .send("lost the leader lease; stopping so a restart campaigns again as a follower".into());
         });
@@ -358,6 +362,20 @@ pub async fn serve(
         tracing::info!("stopped; every acknowledged write is durable");
     } else {
         tracing::info!("stopped (a follower: nothing to sync)");
+    }
+    if let Some((engine, held)) = resign {
+        let lead = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lead) = lead {
+            match tokio::task::spawn_blocking(move || engine.resign(lead)).await {
+                Ok(Ok(())) => tracing::info!("resigned the leadership: a standby takes over now"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not resign; a standby takes over when the lease expires")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not resign; a standby takes over when the lease expires")
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -223,7 +223,11 @@ async fn pipe(from: &Server, to: &Server) {
         .output()
         .await
         .unwrap();
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
 }
 
 async fn everything(s: &Server) -> (Vec<pb::Network>, Vec<pb::Allocation>) {

@@ -28,6 +28,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
 
 fn replica_flags(etcd: &EtcdCluster) -> Vec<String> {
+    replica_flags_lease(etcd, "2s")
+}
+
+fn replica_flags_lease(etcd: &EtcdCluster, lease: &str) -> Vec<String> {
     [
         "--default-reuse-grace",
         "0s",
@@ -38,7 +42,7 @@ fn replica_flags(etcd: &EtcdCluster) -> Vec<String> {
         "--etcd-prefix",
         "/ha",
         "--leader-lease",
-        "2s",
+        lease,
     ]
     .iter()
     .map(ToString::to_string)
@@ -46,7 +50,10 @@ fn replica_flags(etcd: &EtcdCluster) -> Vec<String> {
 }
 
 async fn replicas(etcd: &EtcdCluster) -> Vec<Server> {
-    let flags = replica_flags(etcd);
+    replicas_with(replica_flags(etcd)).await
+}
+
+async fn replicas_with(flags: Vec<String>) -> Vec<Server> {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut v = Vec::new();
     for _ in 0..3 {
@@ -305,7 +312,11 @@ async fn concurrent_clusters_through_repeated_leader_kills_lose_and_double_nothi
     // Room for every round's allocations (13 held per round).
     upsert(
         &mut c,
-        network("net-a", &["10.20.0.0/16"], vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.16.0/20"])]),
+        network(
+            "net-a",
+            &["10.20.0.0/16"],
+            vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.16.0/20"])],
+        ),
     )
     .await;
     // Acknowledged state, as the clients saw it: owner -> addresses (None = released).
@@ -406,4 +417,46 @@ async fn concurrent_clusters_through_repeated_leader_kills_lose_and_double_nothi
         }
     }
     assert!(owners.values().all(|n| *n == 1), "an address has two owners");
+}
+
+/// A leader stopped with SIGTERM (a rolling update, a drain) resigns: the leader key is gone
+/// (or already another replica's) the moment it has exited — long before its 30 s lease would
+/// have expired — and another replica takes the writes with everything acknowledged.
+#[tokio::test]
+async fn a_leader_stopped_with_sigterm_resigns_at_once() {
+    let etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas_with(replica_flags_lease(&etcd, "30s")).await;
+    let l = leader(&mut rs).await;
+    let mut c = rs[l].client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    let kept = allocate(&mut c, alloc_req("net-a", svc("a", "kept"))).await;
+    let st = rs[l].terminate().await;
+    assert!(st.success(), "{st}\n{}", rs[l].log_tail(20));
+    let mut opts = cairn_ipam::store::etcd::EtcdOptions::new(etcd.endpoints());
+    opts.prefix = "/ha".into();
+    let probe = tokio::task::spawn_blocking(move || {
+        cairn_ipam::store::etcd::EtcdEngine::connect(&opts)
+            .unwrap()
+            .leader()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_ne!(
+        probe.as_deref(),
+        Some(rs[l].endpoint().as_str()),
+        "the stopped leader still holds the key"
+    );
+    let n = leader(&mut rs).await;
+    assert_ne!(n, l);
+    let mut c = rs[n].client().await;
+    let got = c
+        .get_allocation(pb::GetAllocationRequest {
+            network: "net-a".into(),
+            owner: Some(svc("a", "kept")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.addresses, kept.addresses);
 }

@@ -366,6 +366,24 @@ impl EtcdEngine {
         })
     }
 
+    /// Gives leadership up at once: stops the keep-alive and revokes the lease, which deletes
+    /// the leader key, so a standby can take over without waiting for the lease to expire. The
+    /// engine's fence stays set: any later commit of this engine is refused.
+    pub fn resign(&self, lead: Leadership) -> Result<()> {
+        let lease = lead.lease;
+        drop(lead);
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| storage("resign", "the client runtime stopped"))?;
+        let client = self.client.clone();
+        on(
+            rt,
+            async move { client.lease_client().revoke(lease).await.map(drop) },
+        )
+        .map_err(|e| storage("resign", e))
+    }
+
     /// The id of the replica holding `<prefix>/meta/leader` now, if any (one read).
     pub fn leader(&self) -> Result<Option<String>> {
         let key = format!("{}{LEADER_KEY}", self.root);
