@@ -10,7 +10,10 @@
 //                       else, a pool still has allocations, expected_version does not match.
 //   RESOURCE_EXHAUSTED  no free address is left in the selected pool(s) for a family.
 //   UNAVAILABLE         a transient fault (the store is shutting down, the disk failed a write);
-//                       retry with backoff.
+//                       retry with backoff. From a follower replica of an HA store (etcd
+//                       backend): every call, with the leader's URL in the `cairn-leader`
+//                       response metadata; send the call there (gRPC health reports
+//                       NOT_SERVING for this service on followers, SERVING on the leader).
 //
 // Message size: the server, the cairn-ipam CLI and cairn-ccm accept and send messages up to
 // 16 MiB each (gRPC's usual default is 4 MiB); a larger message fails with OUT_OF_RANGE
