@@ -5,7 +5,7 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web,etcd`; `engine` is the in-process
+//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web,etcd,fleet`; `engine` is the in-process
 //! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
@@ -20,6 +20,10 @@
 //! 7. `etcd`: Allocate throughput and latency at 1, 16 and 64 in flight on a 3-member etcd
 //!    cluster on loopback beside sled, alternating, in one run; then a new leader's takeover
 //!    time (spawn → serving) with 100k allocations in etcd.
+//! 8. `fleet`: one store, 1,000 simulated clusters, each with its own connection and its own
+//!    WatchAllocations filtered to its cluster: an API-server VIP, 3 node addresses and 96
+//!    Services each (100k allocations on one shared network), then 30% churn; throughput,
+//!    latency, watch delay (transition → event at the owning cluster), RSS, CPU, duplicates.
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
@@ -152,6 +156,10 @@ struct Sizes {
     web_allocs: u64,
     /// Timed requests per web view row.
     web_samples: usize,
+    /// Simulated clusters of the fleet section.
+    fleet_clusters: usize,
+    /// Services per simulated cluster.
+    fleet_services: usize,
 }
 
 impl Sizes {
@@ -167,6 +175,8 @@ impl Sizes {
                 fsyncs: 50,
                 web_allocs: 2_000,
                 web_samples: 20,
+                fleet_clusters: 50,
+                fleet_services: 6,
             }
         } else {
             Sizes {
@@ -179,6 +189,8 @@ impl Sizes {
                 fsyncs: 300,
                 web_allocs: 100_000,
                 web_samples: 200,
+                fleet_clusters: 1_000,
+                fleet_services: 96,
             }
         }
     }
@@ -1645,6 +1657,287 @@ fn rss_breakdown(sz: &Sizes, work: &Path, cache_mib: u64) -> anyhow::Result<()> 
 }
 
 // ============================================================================================
+// Section 8: the fleet
+// ============================================================================================
+
+fn fleet_owner(cluster: usize, kind: pb::OwnerKind, name: String) -> pb::Owner {
+    pb::Owner {
+        cluster_id: format!("c{cluster:04}"),
+        kind: kind as i32,
+        namespace: if kind == pb::OwnerKind::Service {
+            "default".into()
+        } else {
+            String::new()
+        },
+        name,
+        uid: String::new(),
+    }
+}
+
+/// What one phase measured.
+struct FleetPhase {
+    done: u64,
+    errors: u64,
+    wall: Duration,
+    lat: Samples,
+}
+
+/// Every cluster at once, each sending its `reqs` one at a time on its own connection.
+async fn fleet_phase(clients: &[IpamServiceClient<Channel>], reqs: Vec<Vec<FleetReq>>) -> FleetPhase {
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, rs) in clients.iter().zip(reqs) {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::with_capacity(rs.len()), 0u64);
+            for r in rs {
+                let t = Instant::now();
+                let ok = match r {
+                    FleetReq::Alloc(owner) => c
+                        .allocate(pb::AllocateRequest {
+                            network: "fleet".into(),
+                            owner: Some(owner),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                    FleetReq::Release(owner) => c
+                        .release(pb::ReleaseRequest {
+                            network: "fleet".into(),
+                            owner: Some(owner),
+                        })
+                        .await
+                        .is_ok(),
+                };
+                lat.push(t.elapsed().as_nanos() as u64);
+                errors += u64::from(!ok);
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    FleetPhase {
+        done: all.len() as u64,
+        errors,
+        wall: t.elapsed(),
+        lat: Samples::new(all),
+    }
+}
+
+enum FleetReq {
+    Alloc(pb::Owner),
+    Release(pb::Owner),
+}
+
+async fn bench_fleet(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()> {
+    let (nc, ns) = (sz.fleet_clusters, sz.fleet_services);
+    println!("## 8. The fleet: {nc} clusters on one store");
+    println!();
+    let data = work.join("fleet-data");
+    fs::create_dir_all(&data)?;
+    let mut srv = Server::start(args, &data, &work.join("fleet.log"))?;
+    let mut c0 = srv.clients(1).await?.remove(0);
+    c0.upsert_network(pb::UpsertNetworkRequest {
+        network: Some(pb::Network {
+            name: "fleet".into(),
+            prefixes: vec!["10.0.0.0/14".into()],
+            pools: vec![
+                pb::Pool {
+                    name: "vip".into(),
+                    purpose: pb::PoolPurpose::Vip as i32,
+                    ranges: vec!["10.0.0.0/15".into()],
+                    ..Default::default()
+                },
+                pb::Pool {
+                    name: "nodes".into(),
+                    purpose: pb::PoolPurpose::Node as i32,
+                    ranges: vec!["10.2.0.0/16".into()],
+                    ..Default::default()
+                },
+            ],
+            reuse_grace_seconds: Some(0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await?;
+    // One connection and one filtered watch per cluster; all synced before any load.
+    let clients = srv.clients(nc).await?;
+    let delays = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let received = Arc::new(AtomicU64::new(0));
+    let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel::<()>(nc);
+    let mut watchers = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let mut c = c.clone();
+        let (delays, received, synced_tx) = (delays.clone(), received.clone(), synced_tx.clone());
+        watchers.push(tokio::spawn(async move {
+            let Ok(r) = c
+                .watch_allocations(pb::WatchAllocationsRequest {
+                    network: "fleet".into(),
+                    cluster_id: format!("c{i:04}"),
+                })
+                .await
+            else {
+                return;
+            };
+            let mut stream = r.into_inner();
+            while let Ok(Some(ev)) = stream.message().await {
+                if ev.r#type == pb::WatchEventType::Synced as i32 {
+                    let _ = synced_tx.send(()).await;
+                } else if ev.r#type == pb::WatchEventType::Added as i32 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    if let Some(ts) = ev.allocation.and_then(|a| a.updated_at) {
+                        let at = Duration::new(ts.seconds.max(0) as u64, ts.nanos.max(0) as u32);
+                        delays
+                            .lock()
+                            .unwrap()
+                            .push(now.saturating_sub(at).as_nanos() as u64);
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    drop(synced_tx);
+    for _ in 0..nc {
+        synced_rx.recv().await.context("a watch ended before SYNCED")?;
+    }
+    let rss0 = srv.rss_kib();
+    let tck = clk_tck();
+    println!(
+        "One `cairn-ipam serve` (release, sled), network `fleet` (VIP pool 10.0.0.0/15 — 100k VIPs do \
+         not fit a /16 — and node pool 10.2.0.0/16, grace 0). {nc} clusters, each with its own \
+         HTTP/2 connection and its own WatchAllocations filtered to its cluster (all synced first), \
+         send their requests one at a time, all clusters at once ({nc} in flight): first an \
+         API-server VIP, 3 node addresses and {ns} Services each, then churn: 30% of each \
+         cluster's Services released and as many new ones allocated. Watch delay: the \
+         allocation's `updated_at` (set in the transition, before the commit) to the ADDED event \
+         arriving at the owning cluster's watch."
+    );
+    println!();
+    println!("| phase | requests | errors | seconds | requests/s | p50 ms | p99 ms | max ms | server CPU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let fill: Vec<Vec<FleetReq>> = (0..nc)
+        .map(|c| {
+            let mut v = vec![FleetReq::Alloc(fleet_owner(
+                c,
+                pb::OwnerKind::ApiServer,
+                "api".into(),
+            ))];
+            v.extend(
+                (0..3).map(|n| FleetReq::Alloc(fleet_owner(c, pb::OwnerKind::Node, format!("node-{n}")))),
+            );
+            v.extend(
+                (0..ns).map(|s| FleetReq::Alloc(fleet_owner(c, pb::OwnerKind::Service, format!("svc-{s}")))),
+            );
+            v
+        })
+        .collect();
+    let churn_n = ns * 3 / 10;
+    let churn: Vec<Vec<FleetReq>> = (0..nc)
+        .map(|c| {
+            let mut v = Vec::new();
+            for s in 0..churn_n {
+                v.push(FleetReq::Release(fleet_owner(
+                    c,
+                    pb::OwnerKind::Service,
+                    format!("svc-{s}"),
+                )));
+                v.push(FleetReq::Alloc(fleet_owner(
+                    c,
+                    pb::OwnerKind::Service,
+                    format!("svc-new-{s}"),
+                )));
+            }
+            v
+        })
+        .collect();
+    let mut added_expected = 0u64;
+    for (label, reqs) in [("fill", fill), ("30% churn", churn)] {
+        added_expected += reqs
+            .iter()
+            .flatten()
+            .filter(|r| matches!(r, FleetReq::Alloc(_)))
+            .count() as u64;
+        let cpu0 = cpu_secs(&srv.pid, tck);
+        let p = fleet_phase(&clients, reqs).await;
+        let cpu = cpu_secs(&srv.pid, tck) - cpu0;
+        println!(
+            "| {label} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {:.0}% |",
+            p.done,
+            p.errors,
+            p.wall.as_secs_f64(),
+            p.done as f64 / p.wall.as_secs_f64(),
+            ms(p.lat.pct(50.0)),
+            ms(p.lat.pct(99.0)),
+            ms(p.lat.max()),
+            cpu / p.wall.as_secs_f64() * 100.0
+        );
+    }
+    // Every ADDED event reaches its cluster (bounded wait), then the watch figures.
+    let t = Instant::now();
+    while received.load(Ordering::Relaxed) < added_expected && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = received.load(Ordering::Relaxed);
+    let d = Samples::new(std::mem::take(&mut *delays.lock().unwrap()));
+    // Duplicates: every address once.
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut dups, mut token) = (0u64, 0u64, String::new());
+    loop {
+        let page = c0
+            .list_allocations(pb::ListAllocationsRequest {
+                network: "fleet".into(),
+                page_size: 10_000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for a in &page.allocations {
+            total += 1;
+            for ip in &a.addresses {
+                dups += u64::from(!seen.insert(ip.clone()));
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    println!();
+    println!(
+        "Watch: {got} of {added_expected} ADDED events delivered to their clusters; delay p50 {} ms, \
+         p99 {} ms, max {} ms. Held at the end: {total} allocations, {dups} addresses with two \
+         owners. Server VmRSS {} MiB with {nc} connections and watches before the load, {} MiB \
+         after (VmHWM {} MiB).",
+        ms(d.pct(50.0)),
+        ms(d.pct(99.0)),
+        ms(d.max()),
+        mib(rss0),
+        mib(srv.rss_kib()),
+        mib(srv.hwm_kib()),
+    );
+    println!();
+    for w in watchers {
+        w.abort();
+    }
+    srv.stop()?;
+    if dups > 0 {
+        bail!("{dups} addresses with two owners");
+    }
+    Ok(())
+}
+
+// ============================================================================================
 // Section 7: etcd beside sled
 // ============================================================================================
 
@@ -2089,6 +2382,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.want("etcd") {
         rt.block_on(bench_etcd(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
+    }
+    if args.want("fleet") {
+        rt.block_on(bench_fleet(&args, &sz, &work_path))?;
         println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());
