@@ -210,7 +210,7 @@ async fn the_store_reaches_etcd_over_mutual_tls() {
 
 /// `cairn-ipam export` of one store piped into `cairn-ipam import` of another.
 async fn pipe(from: &Server, to: &Server) {
-    let export = std::process::Command::new(bin())
+    let mut export = std::process::Command::new(bin())
         .args(["--endpoint", &from.endpoint(), "export"])
         .env_remove("CAIRN_IPAM_ENDPOINT")
         .stdout(std::process::Stdio::piped())
@@ -219,10 +219,11 @@ async fn pipe(from: &Server, to: &Server) {
     let import = tokio::process::Command::new(bin())
         .args(["--endpoint", &to.endpoint(), "import", "-f", "-"])
         .env_remove("CAIRN_IPAM_ENDPOINT")
-        .stdin(std::process::Stdio::from(export.stdout.unwrap()))
+        .stdin(std::process::Stdio::from(export.stdout.take().unwrap()))
         .output()
         .await
         .unwrap();
+    assert!(export.wait().unwrap().success(), "export failed");
     assert!(
         import.status.success(),
         "{}",
