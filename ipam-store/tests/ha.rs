@@ -111,6 +111,18 @@ fn unread_bytes_on(port: u16) -> u64 {
         .sum()
 }
 
+/// The addresses cluster a's Service `name` holds on net-a (panics when it holds none).
+async fn held(c: &mut Client, name: &str) -> Vec<String> {
+    c.get_allocation(pb::GetAllocationRequest {
+        network: "net-a".into(),
+        owner: Some(svc("a", name)),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+    .into_inner()
+    .addresses
+}
+
 fn signal(r: &Server, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(r.pid() as i32).unwrap();
     rustix::process::kill_process(pid, sig).unwrap();
@@ -158,15 +170,7 @@ async fn one_replica_leads_the_others_name_it_and_a_kill_hands_over_everything()
     let n = leader(&mut rs).await;
     assert_ne!(n, l);
     let mut c = rs[n].client().await;
-    let got = c
-        .get_allocation(pb::GetAllocationRequest {
-            network: "net-a".into(),
-            owner: Some(svc("a", "web")),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.addresses, before.addresses);
+    assert_eq!(held(&mut c, "web").await, before.addresses);
     let next = allocate(&mut c, alloc_req("net-a", svc("a", "after"))).await;
     assert_ne!(next.addresses, before.addresses);
     // The CLI given every replica finds the new leader on its own (the dead one refuses).
@@ -450,13 +454,5 @@ async fn a_leader_stopped_with_sigterm_resigns_at_once() {
     let n = leader(&mut rs).await;
     assert_ne!(n, l);
     let mut c = rs[n].client().await;
-    let got = c
-        .get_allocation(pb::GetAllocationRequest {
-            network: "net-a".into(),
-            owner: Some(svc("a", "kept")),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.addresses, kept.addresses);
+    assert_eq!(held(&mut c, "kept").await, kept.addresses);
 }

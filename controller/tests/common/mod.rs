@@ -239,16 +239,7 @@ impl Store {
 
     /// Every allocation of a cluster.
     pub async fn allocations(&self, cluster: &str) -> Vec<cairn_proto::v1::Allocation> {
-        let mut c = self.client().await;
-        c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
-            cluster_id: cluster.into(),
-            page_size: 10_000,
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .allocations
+        cluster_allocations(self.client().await, cluster).await
     }
 }
 
@@ -285,6 +276,22 @@ pub async fn ipam_serving(endpoint: &str) -> bool {
         .is_ok_and(|r| {
             r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         })
+}
+
+/// Every allocation of `cluster` (up to 10,000), through `c`.
+async fn cluster_allocations(
+    mut c: cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel>,
+    cluster: &str,
+) -> Vec<cairn_proto::v1::Allocation> {
+    c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
+        cluster_id: cluster.into(),
+        page_size: 10_000,
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner()
+    .allocations
 }
 
 /// An HA store: three `cairn-ipam serve --backend etcd` replicas on a 3-member etcd cluster on
@@ -401,16 +408,7 @@ impl HaStore {
 
     /// Every allocation of a cluster.
     pub async fn allocations(&self, cluster: &str) -> Vec<cairn_proto::v1::Allocation> {
-        let mut c = self.client().await;
-        c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
-            cluster_id: cluster.into(),
-            page_size: 10_000,
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .allocations
+        cluster_allocations(self.client().await, cluster).await
     }
 
     pub fn logs(&self) -> String {
