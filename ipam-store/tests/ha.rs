@@ -456,3 +456,40 @@ async fn a_leader_stopped_with_sigterm_resigns_at_once() {
     let mut c = rs[n].client().await;
     assert_eq!(held(&mut c, "kept").await, kept.addresses);
 }
+
+/// The leader keeps its lease while etcd members die one at a time (quorum stays): its
+/// keep-alive stream moves to a live member instead of giving leadership up. Each member is
+/// killed -9 in turn (so one of them carried the keep-alive), and for twice the lease the
+/// leader keeps acknowledging Allocates and stays the only leader.
+#[tokio::test]
+async fn the_leader_keeps_its_lease_through_etcd_member_deaths() {
+    let mut etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas(&etcd).await;
+    let l = leader(&mut rs).await;
+    let mut c = rs[l].client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    let mut n = 0;
+    for m in 0..3 {
+        etcd.kill(m);
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            n += 1;
+            let owner = svc("a", &format!("m{m}-{n}"));
+            let r = c.allocate(alloc_req("net-a", owner.clone())).await;
+            assert!(r.is_ok(), "etcd member {m} down: {r:?}\n{}", rs[l].log_tail(20));
+            let r = c
+                .release(pb::ReleaseRequest {
+                    network: "net-a".into(),
+                    owner: Some(owner),
+                })
+                .await;
+            assert!(r.is_ok(), "etcd member {m} down: {r:?}\n{}", rs[l].log_tail(20));
+        }
+        assert_eq!(
+            leader(&mut rs).await,
+            l,
+            "leadership moved when etcd member {m} died"
+        );
+        etcd.restart(m);
+    }
+}

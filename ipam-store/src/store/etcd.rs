@@ -441,21 +441,41 @@ impl EtcdEngine {
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let mut leases = self.client.lease_client();
         let period = Duration::from_millis((ttl_secs.max(1) as u64) * 1000 / 3);
+        let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
         let keeper = rt
             .spawn(async move {
-                let kept = async {
-                    let (mut keeper, mut stream) = leases.keep_alive(lease).await?;
-                    loop {
-                        keeper.keep_alive().await?;
-                        match stream.message().await? {
-                            Some(m) if m.ttl() > 0 => {}
-                            _ => return Ok::<(), etcd_client::Error>(()),
+                // The lease was granted just before the key was created.
+                let mut confirmed = Instant::now();
+                loop {
+                    // One keep-alive stream; a transport error (the etcd member it runs on died,
+                    // a connection reset) is retried on a new stream — the client picks another
+                    // member — for as long as the lease can still be alive.
+                    let session = async {
+                        let (mut keeper, mut stream) = leases.keep_alive(lease).await?;
+                        loop {
+                            keeper.keep_alive().await?;
+                            let answer = tokio::time::timeout(period, stream.message())
+                                .await
+                                .map_err(|_| etcd_client::Error::IoError(std::io::ErrorKind::TimedOut.into()))??;
+                            match answer {
+                                Some(m) if m.ttl() > 0 => confirmed = Instant::now(),
+                                // Expired or revoked: leadership is over.
+                                _ => return Ok::<(), etcd_client::Error>(()),
+                            }
+                            tokio::time::sleep(period).await;
                         }
-                        tokio::time::sleep(period).await;
+                    };
+                    match session.await {
+                        Ok(()) => break,
+                        Err(e) if confirmed.elapsed() + Duration::from_millis(100) < ttl => {
+                            tracing::warn!(error = %e, "leader lease keep-alive failed; retrying on a new stream");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "keeping the leader lease alive failed for its whole TTL");
+                            break;
+                        }
                     }
-                };
-                if let Err(e) = kept.await {
-                    tracing::warn!(error = %e, "keeping the leader lease alive failed");
                 }
                 lost_tx.send_replace(true);
             })
