@@ -341,7 +341,12 @@ fn committer(
         let started = Instant::now();
         if let Err(e) = engine.commit(&ops, seq) {
             tracing::error!(error = %e, "commit failed; refusing further work");
-            durable.send_replace(Durable::Failed(e.to_string()));
+            // The bare cause: it is wrapped in `Error::Storage` again where it is reported.
+            let cause = match e {
+                Error::Storage(m) => m,
+                other => other.to_string(),
+            };
+            durable.send_replace(Durable::Failed(cause));
             return;
         }
         observer.committed(batches.len(), ops.len(), started.elapsed());
