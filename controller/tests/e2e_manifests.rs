@@ -214,6 +214,12 @@ fn collect_yaml(dir: &Path, referenced: &mut BTreeSet<PathBuf>, files: &mut BTre
             for r in k["resources"].as_array().into_iter().flatten() {
                 referenced.insert(dir.join(r.as_str().unwrap()));
             }
+            // Patch files count as part of the tree too.
+            for p in k["patches"].as_array().into_iter().flatten() {
+                if let Some(path) = p["path"].as_str() {
+                    referenced.insert(dir.join(path));
+                }
+            }
         } else if p.extension().is_some_and(|x| x == "yaml") {
             files.insert(p);
         }
