@@ -359,7 +359,7 @@ pub async fn serve(
     let ledger = ledger_rx.borrow().clone();
     if let Some(l) = ledger {
         l.sync().await?;
-        tracing::info!("stopped; every acknowledged write is durable");
+        tracing::info!("stopped; every acknowledged write is on disk");
     } else {
         tracing::info!("stopped (a follower: nothing to sync)");
     }
