@@ -1771,11 +1771,13 @@ async fn bench_fleet(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()>
     let clients = srv.clients(nc).await?;
     let delays = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let received = Arc::new(AtomicU64::new(0));
+    let aborted = Arc::new(AtomicU64::new(0));
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel::<()>(nc);
     let mut watchers = Vec::new();
     for (i, c) in clients.iter().enumerate() {
         let mut c = c.clone();
         let (delays, received, synced_tx) = (delays.clone(), received.clone(), synced_tx.clone());
+        let aborted = aborted.clone();
         watchers.push(tokio::spawn(async move {
             let Ok(r) = c
                 .watch_allocations(pb::WatchAllocationsRequest {
@@ -1787,7 +1789,17 @@ async fn bench_fleet(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()>
                 return;
             };
             let mut stream = r.into_inner();
-            while let Ok(Some(ev)) = stream.message().await {
+            loop {
+                let ev = match stream.message().await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(s) => {
+                        if s.code() == tonic::Code::Aborted {
+                            aborted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                };
                 if ev.r#type == pb::WatchEventType::Synced as i32 {
                     let _ = synced_tx.send(()).await;
                 } else if ev.r#type == pb::WatchEventType::Added as i32 {
@@ -1915,10 +1927,12 @@ async fn bench_fleet(args: &Args, sz: &Sizes, work: &Path) -> anyhow::Result<()>
     }
     println!();
     println!(
-        "Watch: {got} of {added_expected} ADDED events delivered to their clusters; delay p50 {} ms, \
+        "Watch: {got} of {added_expected} ADDED events delivered to their clusters ({} of {nc} \
+         watches ended ABORTED for falling behind and were not resumed); delay p50 {} ms, \
          p99 {} ms, max {} ms. Held at the end: {total} allocations, {dups} addresses with two \
          owners. Server VmRSS {} MiB with {nc} connections and watches before the load, {} MiB \
          after (VmHWM {} MiB).",
+        aborted.load(Ordering::Relaxed),
         ms(d.pct(50.0)),
         ms(d.pct(99.0)),
         ms(d.max()),
