@@ -6,7 +6,10 @@ use std::{pin::Pin, sync::Arc};
 
 use cairn_proto::v1 as pb;
 use futures::Stream;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 use tonic::Status;
 
 use super::convert::allocation_to;
@@ -14,6 +17,10 @@ use crate::{
     ledger::{Change, Committed, Ledger, ListFilter},
     model::Allocation,
 };
+
+/// The least time between two wake-ups of one watcher while changes keep coming; a change
+/// reaches a watcher at most this much later than it would unpaced.
+const PACE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The stream a watch returns.
 pub(super) type WatchStream =
@@ -57,43 +64,57 @@ pub(super) fn stream(
             if tx.send(Ok(synced)).await.is_err() {
                 return;
             }
+            // Waits for a batch, then takes every batch already there, then pauses for
+            // PACE before waiting again: a watcher wakes at most 1/PACE times a second however
+            // many small batches the committer makes (1,000 watchers each woken for every batch
+            // fell behind and were ended: docs/benchmarks.md section 8).
             loop {
-                let batch = match rx.recv().await {
-                    Ok(b) => b,
-                    Err(RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "watch fell {n} batches behind; watch again"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("the store is shutting down")))
-                            .await;
-                        return;
-                    }
-                };
-                if batch.seq <= seq {
-                    continue;
-                }
-                for c in batch.changes.iter().filter(|c| f.matches(c.allocation())) {
-                    let (ty, a) = match c {
-                        Change::Added(a) => (pb::WatchEventType::Added, a),
-                        Change::Modified(a) => (pb::WatchEventType::Modified, a),
-                        Change::Deleted(a) => (pb::WatchEventType::Deleted, a),
+                let first = rx.recv().await;
+                let mut next = Some(first);
+                while let Some(got) = next.take() {
+                    let batch = match got {
+                        Ok(b) => b,
+                        Err(RecvError::Lagged(n)) => {
+                            let _ = tx
+                                .send(Err(Status::aborted(format!(
+                                    "watch fell {n} batches behind; watch again"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        Err(RecvError::Closed) => {
+                            let _ = tx
+                                .send(Err(Status::unavailable("the store is shutting down")))
+                                .await;
+                            return;
+                        }
                     };
-                    let oor = !matches!(c, Change::Deleted(_)) && ledger.is_out_of_range(a);
-                    let ev = pb::WatchAllocationsResponse {
-                        r#type: ty as i32,
-                        allocation: Some(allocation_to(a, oor)),
-                        revision: batch.seq,
-                    };
-                    if tx.send(Ok(ev)).await.is_err() {
-                        return;
+                    if batch.seq > seq {
+                        for c in batch.changes.iter().filter(|c| f.matches(c.allocation())) {
+                            let (ty, a) = match c {
+                                Change::Added(a) => (pb::WatchEventType::Added, a),
+                                Change::Modified(a) => (pb::WatchEventType::Modified, a),
+                                Change::Deleted(a) => (pb::WatchEventType::Deleted, a),
+                            };
+                            let oor = !matches!(c, Change::Deleted(_)) && ledger.is_out_of_range(a);
+                            let ev = pb::WatchAllocationsResponse {
+                                r#type: ty as i32,
+                                allocation: Some(allocation_to(a, oor)),
+                                revision: batch.seq,
+                            };
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
+                    next = match rx.try_recv() {
+                        Ok(b) => Some(Ok(b)),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                        Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                    };
                 }
+                tokio::time::sleep(PACE).await;
             }
         };
         // A graceful shutdown waits for every open stream, so a watch ends when it begins
