@@ -1097,20 +1097,13 @@ async fn ccm_runs_under_the_manifests_service_account() {
 }
 
 async fn store_holds(endpoint: &str, name: &str) -> bool {
-    let mut c = cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(endpoint.to_string())
+    let c = cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(endpoint.to_string())
         .await
         .expect("connect store");
-    c.list_allocations(cairn_proto::v1::ListAllocationsRequest {
-        cluster_id: CLUSTER.into(),
-        page_size: 10_000,
-        ..Default::default()
-    })
-    .await
-    .expect("list")
-    .into_inner()
-    .allocations
-    .iter()
-    .any(|a| a.owner.as_ref().is_some_and(|o| o.name == name))
+    cluster_allocations(c, CLUSTER)
+        .await
+        .iter()
+        .any(|a| a.owner.as_ref().is_some_and(|o| o.name == name))
 }
 
 /// `overlays/ha-etcd`: applies without warnings (with its Secret), renders 3 spread replicas

@@ -289,10 +289,12 @@ pub async fn serve(
     let failure = {
         let mut ledger_rx = ledger_rx.clone();
         async move {
-            let ledger = match ledger_rx.wait_for(Option::is_some).await {
-                Ok(l) => l.clone(),
-                Err(_) => return std::future::pending().await,
-            };
+            // Only once a ledger is loaded (never, on a follower that never leads).
+            let ledger = ledger_rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|l| l.clone());
             match ledger {
                 Some(l) => l.failure().await,
                 None => std::future::pending().await,

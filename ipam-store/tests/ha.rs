@@ -222,23 +222,22 @@ async fn a_paused_leader_is_fenced_off_when_it_resumes() {
 
     signal(&rs[old], rustix::process::Signal::STOP);
     // Another replica takes over once the paused leader's lease expires...
-    let until = Instant::now() + FAILOVER_DEADLINE;
-    let new = loop {
-        let mut found = None;
-        for (i, r) in rs.iter().enumerate().filter(|(i, _)| *i != old) {
-            if r.is_serving().await {
-                found = Some(i);
+    let new = eventually(
+        "a new leader while the old one is paused",
+        FAILOVER_DEADLINE,
+        || {
+            let rs = &rs;
+            async move {
+                for (i, r) in rs.iter().enumerate().filter(|(i, _)| *i != old) {
+                    if r.is_serving().await {
+                        return Some(i);
+                    }
+                }
+                None
             }
-        }
-        if let Some(i) = found {
-            break i;
-        }
-        assert!(
-            Instant::now() < until,
-            "no new leader while the old one is paused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        },
+    )
+    .await;
     // ...and hands out the next free address.
     let mut nc = rs[new].client().await;
     let taken = allocate(&mut nc, alloc_req("net-a", svc("b", "on-new-leader"))).await;

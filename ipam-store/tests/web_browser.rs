@@ -17,7 +17,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use cairn_proto::v1 as pb;
@@ -123,21 +123,11 @@ async fn text_of(b: &Browser, css: &str) -> String {
 
 /// Polls until the element's text is `want`.
 async fn wait_text(b: &Browser, css: &str, want: &str) {
-    let until = Instant::now() + DEADLINE;
-    loop {
-        let got = match b.find(Locator::Css(css)).await {
-            Ok(e) => e.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "{css}: text {got:?}, waited {DEADLINE:?} for {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("{css} to read {want:?}"), DEADLINE, || async move {
+        let e = b.find(Locator::Css(css)).await.ok()?;
+        (e.text().await.ok()? == want).then_some(())
+    })
+    .await;
 }
 
 async fn wait_for(b: &Browser, css: &str) -> fantoccini::elements::Element {

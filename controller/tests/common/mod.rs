@@ -279,7 +279,7 @@ pub async fn ipam_serving(endpoint: &str) -> bool {
 }
 
 /// Every allocation of `cluster` (up to 10,000), through `c`.
-async fn cluster_allocations(
+pub async fn cluster_allocations(
     mut c: cairn_proto::v1::ipam_service_client::IpamServiceClient<tonic::transport::Channel>,
     cluster: &str,
 ) -> Vec<cairn_proto::v1::Allocation> {
