@@ -182,7 +182,7 @@ impl Sizes {
             Sizes {
                 big_fill: 1_000_000,
                 samples: 100_000,
-                quarantined: 10_000,
+                quarantined: 100_000,
                 rss_allocs: 100_000,
                 restart_allocs: 1_000_000,
                 restarts: 3,
@@ -691,21 +691,13 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
             a.mean(),
             sz.samples
         );
-        // Sharing key: new owners of the same cluster join one address (disjoint ports). Their
-        // names sort after the {big_label} existing owners of the cluster.
-        let n = (samples / 10).max(20);
+        // Requested address: a new owner asks for a specific free address.
+        let n = sz.samples / 10;
         let mut v = Vec::with_capacity(n);
         for i in 0..n as u64 {
-            let mut req = alloc_req(0, Family::V4);
-            req.owner = Some(Owner {
-                name: format!("web-{i}"),
-                ..owner(0)
-            });
-            req.sharing_key = "web".into();
-            req.ports = vec![Port {
-                protocol: Protocol::Tcp,
-                port: 1000 + i as u16,
-            }];
+            let mut req = alloc_req(u64::MAX / 2 + i, Family::V4);
+            // Far above the fill (the lowest addresses), so free.
+            req.requested = vec![IpAddr::V4(Ipv4Addr::from(0x0A80_0000 + i as u32))];
             let seq = b.st.seq + 1;
             let t = Instant::now();
             let r = b.st.allocate(req, seq, NOW_MS);
@@ -715,11 +707,47 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
         }
         let a = Samples::new(v);
         println!(
-            "| sharing key: new owner joins a shared address | {} | {} | {:.0} | - | - | {n} |",
+            "| requested address (free), new owner | {} | {} | {:.0} | - | - | {n} |",
             a.pct(50.0),
             a.pct(99.0),
             a.mean(),
         );
+        // Sharing key: new owners of the same cluster join a shared address (disjoint ports).
+        // Their names sort after the {big_label} existing owners of the cluster. Groups of 8
+        // owners per key (an address shared by a few Services, the usual case), then every
+        // owner on one key and one address (the worst case: each join checks every holder).
+        for (round, (label, per_key)) in [("groups of 8 per key", 8), ("all on one key", usize::MAX)]
+            .into_iter()
+            .enumerate()
+        {
+            let n = (samples / 10).max(20);
+            let mut v = Vec::with_capacity(n);
+            for i in 0..n {
+                let mut req = alloc_req(0, Family::V4);
+                req.owner = Some(Owner {
+                    name: format!("web{round}-{i}"),
+                    ..owner(0)
+                });
+                req.sharing_key = format!("web{round}-{}", i / per_key.min(n));
+                req.ports = vec![Port {
+                    protocol: Protocol::Tcp,
+                    port: 1000 + i as u16,
+                }];
+                let seq = b.st.seq + 1;
+                let t = Instant::now();
+                let r = b.st.allocate(req, seq, NOW_MS);
+                v.push(t.elapsed().as_nanos() as u64);
+                r?;
+                b.st.seq = seq;
+            }
+            let a = Samples::new(v);
+            println!(
+                "| sharing key: new owner joins a shared address ({label}) | {} | {} | {:.0} | - | - | {n} |",
+                a.pct(50.0),
+                a.pct(99.0),
+                a.mean(),
+            );
+        }
     }
     println!();
     Ok(())

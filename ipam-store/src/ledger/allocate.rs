@@ -133,15 +133,16 @@ impl State {
     /// An address of `family` in pool `pi` that the claimant can share: one already held by an
     /// allocation of the same cluster with the same sharing key and disjoint ports.
     fn shareable(&self, net: &NetState, pi: usize, family: Family, c: &Claimant<'_>) -> Option<IpAddr> {
-        let prefix = format!("{}/{}/", net.rec.def.name, c.owner.cluster_id);
-        self.allocs
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, a)| {
-                k.as_str() != c.key && a.sharing_key == c.sharing_key && a.pool == net.pools[pi].name
-            })
-            .filter_map(|(_, a)| a.address_of(family))
+        self.shared
+            .addresses(
+                &net.rec.def.name,
+                &c.owner.cluster_id,
+                &net.pools[pi].name,
+                c.sharing_key,
+            )
+            .filter(|ip| Family::of(ip) == family)
             .find(|ip| self.can_hold(net, ip, c).is_none())
+            .copied()
     }
 
     /// Picks an address of `family` in pool `pi` for the claimant: the requested one, a
@@ -301,6 +302,7 @@ impl State {
             if let Some(net) = self.networks.get_mut(&req.network) {
                 net.pools[pi].allocations += 1;
             }
+            self.shared.add(&alloc);
             self.allocs.insert(key, alloc.clone());
             return Ok(((alloc.clone(), true), ops, vec![Change::Added(alloc)]));
         }
@@ -477,7 +479,10 @@ impl State {
         a.updated_ms = now_ms;
         a.revision = seq;
         ops.push(Op::PutAlloc(a.clone()));
-        self.allocs.insert(key, a.clone());
+        self.shared.add(&a);
+        if let Some(old) = self.allocs.insert(key, a.clone()) {
+            self.shared.remove(&old);
+        }
         Ok(((a.clone(), false), ops, vec![Change::Modified(a)]))
     }
 }

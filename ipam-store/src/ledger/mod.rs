@@ -8,7 +8,8 @@
 //! Invariants (architecture.md §3), and where they are kept:
 //! 1. One owner cluster per address; sharing only within one cluster, same key, disjoint
 //!    ports: every path that adds a holder goes through `State::can_hold` in `allocate.rs`
-//!    (→ `alloc::sharing`); `state.rs` checks stored records against it on load.
+//!    (→ `alloc::sharing`); `state.rs` checks stored records against it on load. A new owner
+//!    with a sharing key looks only at its group's addresses (`shared.rs`).
 //! 2. Allocate is idempotent per owner: `allocate.rs` looks the owner key up first and returns
 //!    what it holds; the same key is rebuilt from the engine on restart (`state.rs`).
 //! 3. Durability: `durable.rs` replies only after the engine committed the ops.
@@ -21,7 +22,7 @@
 //!
 //! Files: `state.rs` (the state and loading it), `networks.rs` (upsert/delete networks),
 //! `allocate.rs`, `release.rs` (release, grace), `query.rs` (reads and usage), `pool.rs`,
-//! `quarantine.rs`, `types.rs` (requests, results, changes), `durable.rs` (the group-committed
+//! `quarantine.rs`, `shared.rs` (addresses held under a sharing key, by group), `types.rs` (requests, results, changes), `durable.rs` (the group-committed
 //! [`Ledger`]).
 
 mod allocate;
@@ -31,6 +32,7 @@ mod pool;
 mod quarantine;
 mod query;
 mod release;
+mod shared;
 mod space;
 mod state;
 mod types;

@@ -266,6 +266,7 @@ impl State {
         let mut changes = Vec::new();
         for k in &keys {
             if let Some(a) = self.allocs.remove(k) {
+                self.shared.remove(&a);
                 ops.push(Op::DelAlloc(k.clone()));
                 if grace > 0 {
                     for ip in &a.addresses {

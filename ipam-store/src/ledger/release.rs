@@ -114,6 +114,7 @@ impl State {
         let Some(a) = self.allocs.remove(&key) else {
             return Ok((None, vec![], vec![]));
         };
+        self.shared.remove(&a);
         let mut ops = Vec::new();
         for ip in &a.addresses {
             ops.extend(self.unhold(network, &a.pool, &key, ip, &a.owner, now_ms));

@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
 };
 
-use super::{pool::PoolState, quarantine::Quarantine, space::Spaces};
+use super::{pool::PoolState, quarantine::Quarantine, shared::Shared, space::Spaces};
 use crate::{
     alloc::{
         addr::{AddrRange, Family},
@@ -57,6 +57,8 @@ impl NetState {
 pub struct State {
     pub(super) networks: BTreeMap<String, NetState>,
     pub(super) allocs: BTreeMap<String, Allocation>,
+    /// `allocs`' addresses held under a sharing key, by (network, cluster, pool, key).
+    pub(super) shared: Shared,
     /// Every network's address space, merged per network (disjoint across networks).
     pub(super) spaces: Spaces,
     /// Addresses of force-deleted networks in their reuse grace: no network hands them out
@@ -76,6 +78,7 @@ impl State {
         State {
             networks: BTreeMap::new(),
             allocs: BTreeMap::new(),
+            shared: Shared::default(),
             spaces: Spaces::default(),
             released: Quarantine::default(),
             seq: 0,
@@ -239,6 +242,9 @@ impl State {
                     st.released.insert(q);
                 }
             }
+        }
+        for a in st.allocs.values() {
+            st.shared.add(a);
         }
         let released = &st.released;
         for net in st.networks.values_mut() {

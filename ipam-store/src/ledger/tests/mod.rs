@@ -150,6 +150,19 @@ fn inv1_sharing_within_a_cluster_needs_same_key_and_disjoint_ports() {
     let mut r = share("other", "other", &[9999]);
     r.requested = a.addresses.clone();
     assert!(matches!(alloc(&mut st, r, 0), Err(Error::Conflict(_))));
+    // An owner that changes its key takes its address to the new key's group: a new owner of
+    // that key joins it there, and the old key's next owner no longer finds it.
+    let (k, _) = alloc(&mut st, share("keyed", "blue", &[7000]), 0).unwrap();
+    assert_ne!(k.addresses, a.addresses);
+    let (k2, _) = alloc(&mut st, share("keyed", "green", &[7000]), 0).unwrap();
+    assert_eq!(k2.addresses, k.addresses, "nothing moves on a key change");
+    let (g, _) = alloc(&mut st, share("green-2", "green", &[7001]), 0).unwrap();
+    assert_eq!(g.addresses, k.addresses);
+    let (b2, _) = alloc(&mut st, share("blue-2", "blue", &[7001]), 0).unwrap();
+    assert_ne!(b2.addresses, k.addresses);
+    for name in ["keyed", "green-2", "blue-2"] {
+        st.release("net-a", &svc("a", name), 0).unwrap();
+    }
     // The address stays held until its last holder leaves.
     st.release("net-a", &svc("a", "dns-tcp"), 0).unwrap();
     let usage = st.usage(Some("net-a"), 0).unwrap();

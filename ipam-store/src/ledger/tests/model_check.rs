@@ -72,6 +72,8 @@ proptest! {
                     st = State::load(st.snapshot(), 0, 0, true).unwrap();
                 }
             }
+            // The sharing index is what the allocations say, after every kind of step.
+            prop_assert_eq!(&st.shared, &super::super::shared::Shared::of(st.allocs.values()));
             // Invariant 1 over the whole state.
             let (all, _) = st.list(&ListFilter::default(), 10_000, "").unwrap();
             let mut by_ip: BTreeMap<IpAddr, Vec<&crate::model::Allocation>> = BTreeMap::new();
