@@ -150,8 +150,13 @@ impl State {
                 },
             );
         }
-        // Which network holds each address, fleet-wide.
-        let mut held_in: HashMap<IpAddr, String> = HashMap::new();
+        // Addresses held outside their own network's space, and by which network. Spaces are
+        // disjoint, so an address two networks hold lies outside the space of at least one of
+        // them: the second holder is caught either here (both outside) or by `owner_of` (it
+        // lies in the other's space). Addresses at home — all of them, normally — need no entry.
+        let mut abroad: HashMap<IpAddr, String> = HashMap::new();
+        // Snapshots come in key order, so `allocs` is built in one bulk pass at the end.
+        let mut allocs: Vec<(String, Allocation)> = Vec::with_capacity(snap.allocations.len());
         for (i, a) in snap.allocations.into_iter().enumerate() {
             let field = format!("allocations[{i}]");
             if a.revision >= MAX_REVISION {
@@ -162,47 +167,62 @@ impl State {
             }
             st.seq = st.seq.max(a.revision);
             let key = a.key();
-            if st.allocs.contains_key(&key) {
+            let in_order = allocs.last().is_none_or(|(k, _)| *k < key);
+            if !in_order && Self::kept(&st.allocs, &allocs, &key).is_some() {
                 complain(field, format!("owner {key} appears twice"))?;
                 continue;
             }
             for ip in &a.addresses {
-                if let Some(other) = held_in.get(ip).filter(|n| **n != a.network) {
+                match st.spaces.owner_of(ip) {
+                    Some(n) if n == a.network => continue,
+                    Some(other) => complain(
+                        field.clone(),
+                        format!("{ip} of {key} lies in the space of network {other:?}"),
+                    )?,
+                    None => {}
+                }
+                if let Some(other) = abroad.get(ip).filter(|n| **n != a.network) {
                     complain(
                         field.clone(),
                         format!("{ip} of {key} is also held in network {other:?}"),
                     )?;
                 }
-                if let Some(other) = st.spaces.owner_of(ip).filter(|n| *n != a.network) {
-                    complain(
-                        field.clone(),
-                        format!("{ip} of {key} lies in the space of network {other:?}"),
-                    )?;
-                }
-                held_in.insert(*ip, a.network.clone());
+                abroad.insert(*ip, a.network.clone());
             }
             let Some(net) = st.networks.get_mut(&a.network) else {
                 complain(field, format!("{key} names unknown network {:?}", a.network))?;
-                st.allocs.insert(key, a);
+                Self::keep(&mut st.allocs, &mut allocs, in_order, key, a);
                 continue;
             };
-            match net.pool(&a.pool) {
+            let pi = net.pool(&a.pool);
+            match pi {
                 Some(pi) => net.pools[pi].allocations += 1,
                 None => complain(field.clone(), format!("{key} names unknown pool {:?}", a.pool))?,
             }
             for ip in &a.addresses {
                 let holders = net.holders.entry(*ip).or_default();
-                for h in holders.iter() {
-                    if let Some(other) = st.allocs.get(h)
-                        && let Some(why) = sharing::conflict(&other.claim(), &other.owner, &a.claim())
-                    {
-                        complain(field.clone(), format!("{ip} of {key}: {why}"))?;
+                if holders.is_empty() {
+                    // The first holder's pool decides, as in `rebuild_free`.
+                    if !pi.is_some_and(|pi| net.pools[pi].spans(ip)) {
+                        net.out_of_range.insert(*ip);
+                    }
+                } else {
+                    for h in holders.iter() {
+                        if let Some(other) = Self::kept(&st.allocs, &allocs, h)
+                            && let Some(why) = sharing::conflict(&other.claim(), &other.owner, &a.claim())
+                        {
+                            complain(field.clone(), format!("{ip} of {key}: {why}"))?;
+                        }
                     }
                 }
                 holders.push(key.clone());
             }
-            st.allocs.insert(key, a);
+            Self::keep(&mut st.allocs, &mut allocs, in_order, key, a);
         }
+        // Sorted and unique: a bulk build, no per-key search.
+        let bulk = std::mem::take(&mut st.allocs);
+        st.allocs = allocs.into_iter().collect();
+        st.allocs.extend(bulk);
         let latest = now_ms.saturating_add(u64::from(MAX_REUSE_GRACE_SECS) * 1000);
         for (i, q) in snap.quarantined.into_iter().enumerate() {
             let field = format!("quarantined[{i}]");
@@ -220,7 +240,13 @@ impl State {
                     ),
                 )?;
             }
-            if let Some(n) = held_in.get(&q.address) {
+            let home = st.spaces.owner_of(&q.address);
+            let held_at_home = home.filter(|n| {
+                st.networks
+                    .get(*n)
+                    .is_some_and(|net| net.holders.contains_key(&q.address))
+            });
+            if let Some(n) = held_at_home.or_else(|| abroad.get(&q.address).map(String::as_str)) {
                 complain(
                     field,
                     format!("{} is in its reuse grace and held in network {n:?}", q.address),
@@ -248,9 +274,60 @@ impl State {
         }
         let released = &st.released;
         for net in st.networks.values_mut() {
-            Self::rebuild_free(net, &st.allocs, released);
+            Self::recount_free(net, released);
         }
         Ok(st)
+    }
+
+    /// An allocation read by `load`: onto the sorted run for the bulk build, or (out of key
+    /// order, which a snapshot never is) straight into the map.
+    fn keep(
+        map: &mut BTreeMap<String, Allocation>,
+        run: &mut Vec<(String, Allocation)>,
+        in_order: bool,
+        key: String,
+        a: Allocation,
+    ) {
+        if in_order {
+            run.push((key, a));
+        } else {
+            map.insert(key, a);
+        }
+    }
+
+    /// The allocation `load` kept under `key` so far, O(log n).
+    fn kept<'a>(
+        map: &'a BTreeMap<String, Allocation>,
+        run: &'a [(String, Allocation)],
+        key: &str,
+    ) -> Option<&'a Allocation> {
+        map.get(key).or_else(|| {
+            run.binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+                .map(|i| &run[i].1)
+        })
+    }
+
+    /// Recomputes every pool's free set and held counts from spans, holders and quarantines
+    /// (the network's own and that of deleted networks). O(h log n) for h held addresses.
+    pub(super) fn recount_free(net: &mut NetState, released: &Quarantine) {
+        for p in &mut net.pools {
+            p.free = p.span.clone();
+            p.held = [0, 0];
+        }
+        for ip in net.holders.keys() {
+            for p in &mut net.pools {
+                // Free starts equal to the span and each address is taken once.
+                if p.take(ip) {
+                    p.held[Family::of(ip).index()] += 1;
+                }
+            }
+        }
+        for ip in net.quarantine.keys().chain(released.keys()) {
+            for p in &mut net.pools {
+                p.take(ip);
+            }
+        }
     }
 
     /// Recomputes every pool's free set and the out-of-range set from spans, holders and
@@ -261,29 +338,15 @@ impl State {
         allocs: &BTreeMap<String, Allocation>,
         released: &Quarantine,
     ) {
-        for p in &mut net.pools {
-            p.free = p.span.clone();
-            p.held = [0, 0];
-        }
+        Self::recount_free(net, released);
         net.out_of_range.clear();
         for (ip, keys) in &net.holders {
-            for p in &mut net.pools {
-                if p.spans(ip) {
-                    p.held[Family::of(ip).index()] += 1;
-                }
-                p.take(ip);
-            }
             let pool = keys.first().and_then(|k| allocs.get(k)).map(|a| a.pool.as_str());
             let in_own_pool = pool
                 .and_then(|n| net.pools.iter().find(|p| p.name == n))
                 .is_some_and(|p| p.spans(ip));
             if !in_own_pool {
                 net.out_of_range.insert(*ip);
-            }
-        }
-        for ip in net.quarantine.keys().chain(released.keys()) {
-            for p in &mut net.pools {
-                p.take(ip);
             }
         }
     }

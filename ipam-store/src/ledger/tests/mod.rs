@@ -703,3 +703,95 @@ fn list_by_cluster_pages_in_key_order_across_networks() {
     let no_kind = ListFilter { kind: None, ..one };
     assert_eq!(pages(&no_kind, 1), want);
 }
+
+/// Load (restart and Import) takes records in any order — a backup may be edited or
+/// reordered — keeps the same state, and names the record of each inconsistency.
+#[test]
+fn load_takes_records_in_any_order_and_names_each_inconsistency() {
+    let mut st = small();
+    let mut b = net("net-b", vec![pool("vip", Purpose::Vip, &["10.0.3.1-10.0.3.4"])]);
+    b.prefixes = vec!["10.0.3.0/24".parse().unwrap()];
+    st.upsert_network(b, None, false, 0).unwrap();
+    let share = |network: &str, name: &str, port: u16| {
+        let mut r = req(network, svc("a", name));
+        r.sharing_key = "k".into();
+        r.ports = tcp(&[port]);
+        r
+    };
+    for (n, name, port) in [("net-a", "x", 80), ("net-a", "y", 81), ("net-b", "z", 80)] {
+        alloc(&mut st, share(n, name, port), 0).unwrap();
+    }
+    alloc(&mut st, req("net-a", svc("b", "solo")), 0).unwrap();
+    let before = st.snapshot();
+    let usage = st.usage(None, 0).unwrap();
+
+    // Reversed: the same state (a shared address's holders found out of order too).
+    let mut rev = before.clone();
+    rev.allocations.reverse();
+    let mut again = State::load(rev.clone(), 0, 0, true).unwrap();
+    assert_eq!(again.snapshot(), before);
+    assert_eq!(again.usage(None, 0).unwrap(), usage);
+    assert_eq!(again.shared, st.shared);
+
+    let strict_err = |snap: crate::store::Snapshot| match State::load(snap.clone(), 0, 0, true) {
+        Err(Error::Invalid { field, msg }) => {
+            // Restart keeps every record and does not fail.
+            let kept = State::load(snap.clone(), 0, 0, false).unwrap();
+            assert!(kept.allocs.len() <= snap.allocations.len());
+            format!("{field}: {msg}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    // An owner twice, out of order.
+    let mut dup = rev.clone();
+    dup.allocations.push(before.allocations[0].clone());
+    let e = strict_err(dup);
+    assert!(
+        e.starts_with("backup.allocations[4]") && e.contains("appears twice"),
+        "{e}"
+    );
+    // An address of net-a's space held in net-b.
+    let mut foreign = before.clone();
+    foreign.allocations[3].addresses = vec![ip("10.0.1.4")];
+    assert_eq!(foreign.allocations[3].network, "net-b");
+    let e = strict_err(foreign);
+    assert!(
+        e.contains("backup.allocations[3]") && e.contains(r#"space of network "net-a""#),
+        "{e}"
+    );
+    // An address outside every space held in two networks.
+    let mut twice = before.clone();
+    twice.allocations[0].addresses = vec![ip("192.0.2.1")];
+    twice.allocations[3].addresses = vec![ip("192.0.2.1")];
+    let e = strict_err(twice);
+    assert!(
+        e.contains("backup.allocations[3]") && e.contains(r#"also held in network "net-a""#),
+        "{e}"
+    );
+    // One address held by two clusters (the shared one, plus another cluster's Service).
+    let mut clash = before.clone();
+    assert_eq!(clash.allocations[2].owner.cluster_id, "b");
+    clash.allocations[2].addresses = clash.allocations[0].addresses.clone();
+    let e = strict_err(clash);
+    assert!(
+        e.starts_with("backup.allocations[2]") && e.contains("another cluster"),
+        "{e}"
+    );
+    // In its reuse grace while held (at home and abroad).
+    for held in ["10.0.1.1", "192.0.2.1"] {
+        let mut q = before.clone();
+        q.allocations[0].addresses = vec![ip(held)];
+        q.quarantined.push(crate::model::Quarantined {
+            network: "net-b".into(),
+            pool: "vip".into(),
+            address: ip(held),
+            until_ms: 1_000,
+            previous_owner: svc("a", "gone"),
+        });
+        let e = strict_err(q);
+        assert!(
+            e.contains("backup.quarantined[0]") && e.contains("reuse grace and held"),
+            "{e}"
+        );
+    }
+}
