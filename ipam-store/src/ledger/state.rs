@@ -93,7 +93,22 @@ impl State {
     /// grace deadlines out of range, an allocation of an unknown network or pool): the first
     /// failure is an error naming the record. Without it (restart), inconsistencies are logged
     /// and every record is kept, since dropping data would be worse than serving it flagged.
-    pub fn load(snap: Snapshot, default_grace_secs: u32, now_ms: u64, strict: bool) -> Result<Self> {
+    pub fn load(mut snap: Snapshot, default_grace_secs: u32, now_ms: u64, strict: bool) -> Result<Self> {
+        let allocations = std::mem::take(&mut snap.allocations);
+        Self::load_streamed(snap, allocations, default_grace_secs, now_ms, strict)
+    }
+
+    /// [`State::load`] with the allocations taken from an iterator as they come (a restart
+    /// reads them from the engine while this builds the state; `head` has every record but
+    /// them, its `allocations` is ignored). Allocations in key order, as engines return them,
+    /// are bulk-built; any order is accepted.
+    pub fn load_streamed(
+        snap: Snapshot,
+        allocations: impl IntoIterator<Item = Allocation>,
+        default_grace_secs: u32,
+        now_ms: u64,
+        strict: bool,
+    ) -> Result<Self> {
         let mut st = State::new(default_grace_secs);
         let complain = |field: String, msg: String| -> Result<()> {
             if strict {
@@ -156,8 +171,9 @@ impl State {
         // lies in the other's space). Addresses at home — all of them, normally — need no entry.
         let mut abroad: HashMap<IpAddr, String> = HashMap::new();
         // Snapshots come in key order, so `allocs` is built in one bulk pass at the end.
-        let mut allocs: Vec<(String, Allocation)> = Vec::with_capacity(snap.allocations.len());
-        for (i, a) in snap.allocations.into_iter().enumerate() {
+        let allocations = allocations.into_iter();
+        let mut allocs: Vec<(String, Allocation)> = Vec::with_capacity(allocations.size_hint().0);
+        for (i, a) in allocations.enumerate() {
             let field = format!("allocations[{i}]");
             if a.revision >= MAX_REVISION {
                 complain(

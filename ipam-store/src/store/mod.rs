@@ -59,6 +59,20 @@ pub struct Snapshot {
 pub trait Engine: Send + Sync + 'static {
     /// Everything stored.
     fn load(&self) -> Result<Snapshot>;
+    /// What `load` returns, in two parts: first `head` gets every record but the allocations
+    /// (its `allocations` empty), then `chunk` gets the allocations, in pieces, as they are
+    /// read. Called only before the first commit (at start or takeover), so the parts are one
+    /// point in time. The default reads everything with `load` first.
+    fn load_streamed(
+        &self,
+        head: &mut dyn FnMut(Snapshot) -> Result<()>,
+        chunk: &mut dyn FnMut(Vec<Allocation>) -> Result<()>,
+    ) -> Result<()> {
+        let mut snap = self.load()?;
+        let allocations = std::mem::take(&mut snap.allocations);
+        head(snap)?;
+        chunk(allocations)
+    }
     /// Applies `ops` atomically and durably, and records `seq` as the last commit sequence.
     fn commit(&self, ops: &[Op], seq: u64) -> Result<()>;
     /// A short name for logs and metrics.

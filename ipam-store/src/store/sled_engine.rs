@@ -7,7 +7,10 @@ use std::path::Path;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Engine, Op, Snapshot};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    model::Allocation,
+};
 
 const NET: &[u8] = b"n/";
 const ALLOC: &[u8] = b"a/";
@@ -95,6 +98,36 @@ impl Engine for SledEngine {
             quarantined: self.scan(QUAR)?,
             seq,
         })
+    }
+
+    fn load_streamed(
+        &self,
+        head: &mut dyn FnMut(Snapshot) -> Result<()>,
+        chunk: &mut dyn FnMut(Vec<Allocation>) -> Result<()>,
+    ) -> Result<()> {
+        const CHUNK: usize = 4096;
+        let seq = match self.db.get(SEQ_KEY).map_err(storage)? {
+            Some(v) => decode(SEQ_KEY, &v)?,
+            None => 0,
+        };
+        head(Snapshot {
+            networks: self.scan(NET)?,
+            allocations: Vec::new(),
+            quarantined: self.scan(QUAR)?,
+            seq,
+        })?;
+        let mut buf = Vec::with_capacity(CHUNK);
+        for kv in self.db.scan_prefix(ALLOC) {
+            let (k, v) = kv.map_err(storage)?;
+            buf.push(decode(&k, &v)?);
+            if buf.len() == CHUNK {
+                chunk(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))?;
+            }
+        }
+        if !buf.is_empty() {
+            chunk(buf)?;
+        }
+        Ok(())
     }
 
     fn commit(&self, ops: &[Op], seq: u64) -> Result<()> {

@@ -26,6 +26,7 @@ macro_rules! engine_suite {
                 sequence_is_the_last_committed,
                 quarantine_is_keyed_by_network_and_address,
                 large_batch,
+                streamed_load_is_load,
             );
         }
     };
@@ -243,4 +244,53 @@ pub(crate) fn large_batch(open: Opener<'_>) {
     let ops: Vec<Op> = all.iter().cloned().map(Op::PutAlloc).collect();
     e.commit(&ops, 1).unwrap();
     assert_eq!(sorted(e.load().unwrap().allocations), sorted(all));
+}
+
+/// `load_streamed` hands over what `load` returns: the head first (every record but the
+/// allocations), then every allocation once, across as many chunks as the engine makes.
+pub(crate) fn streamed_load_is_load(open: Opener<'_>) {
+    let e = open();
+    let mut ops = vec![
+        Op::PutNetwork(net("n")),
+        Op::PutQuarantine(quarantined("n", "10.0.200.1")),
+    ];
+    ops.extend((0..10_000u32).map(|i| {
+        Op::PutAlloc(alloc(
+            &format!("svc-{i}"),
+            &std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string(),
+        ))
+    }));
+    e.commit(&ops, 7).unwrap();
+    let whole = e.load().unwrap();
+    let head = std::cell::RefCell::new(None);
+    let mut got = Vec::new();
+    let mut chunks = 0;
+    e.load_streamed(
+        &mut |h| {
+            assert!(head.replace(Some(h)).is_none(), "head sent twice");
+            Ok(())
+        },
+        &mut |c| {
+            assert!(head.borrow().is_some(), "allocations before the head");
+            chunks += 1;
+            got.extend(c);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let head = head.into_inner().expect("no head");
+    assert!(head.allocations.is_empty());
+    assert_eq!(
+        (&head.networks, &head.quarantined, head.seq),
+        (&whole.networks, &whole.quarantined, 7)
+    );
+    assert!(chunks >= 1);
+    assert_eq!(sorted(got), sorted(whole.allocations));
+    // A sink's error stops the load and is returned.
+    let err = e
+        .load_streamed(&mut |_| Ok(()), &mut |_| {
+            Err(crate::Error::Storage("sink full".into()))
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("sink full"), "{err}");
 }

@@ -124,3 +124,59 @@ async fn written_but_unacknowledged_is_found_again_by_the_retry() {
     assert!(!created);
     assert_eq!(retried.addresses, held.addresses);
 }
+
+/// An engine whose streamed read fails after part of the allocations: opening the ledger
+/// fails with that error instead of serving the part it read.
+struct ReadFailsMidway(MemoryEngine);
+
+impl Engine for ReadFailsMidway {
+    fn load(&self) -> crate::error::Result<crate::store::Snapshot> {
+        self.0.load()
+    }
+    fn load_streamed(
+        &self,
+        head: &mut dyn FnMut(crate::store::Snapshot) -> crate::error::Result<()>,
+        chunk: &mut dyn FnMut(Vec<crate::model::Allocation>) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let mut s = self.0.load()?;
+        let mut all = std::mem::take(&mut s.allocations);
+        head(s)?;
+        let rest = all.split_off(all.len() / 2);
+        chunk(all)?;
+        drop(rest);
+        Err(Error::Storage("disk read error at record 2".into()))
+    }
+    fn commit(&self, ops: &[Op], seq: u64) -> crate::error::Result<()> {
+        self.0.commit(ops, seq)
+    }
+    fn name(&self) -> &'static str {
+        "read-fails-midway"
+    }
+}
+
+#[tokio::test]
+async fn a_read_failing_midway_fails_the_open() {
+    let mem = MemoryEngine::new();
+    {
+        let l = open(Arc::new(mem.clone())).await;
+        l.upsert_network(
+            net("net-a", vec![pool("vip", Purpose::Vip, &["10.0.1.0-10.0.1.63"])]),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        for i in 0..4 {
+            l.allocate(req("net-a", svc("a", &format!("s{i}"))))
+                .await
+                .unwrap();
+        }
+    }
+    // The intact engine opens with all four.
+    let whole = open(Arc::new(mem.clone())).await;
+    assert_eq!(whole.export().await.unwrap().allocations.len(), 4);
+    let e = Ledger::open(Arc::new(ReadFailsMidway(mem)), 0, Arc::new(NoObserver))
+        .err()
+        .expect("opened on half a store");
+    assert!(e.to_string().contains("disk read error at record 2"), "{e}");
+}
