@@ -71,11 +71,13 @@ test-harness: toolchain
 	$(CARGO) test -p cairn-e2e
 
 # The Go client (clients/go): go vet, then its tests, the example's flow against a live
-# cairn-ipam built here (the tests fail, never skip, without CAIRN_IPAM_BIN).
+# cairn-ipam built here, and failover across two replicas on a real etcd (the tests fail,
+# never skip, without CAIRN_IPAM_BIN and CAIRN_ETCD_BIN).
 CAIRN_IPAM_BIN ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/cairn-ipam
 test-go: toolchain
 	$(CARGO) build -p cairn-ipam --bin cairn-ipam
-	cd clients/go && go vet ./... && CAIRN_IPAM_BIN=$(CAIRN_IPAM_BIN) go test -count=1 ./...
+	e2e/tools/build.sh etcd
+	cd clients/go && go vet ./... && CAIRN_IPAM_BIN=$(CAIRN_IPAM_BIN) CAIRN_ETCD_BIN=$(CAIRN_BIN_DIR)/etcd go test -count=1 ./...
 
 # The checked-in generated Go code matches proto/ and the pinned protoc plugins.
 check-go-generated:

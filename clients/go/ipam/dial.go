@@ -20,6 +20,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -32,19 +33,27 @@ import (
 // on it; their errors wrap this package's sentinel errors.
 type Client struct {
 	ipamv1.IpamServiceClient
-	conn *grpc.ClientConn
+	replicas *replicas
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close closes the connection (every replica's).
+func (c *Client) Close() error {
+	var errs []error
+	for _, conn := range c.replicas.conns {
+		errs = append(errs, conn.Close())
+	}
+	return errors.Join(errs...)
+}
 
-// Conn is the underlying connection (for health checks or other services).
-func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+// Conn is the underlying connection (for health checks or other services); with several
+// replicas, the one calls go to now.
+func (c *Client) Conn() *grpc.ClientConn { return c.replicas.current() }
 
 type options struct {
-	tls      *tls.Config
-	tlsErr   error
-	dialOpts []grpc.DialOption
+	tls          *tls.Config
+	tlsErr       error
+	dialOpts     []grpc.DialOption
+	failoverWait time.Duration
 }
 
 // Option configures Dial.
@@ -116,16 +125,47 @@ const MaxMessageSize = 16 << 20
 // Rust tools take it (CAIRN_IPAM_ENDPOINT): "http://host:port" is plaintext, "https://host:port"
 // is TLS (the system's roots unless WithTLS/WithTLSConfig say otherwise). Like grpc.NewClient
 // it does not wait for the connection: the first call does.
+//
+// The replicas of an HA store (`cairn-ipam serve --backend etcd`) are given as one
+// comma-separated target, "http://a:50051,http://b:50051,http://c:50051", as the Rust tools
+// take them. Every call then goes to the replica that leads: a follower's refusal
+// (UNAVAILABLE) names the leader in LeaderMetadata, and a unary call is sent on to it, or,
+// while no replica leads, retried with backoff for up to WithFailoverWait (default
+// DefaultFailoverWait) or the context's deadline. Streams are not retried (see the replicas
+// type).
 func Dial(target string, opts ...Option) (*Client, error) {
-	if target == "" {
+	if strings.TrimSpace(target) == "" {
 		return nil, errors.New("ipam: target: must not be empty")
 	}
-	var o options
+	o := options{failoverWait: DefaultFailoverWait}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if o.tlsErr != nil {
 		return nil, o.tlsErr
+	}
+	r := &replicas{wait: o.failoverWait}
+	for i, t := range strings.Split(target, ",") {
+		conn, err := dialOne(strings.TrimSpace(t), o)
+		if err != nil {
+			for _, c := range r.conns {
+				_ = c.Close()
+			}
+			if strings.Contains(target, ",") {
+				return nil, fmt.Errorf("ipam: target %d of %q: %w", i, target, err)
+			}
+			return nil, err
+		}
+		r.conns = append(r.conns, conn)
+		r.hosts = append(r.hosts, hostPort(conn.Target()))
+	}
+	return &Client{IpamServiceClient: ipamv1.NewIpamServiceClient(r), replicas: r}, nil
+}
+
+// dialOne connects to one target (see Dial).
+func dialOne(target string, o options) (*grpc.ClientConn, error) {
+	if target == "" {
+		return nil, errors.New("ipam: target: must not be empty")
 	}
 	if rest, ok := strings.CutPrefix(target, "http://"); ok {
 		if o.tls != nil {
@@ -155,7 +195,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ipam: dial %s: %w", target, err)
 	}
-	return &Client{IpamServiceClient: ipamv1.NewIpamServiceClient(conn), conn: conn}, nil
+	return conn, nil
 }
 
 func decodeUnary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {

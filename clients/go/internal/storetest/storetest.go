@@ -9,10 +9,14 @@ package storetest
 import (
 	"bufio"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -141,4 +145,95 @@ func withoutStoreEnv(env []string) []string {
 		}
 	}
 	return out
+}
+
+// Kill stops the server with SIGKILL (a crash) and waits until it has exited.
+func (s *Server) Kill(t testing.TB) {
+	t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("kill -9 cairn-ipam: %v", err)
+	}
+	select {
+	case <-s.exited:
+	case <-time.After(StartDeadline):
+		t.Fatalf("cairn-ipam did not exit within %v of SIGKILL", StartDeadline)
+	}
+}
+
+// EnvEtcdBin names the environment variable holding the etcd binary, for tests of an HA
+// store (`make test-go` sets it to the etcd `make tools` built).
+const EnvEtcdBin = "CAIRN_ETCD_BIN"
+
+// The limits cairn-ipam requires of its etcd (`cairn_ipam::store::etcd::server_flags`).
+var etcdFlags = []string{"--max-txn-ops=16384", "--max-request-bytes=33554432"}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// StartEtcd runs a one-member etcd on loopback, with the limits cairn-ipam requires, until the
+// test ends, and returns its client URL once it reports healthy.
+func StartEtcd(t testing.TB) string {
+	t.Helper()
+	bin := os.Getenv(EnvEtcdBin)
+	if bin == "" {
+		t.Fatalf("%s is not set: this test runs a real etcd. From the repository root run `make test-go` "+
+			"(`make tools` builds etcd into .cache/bin)", EnvEtcdBin)
+	}
+	dir := t.TempDir()
+	client := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	logf, err := os.Create(filepath.Join(dir, "etcd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, append([]string{
+		"--name=m0",
+		"--data-dir=" + filepath.Join(dir, "data"),
+		"--listen-client-urls=" + client,
+		"--advertise-client-urls=" + client,
+		"--listen-peer-urls=" + peer,
+		"--initial-advertise-peer-urls=" + peer,
+		"--initial-cluster=m0=" + peer,
+		"--log-level=warn",
+	}, etcdFlags...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", bin, err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		logf.Close()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	deadline := time.Now().Add(StartDeadline)
+	for {
+		if resp, err := http.Get(client + "/health"); err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(body), `"health":"true"`) {
+				return client
+			}
+		}
+		select {
+		case <-exited:
+			log, _ := os.ReadFile(filepath.Join(dir, "etcd.log"))
+			t.Fatalf("etcd exited before it was healthy:\n%s", log)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("etcd at %s not healthy within %v", client, StartDeadline)
+		}
+	}
 }
