@@ -6,9 +6,10 @@
 // package (ErrExhausted, ErrConflict, ...), so callers branch with errors.Is. Errors from a
 // connection made elsewhere can be decoded with DecodeError.
 //
-// The connection is plaintext unless WithTLS or WithTLSConfig is given. The store serves
-// plaintext today; its TLS/mTLS listener lands with issue 12, and the TLS options here are what
-// a client will then use (the server's CA, and a client certificate for mutual TLS).
+// The connection is plaintext unless WithTLS or WithTLSConfig is given: the server's CA, and
+// for a store that runs mutual TLS (`cairn-ipam serve --client-ca`) a client certificate whose
+// spiffe:// URI SAN is the caller's identity (…/cluster/<id>, …/cloud or …/reader; a call the
+// identity may not make fails with ErrPermissionDenied).
 package ipam
 
 import (
@@ -61,7 +62,7 @@ type Option func(*options)
 
 // WithTLS connects over TLS. caFile is a PEM bundle the server's certificate must chain to
 // (empty: the system roots). certFile and keyFile are a PEM client certificate and its key for
-// mutual TLS; give both or neither. The server's TLS/mTLS listener arrives with issue 12.
+// mutual TLS; give both or neither.
 func WithTLS(caFile, certFile, keyFile string) Option {
 	return func(o *options) {
 		cfg, err := tlsConfig(caFile, certFile, keyFile)

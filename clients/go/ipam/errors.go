@@ -27,6 +27,15 @@ var (
 	ErrUnavailable = errors.New("store unavailable")
 	// ErrAborted: ABORTED, a watcher fell too far behind; watch again.
 	ErrAborted = errors.New("aborted")
+	// ErrPermissionDenied: PERMISSION_DENIED, the store runs mutual TLS and the client
+	// certificate's identity may not make this call (the message names both identities).
+	ErrPermissionDenied = errors.New("permission denied")
+	// ErrUnauthenticated: UNAUTHENTICATED, the store runs mutual TLS and the client certificate
+	// carries no identity it accepts (no or a foreign spiffe:// URI SAN).
+	ErrUnauthenticated = errors.New("unauthenticated")
+	// ErrTooLarge: OUT_OF_RANGE, a message over the 16 MiB limit (MaxMessageSize); use the
+	// paginated or streamed calls.
+	ErrTooLarge = errors.New("message too large")
 )
 
 var sentinels = map[codes.Code]error{
@@ -37,6 +46,9 @@ var sentinels = map[codes.Code]error{
 	codes.ResourceExhausted:  ErrExhausted,
 	codes.Unavailable:        ErrUnavailable,
 	codes.Aborted:            ErrAborted,
+	codes.PermissionDenied:   ErrPermissionDenied,
+	codes.Unauthenticated:    ErrUnauthenticated,
+	codes.OutOfRange:         ErrTooLarge,
 }
 
 // Error is an error the store (or the connection to it) returned.

@@ -18,6 +18,9 @@ func TestDecodeErrorMapsEveryStoreCode(t *testing.T) {
 		codes.ResourceExhausted:  ErrExhausted,
 		codes.Unavailable:        ErrUnavailable,
 		codes.Aborted:            ErrAborted,
+		codes.PermissionDenied:   ErrPermissionDenied,
+		codes.Unauthenticated:    ErrUnauthenticated,
+		codes.OutOfRange:         ErrTooLarge,
 	} {
 		err := DecodeError(status.Error(code, "msg"))
 		if !errors.Is(err, want) {

@@ -5,35 +5,35 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
-
+	"cairn.dev/clients/go/internal/storetest"
 	ipamv1 "cairn.dev/clients/go/ipam/v1"
 )
 
-// The store's TLS listener lands with issue 12; until then these tests put the client's TLS
-// options against a Go gRPC server that requires a client certificate, with real certificates.
+// The client's TLS options against the store's own mutual TLS (`cairn-ipam serve --tls-cert
+// --tls-key --client-ca`), with certificates made here: a private CA, the server's certificate
+// for 127.0.0.1, and client certificates whose SPIFFE URI SANs are the store's identities.
+
+const trustDomain = "cairn.test"
 
 type pki struct {
-	dir                       string
-	caFile, certFile, keyFile string
-	serverCert                tls.Certificate
-	caPool                    *x509.CertPool
-	otherCAFile               string
+	dir                           string
+	caFile, certFile, keyFile     string // the cloud identity
+	readerCertFile, readerKeyFile string // a reader
+	serverCertFile, serverKeyFile string
+	otherCAFile                   string
 }
 
 func newCA(t *testing.T, cn string) (*x509.Certificate, *ecdsa.PrivateKey, []byte) {
@@ -62,7 +62,7 @@ func newCA(t *testing.T, cn string) (*x509.Certificate, *ecdsa.PrivateKey, []byt
 	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
 
-func issue(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, cn string, serial int64, usage x509.ExtKeyUsage) (certPEM, keyPEM []byte) {
+func issue(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, cn string, serial int64, usage x509.ExtKeyUsage, uris ...string) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -76,6 +76,13 @@ func issue(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, cn strin
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	for _, u := range uris {
+		parsed, err := url.Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.URIs = append(tmpl.URIs, parsed)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	if err != nil {
@@ -101,59 +108,31 @@ func newPKI(t *testing.T) *pki {
 	}
 	ca, caKey, caPEM := newCA(t, "cairn test CA")
 	srvCert, srvKey := issue(t, ca, caKey, "cairn-ipam", 2, x509.ExtKeyUsageServerAuth)
-	cliCert, cliKey := issue(t, ca, caKey, "cloud", 3, x509.ExtKeyUsageClientAuth)
+	cliCert, cliKey := issue(t, ca, caKey, "cloud", 3, x509.ExtKeyUsageClientAuth, "spiffe://"+trustDomain+"/cloud")
+	rdCert, rdKey := issue(t, ca, caKey, "reader", 4, x509.ExtKeyUsageClientAuth, "spiffe://"+trustDomain+"/reader")
 	_, _, otherPEM := newCA(t, "some other CA")
-	server, err := tls.X509KeyPair(srvCert, srvKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
 	return &pki{
-		dir:         dir,
-		caFile:      write("ca.pem", caPEM),
-		certFile:    write("client.pem", cliCert),
-		keyFile:     write("client-key.pem", cliKey),
-		otherCAFile: write("other-ca.pem", otherPEM),
-		serverCert:  server,
-		caPool:      pool,
+		dir:            dir,
+		caFile:         write("ca.pem", caPEM),
+		certFile:       write("client.pem", cliCert),
+		keyFile:        write("client-key.pem", cliKey),
+		readerCertFile: write("reader.pem", rdCert),
+		readerKeyFile:  write("reader-key.pem", rdKey),
+		serverCertFile: write("server.pem", srvCert),
+		serverKeyFile:  write("server-key.pem", srvKey),
+		otherCAFile:    write("other-ca.pem", otherPEM),
 	}
 }
 
-// whoami answers GetUsage with the client certificate's common name as the network name.
-type whoami struct {
-	ipamv1.UnimplementedIpamServiceServer
-}
-
-func (whoami) GetUsage(ctx context.Context, _ *ipamv1.GetUsageRequest) (*ipamv1.GetUsageResponse, error) {
-	p, _ := peer.FromContext(ctx)
-	info, _ := p.AuthInfo.(credentials.TLSInfo)
-	cn := ""
-	if chains := info.State.VerifiedChains; len(chains) > 0 {
-		cn = chains[0][0].Subject.CommonName
-	}
-	return &ipamv1.GetUsageResponse{Pools: []*ipamv1.PoolUsage{{Network: cn}}}, nil
-}
-
-func mtlsServer(t *testing.T, p *pki) string {
+// mtlsStore runs a real cairn-ipam that speaks mutual TLS only.
+func mtlsStore(t *testing.T, p *pki) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{p.serverCert},
-		ClientCAs:    p.caPool,
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		MinVersion:   tls.VersionTLS12,
-	})))
-	ipamv1.RegisterIpamServiceServer(s, whoami{})
-	go func() { _ = s.Serve(l) }()
-	t.Cleanup(s.Stop)
-	return l.Addr().String()
+	return storetest.Start(t, "--tls-cert", p.serverCertFile, "--tls-key", p.serverKeyFile,
+		"--client-ca", p.caFile, "--trust-domain", trustDomain, "--default-reuse-grace", "0s").Addr
 }
 
-func usageCN(t *testing.T, addr string, opts ...Option) (string, error) {
+// call dials addr with opts and makes one call with the client.
+func call[T any](t *testing.T, addr string, f func(context.Context, *Client) (T, error), opts ...Option) (T, error) {
 	t.Helper()
 	c, err := Dial(addr, opts...)
 	if err != nil {
@@ -162,39 +141,59 @@ func usageCN(t *testing.T, addr string, opts ...Option) (string, error) {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	r, err := c.GetUsage(ctx, &ipamv1.GetUsageRequest{})
-	if err != nil {
-		return "", err
-	}
-	return r.GetPools()[0].GetNetwork(), nil
+	return f(ctx, c)
 }
 
-func TestWithTLSPresentsTheClientCertificate(t *testing.T) {
+func usage(ctx context.Context, c *Client) (*ipamv1.GetUsageResponse, error) {
+	return c.GetUsage(ctx, &ipamv1.GetUsageRequest{})
+}
+
+func allocate(ctx context.Context, c *Client) (*ipamv1.AllocateResponse, error) {
+	return c.Allocate(ctx, &ipamv1.AllocateRequest{Network: "net-tls", Owner: &ipamv1.Owner{
+		ClusterId: "c1", Kind: ipamv1.OwnerKind_OWNER_KIND_API_SERVER, Name: "kube-apiserver"}})
+}
+
+func TestWithTLSAgainstTheStoresMutualTLS(t *testing.T) {
 	p := newPKI(t)
-	addr := mtlsServer(t, p)
-	cn, err := usageCN(t, addr, WithTLS(p.caFile, p.certFile, p.keyFile))
-	if err != nil || cn != "cloud" {
-		t.Fatalf("mTLS call: server saw client %q, err=%v", cn, err)
+	addr := mtlsStore(t, p)
+	cloud := WithTLS(p.caFile, p.certFile, p.keyFile)
+	if _, err := call(t, addr, func(ctx context.Context, c *Client) (*ipamv1.UpsertNetworkResponse, error) {
+		return c.UpsertNetwork(ctx, &ipamv1.UpsertNetworkRequest{Network: &ipamv1.Network{Name: "net-tls",
+			Pools: []*ipamv1.Pool{{Name: "vip", Purpose: ipamv1.PoolPurpose_POOL_PURPOSE_VIP, Ranges: []string{"10.50.0.10-10.50.0.20"}}}}})
+	}, cloud); err != nil {
+		t.Fatalf("the cloud identity defining a network: %v", err)
+	}
+	r, err := call(t, addr, allocate, cloud)
+	if err != nil || r.GetAllocation().GetAddresses()[0] != "10.50.0.10" {
+		t.Fatalf("the cloud identity allocating: %v, %v", r, err)
+	}
+	// A reader reads, and may not write: PERMISSION_DENIED naming the identity.
+	reader := WithTLS(p.caFile, p.readerCertFile, p.readerKeyFile)
+	if u, err := call(t, addr, usage, reader); err != nil || len(u.GetPools()) != 1 {
+		t.Fatalf("a reader's GetUsage: %v, %v", u, err)
+	}
+	if _, err := call(t, addr, allocate, reader); !errors.Is(err, ErrPermissionDenied) || !strings.Contains(err.Error(), "reader") {
+		t.Fatalf("a reader allocating: err=%v, want ErrPermissionDenied naming the reader", err)
 	}
 	// Without a client certificate the server refuses the handshake.
-	if _, err := usageCN(t, addr, WithTLS(p.caFile, "", "")); !errors.Is(err, ErrUnavailable) {
+	if _, err := call(t, addr, usage, WithTLS(p.caFile, "", "")); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("no client certificate: err=%v, want ErrUnavailable (handshake refused)", err)
 	}
 	// A CA that did not sign the server's certificate: the client refuses the server.
-	if _, err := usageCN(t, addr, WithTLS(p.otherCAFile, p.certFile, p.keyFile)); !errors.Is(err, ErrUnavailable) ||
+	if _, err := call(t, addr, usage, WithTLS(p.otherCAFile, p.certFile, p.keyFile)); !errors.Is(err, ErrUnavailable) ||
 		!strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("wrong CA: err=%v, want ErrUnavailable about the certificate", err)
 	}
 	// Plaintext against a TLS server fails too.
-	if _, err := usageCN(t, addr); !errors.Is(err, ErrUnavailable) {
+	if _, err := call(t, addr, usage); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("plaintext to a TLS server: err=%v", err)
 	}
 	// The URL form of the Rust tools: https:// with the options works...
-	if cn, err := usageCN(t, "https://"+addr, WithTLS(p.caFile, p.certFile, p.keyFile)); err != nil || cn != "cloud" {
-		t.Fatalf("https:// target: %q, %v", cn, err)
+	if _, err := call(t, "https://"+addr, usage, cloud); err != nil {
+		t.Fatalf("https:// target: %v", err)
 	}
 	// ...and without options means TLS with the system roots, which do not hold the test CA.
-	if _, err := usageCN(t, "https://"+addr); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "certificate") {
+	if _, err := call(t, "https://"+addr, usage); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("https:// with system roots against a private CA: err=%v", err)
 	}
 }
