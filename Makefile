@@ -109,6 +109,7 @@ bench: toolchain tools
 	e2e/tools/build.sh kube-vip-cloud-provider
 	$(CARGO) bench -p cairn-ipam --bench store
 	$(CARGO) bench -p cairn-ccm --bench burst
+	CAIRN_E2E_MAX_PLANES=8 $(CARGO) bench -p cairn-ccm --bench burst -- --fleet 8 --fleet-services 100
 
 # Keeps the benchmarks building and running in CI: tiny sizes, debug build (no second,
 # release build of the whole dependency tree), figures meaningless.

@@ -33,6 +33,10 @@
 //! `--wait-quiet S` (before each measured phase, wait up to S s until the rest of the machine
 //! uses < 0.3 cores; default 20, 0 with --quick), `--json PATH`, `--keep`.
 //!
+//! `--fleet N [--fleet-services S]` runs only the fleet instead: one store, N control planes
+//! each with its own `cairn-ccm` bound to one network the cloud defined, S Services created in
+//! every cluster at once (needs `CAIRN_E2E_MAX_PLANES` ≥ N; `make bench` runs N = 8).
+//!
 //! Peers bind wildcard addresses they cannot be told otherwise (MetalLB's metrics and health
 //! servers), so whenever a peer runs, the whole benchmark re-executes itself in a private
 //! network namespace (`unshare --net`) whose only interface is loopback.
@@ -145,6 +149,10 @@ struct Args {
     quiet: Duration,
     json: Option<PathBuf>,
     keep: bool,
+    /// `--fleet N`: N control planes with their controllers on one store (see `fleet`).
+    fleet: usize,
+    /// `--fleet-services S`: Services per cluster of the fleet run.
+    fleet_services: usize,
     raw: Vec<String>,
 }
 
@@ -166,6 +174,8 @@ impl Args {
             quiet: Duration::MAX,
             json: None,
             keep: false,
+            fleet: 0,
+            fleet_services: 100,
             raw: raw.clone(),
         };
         let mut systems: Option<String> = None;
@@ -200,6 +210,8 @@ impl Args {
                 "--wait-quiet" => a.quiet = Duration::from_secs_f64(val()?.parse()?),
                 "--json" => a.json = Some(PathBuf::from(val()?)),
                 "--keep" => a.keep = true,
+                "--fleet" => a.fleet = val()?.parse().context("--fleet")?,
+                "--fleet-services" => a.fleet_services = val()?.parse().context("--fleet-services")?,
                 // Passed by `cargo bench`.
                 "--bench" => {}
                 "-h" | "--help" => {
@@ -723,6 +735,7 @@ impl Bed {
         label: &str,
         work: &Path,
         idle: bool,
+        shared: Option<&Shared>,
     ) -> anyhow::Result<Bed> {
         let dir = work.join(label);
         fs::create_dir_all(&dir)?;
@@ -775,7 +788,9 @@ impl Bed {
             .await?;
 
         let (version, controller) = match system {
-            System::Cairn => Self::start_cairn(args, ipam_bin, &cp, &client, &kubeconfig, &dir).await?,
+            System::Cairn => {
+                Self::start_cairn(args, ipam_bin, &cp, &client, &kubeconfig, &dir, shared).await?
+            }
             System::MetalLb => Self::start_metallb(&cp, &client, &kubeconfig).await?,
             System::KubeVip => Self::start_kube_vip(args, &client, &kubeconfig, &dir).await?,
         };
@@ -828,6 +843,7 @@ impl Bed {
         client: &Client,
         kubeconfig: &Path,
         dir: &Path,
+        shared: Option<&Shared>,
     ) -> anyhow::Result<(String, Command)> {
         let crd = install_crd_file(
             client,
@@ -843,42 +859,29 @@ impl Bed {
         })
         .await?;
 
-        let addr = dir.join("ipam.addr");
-        let mut ipam = Command::new(ipam_bin);
-        ipam.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--default-reuse-grace",
-            "0s",
-            "--data-dir",
-        ])
-        .arg(dir.join("ipam-data"))
-        .arg("--addr-file")
-        .arg(&addr);
-        cp.spawn("cairn-ipam", &ipam)?;
-        let text = eventually("cairn-ipam serving", Duration::from_secs(30), || {
-            let addr = addr.clone();
-            async move { fs::read_to_string(&addr) }
-        })
-        .await?;
-        let grpc = text
-            .lines()
-            .find_map(|l| l.strip_prefix("grpc="))
-            .context("no grpc= line in the addr file")?;
-
-        let cn: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "cairn.dev/v1alpha1",
-            "kind": "ClusterNetwork",
-            "metadata": { "name": "bench-net" },
-            "spec": {
+        let (grpc, cluster_id) = match shared {
+            // A fleet member: the network is the store's (defined by the cloud); this cluster
+            // binds to it.
+            Some(sh) => (sh.grpc.clone(), sh.cluster_id.clone()),
+            None => (spawn_store(cp, ipam_bin, dir).await?, "bench".to_string()),
+        };
+        let spec = if shared.is_some() {
+            json!({ "network": "bench-net" })
+        } else {
+            json!({
                 "network": "bench-net",
                 "reuseGraceSeconds": 0,
                 "pools": [
                     { "name": "vip", "purpose": "VIP", "ranges": [RANGE] },
                     { "name": "nodes", "purpose": "NODE", "ranges": ["10.21.0.0/24"] },
                 ],
-            },
+            })
+        };
+        let cn: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "cairn.dev/v1alpha1",
+            "kind": "ClusterNetwork",
+            "metadata": { "name": "bench-net" },
+            "spec": spec,
         }))?;
         cns.create(&PostParams::default(), &cn).await?;
 
@@ -887,7 +890,7 @@ impl Bed {
             .arg(kubeconfig)
             .args([
                 "--cluster-id",
-                "bench",
+                &cluster_id,
                 "--ipam-endpoint",
                 &format!("http://{grpc}"),
             ])
@@ -1492,6 +1495,9 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
         args.ccm_args,
         args.kube_vip_args
     );
+    if args.fleet > 0 {
+        return fleet(&args, &ipam, work.path(), tck).await;
+    }
     let mut rows = vec![];
     let mut failures = vec![];
     for scenario in &args.scenarios {
@@ -1506,7 +1512,7 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let result = async {
                     let idle = scenario == "backlog";
-                    let mut bed = Bed::start(&args, &ipam, system, &label, work.path(), idle).await?;
+                    let mut bed = Bed::start(&args, &ipam, system, &label, work.path(), idle, None).await?;
                     println!(
                         "\n[{label}] {} ready in {:.1} s ({})",
                         system.label(),
@@ -1571,5 +1577,233 @@ async fn run(args: Args, ipam: PathBuf) -> anyhow::Result<()> {
     if !failures.is_empty() {
         println!("peer runs that failed: {failures:?}");
     }
+    Ok(())
+}
+
+// ============================================================================================
+// The fleet: several real control planes and controllers on one store
+// ============================================================================================
+
+/// A fleet member's view of the shared store.
+struct Shared {
+    /// The store's gRPC address.
+    grpc: String,
+    /// This member's `--cluster-id`.
+    cluster_id: String,
+}
+
+/// Starts a `cairn-ipam serve` as a component of `cp` and returns its gRPC address.
+async fn spawn_store(cp: &ControlPlane, ipam_bin: &Path, dir: &Path) -> anyhow::Result<String> {
+    let addr = dir.join("ipam.addr");
+    cp.spawn("cairn-ipam", &store_command(ipam_bin, dir, &addr))?;
+    read_store_addr(&addr).await
+}
+
+fn store_command(ipam_bin: &Path, dir: &Path, addr: &Path) -> Command {
+    let mut ipam = Command::new(ipam_bin);
+    ipam.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--default-reuse-grace",
+        "0s",
+        "--data-dir",
+    ])
+    .arg(dir.join("ipam-data"))
+    .arg("--addr-file")
+    .arg(addr);
+    ipam
+}
+
+async fn read_store_addr(addr: &Path) -> anyhow::Result<String> {
+    let text = eventually("cairn-ipam serving", Duration::from_secs(30), || {
+        let addr = addr.to_path_buf();
+        async move { fs::read_to_string(&addr) }
+    })
+    .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("grpc="))
+        .context("no grpc= line in the addr file")?
+        .to_string())
+}
+
+/// A child process killed when dropped (the fleet's store outlives every plane).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mem_available_mib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// `--fleet N`: one `cairn-ipam`, N control planes (etcd + kube-apiserver each), each with its
+/// own `cairn-ccm` (cluster ids fleet-0 … fleet-N-1) whose ClusterNetwork binds to one network
+/// the cloud defined in the store; then `--fleet-services` Services created in every cluster at
+/// once (`--inflight` at a time per cluster). Reports the time until every Service of every
+/// cluster has its ingress, create→ingress p50/p99 over all of them, the store's CPU and memory,
+/// and fails on an address held twice across the fleet or any ingress that moved.
+async fn fleet(args: &Args, ipam: &Path, work: &Path, tck: f64) -> anyhow::Result<()> {
+    let (n, per) = (args.fleet, args.fleet_services);
+    anyhow::ensure!(
+        n * (per + 1) <= 8192,
+        "--fleet {n} × (--fleet-services {per} + a warm-up) is more than the 8,192 addresses of {RANGE}"
+    );
+    anyhow::ensure!(
+        cairn_e2e::max_planes() >= n,
+        "--fleet {n} keeps {n} control planes up at once, but this process allows {} \
+         (run with CAIRN_E2E_MAX_PLANES={n})",
+        cairn_e2e::max_planes()
+    );
+    println!(
+        "\n## Fleet: {n} control planes with their own cairn-ccm on one cairn-ipam, {per} Services each\n"
+    );
+    let dir = work.join("fleet-store");
+    fs::create_dir_all(&dir)?;
+    let addr = dir.join("ipam.addr");
+    let log = fs::File::create(dir.join("ipam.log"))?;
+    let mut cmd = store_command(ipam, &dir, &addr);
+    cmd.stdout(log.try_clone()?).stderr(log);
+    let store = KillOnDrop(cmd.spawn().context("starting cairn-ipam")?);
+    let store_pid = store.0.id();
+    let grpc = read_store_addr(&addr).await?;
+    // The network as the on-prem cloud defines it; every cluster binds to it.
+    let mut client =
+        cairn_proto::v1::ipam_service_client::IpamServiceClient::connect(format!("http://{grpc}")).await?;
+    let pool = |name: &str, purpose: cairn_proto::v1::PoolPurpose, range: &str| cairn_proto::v1::Pool {
+        name: name.into(),
+        purpose: purpose as i32,
+        ranges: vec![range.into()],
+        ..Default::default()
+    };
+    client
+        .upsert_network(cairn_proto::v1::UpsertNetworkRequest {
+            network: Some(cairn_proto::v1::Network {
+                name: "bench-net".into(),
+                pools: vec![
+                    pool("vip", cairn_proto::v1::PoolPurpose::Vip, RANGE),
+                    pool("nodes", cairn_proto::v1::PoolPurpose::Node, "10.21.0.0/24"),
+                ],
+                reuse_grace_seconds: Some(0),
+                managed_by: "cloud".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let mem0 = mem_available_mib();
+    let mut beds = Vec::with_capacity(n);
+    for i in 0..n {
+        let sh = Shared {
+            grpc: grpc.clone(),
+            cluster_id: format!("fleet-{i}"),
+        };
+        let t = Instant::now();
+        let bed = Bed::start(args, ipam, System::Cairn, &sh.cluster_id, work, false, Some(&sh)).await?;
+        println!(
+            "[{}] control plane + cairn-ccm up, warm-up Service assigned, in {:.1} s; machine MemAvailable {} MiB",
+            sh.cluster_id,
+            t.elapsed().as_secs_f64(),
+            mem_available_mib()
+        );
+        beds.push(bed);
+    }
+    let quiet_note = wait_quiet(&beds[0].cp, args.quiet, tck).await;
+    let store_cpu0 = cpu_secs(store_pid, tck);
+    let machine0 = machine_busy_secs(tck);
+    let names: Vec<String> = (0..per).map(|i| format!("svc-{i}")).collect();
+    let t0 = Instant::now();
+    let creates = futures::future::join_all(beds.iter().map(|b| create_all(b, &names, args.inflight))).await;
+    for r in creates {
+        r?;
+    }
+    let creates_done = t0.elapsed();
+    let deadline = Instant::now() + args.deadline(n * per, System::Cairn);
+    for b in &beds {
+        let ok = b
+            .tracker
+            .wait(deadline, |s| {
+                names.iter().all(|k| s.first_ingress.contains_key(k))
+            })
+            .await;
+        anyhow::ensure!(ok, "a cluster's Services were not all assigned by the deadline");
+    }
+    let last = beds
+        .iter()
+        .filter_map(|b| {
+            let s = b.tracker.lock();
+            names.iter().filter_map(|k| s.first_ingress.get(k)).max().copied()
+        })
+        .max()
+        .context("no ingress seen")?;
+    let all_assigned = last - t0;
+    let wall = t0.elapsed().as_secs_f64();
+    let store_cores = (cpu_secs(store_pid, tck) - store_cpu0) / wall;
+    let machine_cores = (machine_busy_secs(tck) - machine0) / wall;
+    // Over the whole fleet: create→ingress, one owner per address, nothing moved.
+    let mut lat: Vec<Duration> = vec![];
+    let mut owners: HashMap<String, Vec<String>> = HashMap::new();
+    let mut moved = 0;
+    for (i, b) in beds.iter().enumerate() {
+        let s = b.tracker.lock();
+        lat.extend(
+            names
+                .iter()
+                .filter_map(|k| Some(*s.first_ingress.get(k)? - *s.created.get(k)?)),
+        );
+        for (svc, ips) in &s.ips {
+            for ip in ips {
+                owners
+                    .entry(ip.clone())
+                    .or_default()
+                    .push(format!("fleet-{i}/{svc}"));
+            }
+        }
+        moved += s.moved.len();
+    }
+    lat.sort();
+    let doubled: Vec<(&String, &Vec<String>)> = owners.iter().filter(|(_, o)| o.len() > 1).collect();
+    println!(
+        "\n{n} clusters × {per} Services = {} created in {:.2} s; all assigned {:.2} s after the first create \
+         ({:.0} Services/s); create→ingress p50 {} ms, p99 {} ms, max {} ms; {} addresses held, {} with two owners, \
+         {moved} moved. Store: {:.2} cores, VmRSS {:.1} MiB; machine {:.2} of {} cores busy; MemAvailable {} MiB \
+         before the planes, {} MiB with them. {quiet_note}",
+        n * per,
+        creates_done.as_secs_f64(),
+        all_assigned.as_secs_f64(),
+        (n * per) as f64 / all_assigned.as_secs_f64(),
+        ms(pct(&lat, 50.0)),
+        ms(pct(&lat, 99.0)),
+        ms(lat.last().copied().unwrap_or_default()),
+        owners.len(),
+        doubled.len(),
+        store_cores,
+        mib(status_kib(store_pid, "VmRSS").unwrap_or(0)),
+        machine_cores,
+        std::thread::available_parallelism().map_or(0, |c| c.get()),
+        mem0,
+        mem_available_mib(),
+    );
+    if let Some((ip, o)) = doubled.first() {
+        bail!(
+            "{ip} is held by {o:?} (and {} more addresses twice)",
+            doubled.len() - 1
+        );
+    }
+    anyhow::ensure!(moved == 0, "{moved} Services' ingress moved");
+    drop(beds);
+    drop(store);
     Ok(())
 }
