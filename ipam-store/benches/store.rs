@@ -514,6 +514,20 @@ impl Bench {
 
     /// `samples` timed pairs that keep the fill level: at 0 held, allocate then release it;
     /// otherwise release a random holder then allocate a new owner.
+    /// Times one `allocate` per request (each must succeed), committing each.
+    fn timed_allocs(&mut self, reqs: impl Iterator<Item = AllocateReq>) -> anyhow::Result<Samples> {
+        let mut v = Vec::new();
+        for req in reqs {
+            let seq = self.st.seq + 1;
+            let t = Instant::now();
+            let r = self.st.allocate(req, seq, NOW_MS);
+            v.push(t.elapsed().as_nanos() as u64);
+            r?;
+            self.st.seq = seq;
+        }
+        Ok(Samples::new(v))
+    }
+
     fn churn(
         &mut self,
         samples: usize,
@@ -693,19 +707,12 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
         );
         // Requested address: a new owner asks for a specific free address.
         let n = sz.samples / 10;
-        let mut v = Vec::with_capacity(n);
-        for i in 0..n as u64 {
+        let a = b.timed_allocs((0..n as u64).map(|i| {
             let mut req = alloc_req(u64::MAX / 2 + i, Family::V4);
             // Far above the fill (the lowest addresses), so free.
             req.requested = vec![IpAddr::V4(Ipv4Addr::from(0x0A80_0000 + i as u32))];
-            let seq = b.st.seq + 1;
-            let t = Instant::now();
-            let r = b.st.allocate(req, seq, NOW_MS);
-            v.push(t.elapsed().as_nanos() as u64);
-            r?;
-            b.st.seq = seq;
-        }
-        let a = Samples::new(v);
+            req
+        }))?;
         println!(
             "| requested address (free), new owner | {} | {} | {:.0} | - | - | {n} |",
             a.pct(50.0),
@@ -721,8 +728,7 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
             .enumerate()
         {
             let n = (samples / 10).max(20);
-            let mut v = Vec::with_capacity(n);
-            for i in 0..n {
+            let a = b.timed_allocs((0..n).map(|i| {
                 let mut req = alloc_req(0, Family::V4);
                 req.owner = Some(Owner {
                     name: format!("web{round}-{i}"),
@@ -733,14 +739,8 @@ fn bench_alloc(sz: &Sizes) -> anyhow::Result<()> {
                     protocol: Protocol::Tcp,
                     port: 1000 + i as u16,
                 }];
-                let seq = b.st.seq + 1;
-                let t = Instant::now();
-                let r = b.st.allocate(req, seq, NOW_MS);
-                v.push(t.elapsed().as_nanos() as u64);
-                r?;
-                b.st.seq = seq;
-            }
-            let a = Samples::new(v);
+                req
+            }))?;
             println!(
                 "| sharing key: new owner joins a shared address ({label}) | {} | {} | {:.0} | - | - | {n} |",
                 a.pct(50.0),

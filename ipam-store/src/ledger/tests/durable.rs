@@ -14,10 +14,8 @@ async fn open(e: Arc<dyn Engine>) -> Arc<Ledger> {
     Ledger::open(e, 0, Arc::new(NoObserver)).unwrap()
 }
 
-/// A ledger with network `net-a` (VIP pool of 64 addresses) over a failing engine.
-async fn ledger() -> (Arc<FailingEngine<MemoryEngine>>, Arc<Ledger>) {
-    let fe = FailingEngine::new(MemoryEngine::new());
-    let l = open(fe.clone()).await;
+/// Defines network `net-a` (VIP pool of 64 addresses).
+async fn net_a(l: &Ledger) {
     l.upsert_network(
         net("net-a", vec![pool("vip", Purpose::Vip, &["10.0.1.0-10.0.1.63"])]),
         None,
@@ -25,6 +23,13 @@ async fn ledger() -> (Arc<FailingEngine<MemoryEngine>>, Arc<Ledger>) {
     )
     .await
     .unwrap();
+}
+
+/// A ledger with network `net-a` over a failing engine.
+async fn ledger() -> (Arc<FailingEngine<MemoryEngine>>, Arc<Ledger>) {
+    let fe = FailingEngine::new(MemoryEngine::new());
+    let l = open(fe.clone()).await;
+    net_a(&l).await;
     (fe, l)
 }
 
@@ -159,13 +164,7 @@ async fn a_read_failing_midway_fails_the_open() {
     let mem = MemoryEngine::new();
     {
         let l = open(Arc::new(mem.clone())).await;
-        l.upsert_network(
-            net("net-a", vec![pool("vip", Purpose::Vip, &["10.0.1.0-10.0.1.63"])]),
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+        net_a(&l).await;
         for i in 0..4 {
             l.allocate(req("net-a", svc("a", &format!("s{i}"))))
                 .await
