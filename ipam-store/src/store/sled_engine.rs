@@ -75,6 +75,14 @@ impl SledEngine {
         Ok(SledEngine { db, log })
     }
 
+    /// The last committed sequence (0 for a new store).
+    fn seq(&self) -> Result<u64> {
+        match self.db.get(SEQ_KEY).map_err(storage)? {
+            Some(v) => decode(SEQ_KEY, &v),
+            None => Ok(0),
+        }
+    }
+
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>> {
         self.db
             .scan_prefix(prefix)
@@ -88,15 +96,11 @@ impl SledEngine {
 
 impl Engine for SledEngine {
     fn load(&self) -> Result<Snapshot> {
-        let seq = match self.db.get(SEQ_KEY).map_err(storage)? {
-            Some(v) => decode(SEQ_KEY, &v)?,
-            None => 0,
-        };
         Ok(Snapshot {
             networks: self.scan(NET)?,
             allocations: self.scan(ALLOC)?,
             quarantined: self.scan(QUAR)?,
-            seq,
+            seq: self.seq()?,
         })
     }
 
@@ -106,15 +110,11 @@ impl Engine for SledEngine {
         chunk: &mut dyn FnMut(Vec<Allocation>) -> Result<()>,
     ) -> Result<()> {
         const CHUNK: usize = 4096;
-        let seq = match self.db.get(SEQ_KEY).map_err(storage)? {
-            Some(v) => decode(SEQ_KEY, &v)?,
-            None => 0,
-        };
         head(Snapshot {
             networks: self.scan(NET)?,
             allocations: Vec::new(),
             quarantined: self.scan(QUAR)?,
-            seq,
+            seq: self.seq()?,
         })?;
         let mut buf = Vec::with_capacity(CHUNK);
         for kv in self.db.scan_prefix(ALLOC) {
