@@ -326,7 +326,7 @@ impl State {
 
     /// Recomputes every pool's free set and held counts from spans, holders and quarantines
     /// (the network's own and that of deleted networks). O(h log n) for h held addresses.
-    pub(super) fn recount_free(net: &mut NetState, released: &Quarantine) {
+    fn recount_free(net: &mut NetState, released: &Quarantine) {
         for p in &mut net.pools {
             p.free = p.span.clone();
             p.held = [0, 0];
