@@ -103,6 +103,11 @@ enum Cmd {
         /// sled page cache size in MiB.
         #[arg(long, default_value_t = 32)]
         cache_mib: u64,
+        /// Commit batches a WatchAllocations stream may fall behind (a client not reading)
+        /// before it is ended with ABORTED and must watch again; one ring shared by all
+        /// watchers. 16 to 1048576.
+        #[arg(long, default_value_t = cairn_ipam::ledger::DEFAULT_WATCH_BUFFER, value_parser = parse_watch_buffer)]
+        watch_buffer: usize,
         /// Write the bound addresses here once serving (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -142,6 +147,19 @@ enum Cmd {
     },
 }
 
+/// `--watch-buffer`: a count within [`cairn_ipam::ledger::WATCH_BUFFER_RANGE`].
+fn parse_watch_buffer(s: &str) -> Result<usize, String> {
+    let r = cairn_ipam::ledger::WATCH_BUFFER_RANGE;
+    match s.parse::<usize>() {
+        Ok(n) if r.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: a number of commit batches from {} to {}",
+            r.start(),
+            r.end()
+        )),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -158,6 +176,7 @@ async fn main() -> ExitCode {
             web_view,
             default_reuse_grace,
             cache_mib,
+            watch_buffer,
             addr_file,
             log_format,
             tls,
@@ -211,6 +230,7 @@ async fn main() -> ExitCode {
             let opts = ServeOptions {
                 advertise,
                 leader_lease_secs: lease.as_secs() as i64,
+                watch_buffer,
                 listen,
                 metrics_listen,
                 web_view,
@@ -239,5 +259,22 @@ async fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_buffer_outside_its_bounds_is_refused_naming_them() {
+        assert_eq!(parse_watch_buffer("16"), Ok(16));
+        assert_eq!(parse_watch_buffer("1048576"), Ok(1 << 20));
+        for bad in ["0", "15", "1048577", "-1", "lots"] {
+            let e = parse_watch_buffer(bad).unwrap_err();
+            assert!(e.contains("from 16 to 1048576"), "{bad}: {e}");
+        }
+        let e = Cli::try_parse_from(["cairn-ipam", "serve", "--watch-buffer", "0"]).unwrap_err();
+        assert!(e.to_string().contains("--watch-buffer"), "{e}");
     }
 }

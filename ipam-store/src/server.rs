@@ -61,6 +61,8 @@ pub struct ServeOptions {
     pub advertise: Option<String>,
     /// With etcd: the leader lease's TTL in seconds (failover takes about this long).
     pub leader_lease_secs: i64,
+    /// Commit batches a watcher may fall behind before it is ended with ABORTED.
+    pub watch_buffer: usize,
 }
 
 /// What `/metrics`, `/healthz` and `/readyz` answer: the ledger's figures, and whether it
@@ -175,10 +177,16 @@ pub async fn serve(
         let (gate, web_cell, metrics) = (gate.clone(), web_cell.clone(), metrics.clone());
         let (stopping_rx, tls_td) = (stopping_rx.clone(), tls.as_ref().map(|(_, td)| td.clone()));
         let (grace, web_view, data_dir) = (opts.default_grace_secs, opts.web_view, opts.data_dir.clone());
+        let watch_buffer = opts.watch_buffer;
         move |engine: Arc<dyn Engine>| -> anyhow::Result<Arc<Ledger>> {
             let backend = engine.name();
             let t = Instant::now();
-            let ledger = Ledger::open(engine, grace, Arc::new(CommitMetrics(metrics.clone())))?;
+            let ledger = Ledger::open_with(
+                engine,
+                grace,
+                Arc::new(CommitMetrics(metrics.clone())),
+                watch_buffer,
+            )?;
             tracing::info!(
                 allocations = ledger.allocation_count(),
                 load_ms = t.elapsed().as_millis() as u64,

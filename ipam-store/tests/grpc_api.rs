@@ -2553,3 +2553,108 @@ async fn concurrent_requests_for_one_address_have_exactly_one_winner() {
     );
     assert_ne!(by_cluster["a"], by_cluster["b"], "two clusters share an address");
 }
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_ended_with_aborted_and_the_others_get_everything() {
+    // The documented slow-watcher rule, on a real server: a client that stops reading holds
+    // neither the ledger nor the other watchers back; once it falls --watch-buffer commit
+    // batches behind, its stream ends with ABORTED ("watch again"), and a new watch works.
+    let srv = Server::start_with(&["--watch-buffer", "16"]).await;
+    let mut c = srv.client().await;
+    let mut net = net_a("net-w");
+    net.pools = vec![pool("vip", pb::PoolPurpose::Vip, &["10.20.16.0/20"])];
+    upsert(&mut c, net).await;
+
+    // The slow reader: its own connection with small HTTP/2 windows, so it buffers little.
+    let ch = tonic::transport::Endpoint::from_shared(srv.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow_client = pb::ipam_service_client::IpamServiceClient::new(ch);
+    let watch = |network: &str| pb::WatchAllocationsRequest {
+        network: network.into(),
+        cluster_id: String::new(),
+    };
+    let mut slow = slow_client
+        .watch_allocations(watch("net-w"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut slow).await.r#type(), pb::WatchEventType::Synced);
+
+    // The reader that keeps up, counting ADDED events on its own task.
+    let mut fast = c.watch_allocations(watch("net-w")).await.unwrap().into_inner();
+    assert_eq!(next_event(&mut fast).await.r#type(), pb::WatchEventType::Synced);
+    const N: usize = 4_000;
+    let reader = tokio::spawn(async move {
+        let mut revisions = Vec::with_capacity(N);
+        while revisions.len() < N {
+            let e = next_event(&mut fast).await;
+            assert_eq!(e.r#type(), pb::WatchEventType::Added);
+            revisions.push(e.revision);
+        }
+        revisions
+    });
+
+    // One commit batch per Allocate (each awaited); long names make each event ~200 bytes,
+    // so N of them are far more than the server's HTTP/2 send buffer, the stream's channel
+    // and the 16-batch ring together.
+    let ns = "n".repeat(63);
+    for i in 0..N {
+        let name = format!("{i:0>63}");
+        allocate(
+            &mut c,
+            alloc_req("net-w", owner("a", pb::OwnerKind::Service, &ns, &name)),
+        )
+        .await;
+    }
+    let revisions = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reading watcher got every event within 60 s")
+        .unwrap();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "events in commit order"
+    );
+
+    // The slow reader resumes: what was buffered, then ABORTED, then the end.
+    let mut delivered = 0;
+    let status = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), slow.next())
+            .await
+            .expect("the slow watch moves within 10 s");
+        match next {
+            Some(Ok(e)) => {
+                assert_eq!(e.r#type(), pb::WatchEventType::Added);
+                delivered += 1;
+            }
+            Some(Err(s)) => break s,
+            None => panic!("the slow watch ended without a status after {delivered} events"),
+        }
+    };
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("behind; watch again"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        delivered < N,
+        "the slow watcher was cut off ({delivered} of {N} delivered)"
+    );
+
+    // Watching again starts from a full snapshot.
+    let mut again = slow_client
+        .watch_allocations(watch("net-w"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut existing = 0;
+    while next_event(&mut again).await.r#type() == pb::WatchEventType::Existing {
+        existing += 1;
+    }
+    assert_eq!(existing, N);
+}

@@ -75,8 +75,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How many commit batches a watcher may fall behind before it is cut off.
-const WATCH_BUFFER: usize = 16_384;
+/// How many commit batches a watcher may fall behind before it is ended with ABORTED, unless
+/// the server is told otherwise (`serve --watch-buffer`). The buffer is one ring shared by
+/// every watcher: its memory is this many batches' change lists, however many watch.
+pub const DEFAULT_WATCH_BUFFER: usize = 16_384;
+/// The bounds `--watch-buffer` accepts.
+pub const WATCH_BUFFER_RANGE: std::ops::RangeInclusive<usize> = 16..=1 << 20;
 
 /// Reads the engine on a second thread while this one builds the state from what it has read
 /// so far: with 1M allocations, sled's ~1.3 s of scanning and decoding and the state's ~1 s
@@ -113,10 +117,22 @@ impl Ledger {
         default_grace_secs: u32,
         observer: Arc<dyn CommitObserver>,
     ) -> Result<Arc<Self>> {
+        Self::open_with(engine, default_grace_secs, observer, DEFAULT_WATCH_BUFFER)
+    }
+
+    /// [`Ledger::open`] with watchers cut off after falling `watch_buffer` batches behind
+    /// (clamped to [`WATCH_BUFFER_RANGE`]).
+    pub fn open_with(
+        engine: Arc<dyn Engine>,
+        default_grace_secs: u32,
+        observer: Arc<dyn CommitObserver>,
+        watch_buffer: usize,
+    ) -> Result<Arc<Self>> {
+        let watch_buffer = watch_buffer.clamp(*WATCH_BUFFER_RANGE.start(), *WATCH_BUFFER_RANGE.end());
         let state = load_pipelined(&*engine, default_grace_secs)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(Durable::Upto(state.seq));
-        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let (events, _) = broadcast::channel(watch_buffer);
         let ev = events.clone();
         thread::Builder::new()
             .name("cairn-commit".into())

@@ -37,7 +37,9 @@ mod space;
 mod state;
 mod types;
 
-pub use durable::{CommitObserver, Committed, Ledger, NoObserver, now_ms};
+pub use durable::{
+    CommitObserver, Committed, DEFAULT_WATCH_BUFFER, Ledger, NoObserver, WATCH_BUFFER_RANGE, now_ms,
+};
 pub use state::{MAX_REVISION, State};
 pub use types::{AddressInfo, AllocateReq, Change, ListFilter, Outcome, Upserted, Usage};
 
