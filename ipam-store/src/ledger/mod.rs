@@ -22,7 +22,7 @@
 //!
 //! Files: `state.rs` (the state and loading it), `networks.rs` (upsert/delete networks),
 //! `allocate.rs`, `release.rs` (release, grace), `query.rs` (reads and usage), `pool.rs`,
-//! `quarantine.rs`, `shared.rs` (addresses held under a sharing key, by group), `types.rs` (requests, results, changes), `durable.rs` (the group-committed
+//! `quarantine.rs`, `replica.rs` (a follower applying the leader's committed ops), `shared.rs` (addresses held under a sharing key, by group), `types.rs` (requests, results, changes), `durable.rs` (the group-committed
 //! [`Ledger`]).
 
 mod allocate;
@@ -32,6 +32,7 @@ mod pool;
 mod quarantine;
 mod query;
 mod release;
+mod replica;
 mod shared;
 mod space;
 mod state;

@@ -5,6 +5,7 @@
 
 mod durable;
 mod model_check;
+mod replica;
 
 use std::net::IpAddr;
 
