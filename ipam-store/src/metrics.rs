@@ -48,6 +48,8 @@ pub struct Metrics {
     allocations: Gauge,
     pool_addresses: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     leader: Gauge,
+    follower_lag: Gauge,
+    follower_loads: Counter,
 }
 
 impl Metrics {
@@ -96,8 +98,28 @@ impl Metrics {
                 "1 while this replica is the store's writer (always with sled), 0 while it follows",
                 Gauge::default(),
             ),
+            follower_lag: r.register(
+                "follower_lag_revisions",
+                "etcd revisions a follower's replica had not applied at its last watch response (0 on the leader)",
+                Gauge::default(),
+            ),
+            follower_loads: r.register(
+                "follower_loads",
+                "times a follower loaded its replica from etcd (start, and after a compaction or a lost watch)",
+                Counter::default(),
+            ),
             registry: r,
         }
+    }
+
+    /// A follower's replica is behind by `revisions` etcd revisions.
+    pub fn follower_lag(&self, revisions: i64) {
+        self.follower_lag.set(revisions);
+    }
+
+    /// A follower loaded its replica.
+    pub fn follower_loaded(&self) {
+        self.follower_loads.inc();
     }
 
     /// Records one RPC.
@@ -124,6 +146,7 @@ impl Metrics {
     /// The text exposition, with gauges refreshed from the ledger.
     pub async fn render(&self, ledger: &Ledger) -> String {
         self.leader.set(1);
+        self.follower_lag.set(0);
         self.allocations.set(ledger.allocation_count() as i64);
         if let Ok(usage) = ledger.usage(None).await {
             self.pool_addresses.clear();

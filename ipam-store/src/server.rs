@@ -122,6 +122,51 @@ fn gated_web(cell: Arc<OnceLock<axum::Router>>) -> axum::Router {
     })
 }
 
+/// Hands each replica the follower loads to the gate (as the service answering follower
+/// reads), ending the open watches of the one before; ends the last one's watches when this
+/// replica starts leading or the process stops.
+async fn publish_replicas(
+    mut replicas: watch::Receiver<Option<Arc<Ledger>>>,
+    gate: Gate<IpamServiceServer<IpamService>>,
+    metrics: Arc<Metrics>,
+    grace: u32,
+    trust_domain: Option<TrustDomain>,
+    mut stopping: watch::Receiver<bool>,
+    mut leading: watch::Receiver<bool>,
+) {
+    let mut current: Option<watch::Sender<bool>> = None;
+    loop {
+        tokio::select! {
+            changed = replicas.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(replica) = replicas.borrow_and_update().clone() else { continue };
+                if let Some(end) = current.take() {
+                    end.send_replace(true);
+                }
+                let (end_tx, end_rx) = watch::channel(false);
+                let mut svc = IpamService::new(replica, metrics.clone(), grace).with_shutdown(end_rx);
+                if let Some(td) = &trust_domain {
+                    svc = svc.with_auth(td.clone());
+                }
+                gate.follow(Some(
+                    IpamServiceServer::new(svc)
+                        .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                        .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+                ));
+                current = Some(end_tx);
+            }
+            _ = stopping.wait_for(|s| *s) => break,
+            _ = leading.wait_for(|l| *l) => break,
+        }
+    }
+    gate.follow(None);
+    if let Some(end) = current {
+        end.send_replace(true);
+    }
+}
+
 /// Serves until `shutdown` resolves, the ledger fails or (etcd) leadership is lost; then
 /// drains and syncs.
 pub async fn serve(
@@ -266,8 +311,32 @@ pub async fn serve(
             .unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
         let ttl = opts.leader_lease_secs;
         let (ledger_tx, health) = (ledger_tx.clone(), health.clone());
+        // While following: a replica of the ledger from etcd answers reads and watches.
+        let (replica_tx, replica_rx) = watch::channel::<Option<Arc<Ledger>>>(None);
+        let follower = tokio::spawn(crate::ha::follow(
+            etcd.clone(),
+            opts.default_grace_secs,
+            opts.watch_buffer,
+            replica_tx,
+            metrics.clone(),
+        ));
+        let (leading_tx, leading_rx) = watch::channel(false);
+        let publisher = tokio::spawn(publish_replicas(
+            replica_rx,
+            gate.clone(),
+            metrics.clone(),
+            opts.default_grace_secs,
+            tls.as_ref().map(|(_, td)| td.clone()),
+            stopping_rx.clone(),
+            leading_rx,
+        ));
         tokio::spawn(async move {
             let lead = crate::ha::campaign(etcd, id, ttl, leader_tx).await;
+            // The replica's watchers end (they watch again, here as the leader) before the
+            // ledger loads; the follower stops applying.
+            follower.abort();
+            leading_tx.send_replace(true);
+            let _ = publisher.await;
             let mut lost = lead.lost_signal();
             *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(lead);
             let opened = tokio::task::spawn_blocking(move || activate(engine)).await;

@@ -1,5 +1,7 @@
 //! HA store: three `cairn-ipam serve --backend etcd` replicas on a real 3-member etcd cluster
-//! on loopback. One leads; the others answer UNAVAILABLE naming it (and are not ready). Killing
+//! on loopback. One leads; the others answer writes UNAVAILABLE naming it (and are not
+//! ready), and reads and watches from their replica of the ledger, which follows the
+//! leader's commits through an etcd watch — also across a change of leader. Killing
 //! the leader -9 hands the ledger to another replica with nothing lost; a leader paused
 //! (SIGSTOP) past its lease is replaced, and when it resumes its in-flight write is fenced off
 //! in etcd — refused, not doubled — and it stops. Under two clusters' concurrent load through
@@ -491,4 +493,151 @@ async fn the_leader_keeps_its_lease_through_etcd_member_deaths() {
         );
         etcd.restart(m);
     }
+}
+
+/// The next event of `w` within 10 s, as (type, owner name).
+async fn next_change(
+    w: &mut tonic::Streaming<pb::WatchAllocationsResponse>,
+) -> (pb::WatchEventType, String, u64) {
+    let e = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(w))
+        .await
+        .expect("a watch event within 10 s")
+        .expect("the watch goes on")
+        .expect("the watch is not ended");
+    let name = e
+        .allocation
+        .as_ref()
+        .and_then(|a| a.owner.as_ref())
+        .map(|o| o.name.clone())
+        .unwrap_or_default();
+    (e.r#type(), name, e.revision)
+}
+
+#[tokio::test]
+async fn followers_answer_reads_and_their_watch_sees_every_change_in_order_across_a_leader_change() {
+    let etcd = EtcdCluster::start(3, &server_flags());
+    let mut rs = replicas(&etcd).await;
+    let l = leader(&mut rs).await;
+    let (f, other) = match l {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let mut c = rs[l].client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    let one = allocate(&mut c, alloc_req("net-a", svc("a", "one"))).await;
+
+    // Reads on a follower come from its replica, which follows the leader's commits.
+    let mut fc = rs[f].client().await;
+    eventually("the follower answers the read", Duration::from_secs(10), || {
+        let mut fc = fc.clone();
+        let want = one.addresses.clone();
+        async move {
+            let got = fc
+                .get_allocation(pb::GetAllocationRequest {
+                    network: "net-a".into(),
+                    owner: Some(svc("a", "one")),
+                })
+                .await
+                .ok()?;
+            (got.into_inner().addresses == want).then_some(())
+        }
+    })
+    .await;
+    let nets = fc
+        .list_networks(pb::ListNetworksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nets.networks.len(), 1);
+    let usage = fc
+        .get_usage(pb::GetUsageRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!usage.pools.is_empty(), "{usage:?}");
+    // Writes it still refuses, naming the leader; it is still not ready.
+    let e = fc
+        .allocate(alloc_req("net-a", svc("a", "nope")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains(&rs[l].endpoint()), "{}", e.message());
+    assert_eq!(http_status(rs[f].metrics.unwrap(), "/readyz").await, 503);
+
+    // A watch on the follower: the snapshot, then changes the leader commits.
+    let mut w = fc
+        .watch_allocations(pb::WatchAllocationsRequest {
+            network: "net-a".into(),
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut snapshot = Vec::new();
+    loop {
+        let (ty, name, _) = next_change(&mut w).await;
+        if ty == pb::WatchEventType::Synced {
+            break;
+        }
+        assert_eq!(ty, pb::WatchEventType::Existing);
+        snapshot.push(name);
+    }
+    assert_eq!(snapshot, ["one"]);
+    allocate(&mut c, alloc_req("net-a", svc("a", "two"))).await;
+    allocate(&mut c, alloc_req("net-a", svc("a", "three"))).await;
+    c.release(pb::ReleaseRequest {
+        network: "net-a".into(),
+        owner: Some(svc("a", "one")),
+    })
+    .await
+    .unwrap();
+
+    // The leader dies while the watched follower is paused, so the third replica takes over
+    // and the watched one stays a follower through the change.
+    signal(&rs[f], rustix::process::Signal::STOP);
+    rs[l].kill();
+    let other_ep = rs[other].endpoint();
+    eventually("the third replica leads", FAILOVER_DEADLINE, || {
+        let r = &rs[other];
+        async move { r.is_serving().await.then_some(()) }
+    })
+    .await;
+    signal(&rs[f], rustix::process::Signal::CONT);
+    let mut c = rs[other].client().await;
+    allocate(&mut c, alloc_req("net-a", svc("a", "four"))).await;
+    c.release(pb::ReleaseRequest {
+        network: "net-a".into(),
+        owner: Some(svc("a", "two")),
+    })
+    .await
+    .unwrap();
+
+    let mut seen = Vec::new();
+    let mut last = 0;
+    for _ in 0..5 {
+        let (ty, name, rev) = next_change(&mut w).await;
+        assert!(rev > last, "revisions in commit order: {rev} after {last}");
+        last = rev;
+        seen.push((ty, name));
+    }
+    use pb::WatchEventType::{Added, Deleted};
+    let want: Vec<(pb::WatchEventType, String)> = [
+        (Added, "two"),
+        (Added, "three"),
+        (Deleted, "one"),
+        (Added, "four"),
+        (Deleted, "two"),
+    ]
+    .into_iter()
+    .map(|(t, n)| (t, n.to_string()))
+    .collect();
+    assert_eq!(seen, want);
+    // And its reads now follow the new leader's commits; its refusals name the new leader.
+    assert_eq!(held(&mut fc, "four").await.len(), 1);
+    let e = fc
+        .allocate(alloc_req("net-a", svc("a", "nope")))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains(&other_ep), "{}", e.message());
 }

@@ -122,7 +122,9 @@ pub(super) fn stream(
         tokio::select! {
             () = feed => {}
             () = stopped => {
-                let _ = tx.try_send(Err(Status::unavailable("the store is shutting down; watch again")));
+                let _ = tx.try_send(Err(Status::unavailable(
+                    "this store replica stopped serving watches (shutting down, or a follower reloading or taking over); watch again",
+                )));
             }
         }
     })

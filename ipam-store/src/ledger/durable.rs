@@ -66,6 +66,9 @@ pub struct Ledger {
     tx: mpsc::UnboundedSender<Batch>,
     durable: watch::Receiver<Durable>,
     events: broadcast::Sender<Committed>,
+    /// On a follower's replica ([`Ledger::replica`]): advances the durable mark as batches
+    /// the leader committed are applied. A replica refuses every mutation.
+    replica: Option<watch::Sender<Durable>>,
 }
 
 /// Wall clock in milliseconds since the Unix epoch.
@@ -143,7 +146,57 @@ impl Ledger {
             tx,
             durable,
             events,
+            replica: None,
         }))
+    }
+
+    /// A read-only replica of the ledger another process writes, from `snap` (records read
+    /// at one point of the shared engine); [`Ledger::apply`] feeds it every later committed
+    /// batch. It serves reads and watches like the writer; mutations fail with
+    /// `Error::Storage` (no committer runs).
+    pub fn replica(snap: Snapshot, default_grace_secs: u32, watch_buffer: usize) -> Result<Arc<Self>> {
+        let state = State::load(snap, default_grace_secs, now_ms(), false)?;
+        let watch_buffer = watch_buffer.clamp(*WATCH_BUFFER_RANGE.start(), *WATCH_BUFFER_RANGE.end());
+        let (tx, _) = mpsc::unbounded_channel();
+        let (durable_tx, durable) = watch::channel(Durable::Upto(state.seq));
+        let (events, _) = broadcast::channel(watch_buffer);
+        Ok(Arc::new(Ledger {
+            state: Mutex::new(state),
+            tx,
+            durable,
+            events,
+            replica: Some(durable_tx),
+        }))
+    }
+
+    /// On a replica: applies one batch the writer committed, with its sequence, and tells
+    /// watchers. An error (a record the writer could not have written) leaves the replica
+    /// unusable: the caller loads a new one.
+    pub fn apply(&self, ops: Vec<Op>, seq: u64) -> Result<()> {
+        let Some(durable) = &self.replica else {
+            return Err(Error::Storage(
+                "apply: this ledger is the writer, not a replica".into(),
+            ));
+        };
+        let (changes, seq) = {
+            let mut st = self.lock();
+            let changes = st.apply(ops, seq)?;
+            (changes, st.seq)
+        };
+        durable.send_replace(Durable::Upto(seq));
+        if !changes.is_empty() {
+            // No receivers is fine.
+            let _ = self.events.send(Committed {
+                seq,
+                changes: Arc::new(changes),
+            });
+        }
+        Ok(())
+    }
+
+    /// The last commit sequence in the state (on a replica: the last applied).
+    pub fn seq(&self) -> u64 {
+        self.lock().seq
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -177,6 +230,11 @@ impl Ledger {
 
     /// Runs a transition and waits until its ops (if any) are durable.
     async fn mutate<T>(&self, f: impl FnOnce(&mut State, u64, u64) -> Result<Outcome<T>>) -> Result<T> {
+        if self.replica.is_some() {
+            return Err(Error::Storage(
+                "this cairn-ipam replica follows the leader and does not write".into(),
+            ));
+        }
         let wait_for = {
             let mut st = self.lock();
             self.healthy()?;

@@ -203,7 +203,8 @@ impl State {
         }
         let released = &self.released;
         for net in self.networks.values_mut() {
-            if !net.holders.contains_key(ip) && net.quarantine.get(ip).is_none() && released.get(ip).is_none() {
+            if !net.holders.contains_key(ip) && net.quarantine.get(ip).is_none() && released.get(ip).is_none()
+            {
                 for p in &mut net.pools {
                     p.give_back(ip);
                 }

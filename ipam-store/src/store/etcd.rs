@@ -57,8 +57,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, PutOptions,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Event, EventType, GetOptions, Identity,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -602,8 +602,64 @@ fn on<T: Send + 'static>(
     }
 }
 
-impl Engine for EtcdEngine {
-    fn load(&self) -> Result<Snapshot> {
+/// One record change read back from a watch.
+#[derive(Debug)]
+pub enum Replicated {
+    /// A record the ledger keeps.
+    Op(Box<Op>),
+    /// `meta/seq`: the commit sequence of the transaction.
+    Seq(u64),
+}
+
+impl EtcdEngine {
+    /// The key and options of a watch of every record from `revision` on (inclusive).
+    pub fn watch_from(&self, revision: i64) -> (String, WatchOptions) {
+        let opts = WatchOptions::new()
+            .with_range(prefix_end(&self.root))
+            .with_start_revision(revision)
+            .with_progress_notify();
+        (self.root.clone(), opts)
+    }
+
+    /// What a watch event did to the store's records; `None` for keys the ledger does not
+    /// keep (the leader key, the writer id). An unknown or corrupt key is an error naming it.
+    pub fn replicated(&self, ev: &Event) -> Result<Option<Replicated>> {
+        let Some(kv) = ev.kv() else {
+            return Ok(None);
+        };
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let rest = key.strip_prefix(self.root.as_str()).unwrap_or(&key);
+        let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+        let put = ev.event_type() == EventType::Put;
+        let v = kv.value();
+        Ok(Some(match (kind, put) {
+            ("networks", true) => Replicated::Op(Box::new(Op::PutNetwork(parse(&key, v)?))),
+            ("networks", false) => Replicated::Op(Box::new(Op::DelNetwork(name.to_string()))),
+            ("allocations", true) => Replicated::Op(Box::new(Op::PutAlloc(parse(&key, v)?))),
+            ("allocations", false) => Replicated::Op(Box::new(Op::DelAlloc(name.to_string()))),
+            ("quarantine", true) => Replicated::Op(Box::new(Op::PutQuarantine(parse(&key, v)?))),
+            ("quarantine", false) => {
+                let parsed = name
+                    .rsplit_once('/')
+                    .and_then(|(net, ip)| Some((net.to_string(), ip.parse().ok()?)));
+                let Some((net, ip)) = parsed else {
+                    return Err(Error::Storage(format!("etcd: malformed quarantine key {key:?}")));
+                };
+                Replicated::Op(Box::new(Op::DelQuarantine(net, ip)))
+            }
+            ("meta", true) if rest == "meta/seq" => Replicated::Seq(parse(&key, v)?),
+            ("meta", _) => return Ok(None),
+            _ => {
+                return Err(Error::Storage(format!(
+                    "etcd: unknown key {key:?} under the store's prefix"
+                )));
+            }
+        }))
+    }
+
+    /// Everything stored, as one snapshot at one etcd revision, and that revision (a watch
+    /// from the next one sees every later change exactly once).
+    pub fn load_at(&self) -> Result<(Snapshot, i64)> {
         let end = prefix_end(&self.root);
         let mut snap = Snapshot::default();
         let mut from = self.root.clone().into_bytes();
@@ -650,9 +706,15 @@ impl Engine for EtcdEngine {
             }
             if !more || page.is_empty() {
                 *self.seq_rev() = Some(seq_rev);
-                return Ok(snap);
+                return Ok((snap, rev));
             }
         }
+    }
+}
+
+impl Engine for EtcdEngine {
+    fn load(&self) -> Result<Snapshot> {
+        self.load_at().map(|(snap, _)| snap)
     }
 
     fn commit(&self, ops: &[Op], seq: u64) -> Result<()> {

@@ -12,11 +12,30 @@ use crate::store::Op;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Alloc { net: u8, cluster: u8, name: u8, key: Option<u8>, port: u16, v6: bool },
-    Release { net: u8, cluster: u8, name: u8 },
-    Shrink { net: u8, small: bool },
-    Grace { net: u8, secs: u32 },
-    ForceDelete { net: u8 },
+    Alloc {
+        net: u8,
+        cluster: u8,
+        name: u8,
+        key: Option<u8>,
+        port: u16,
+        v6: bool,
+    },
+    Release {
+        net: u8,
+        cluster: u8,
+        name: u8,
+    },
+    Shrink {
+        net: u8,
+        small: bool,
+    },
+    Grace {
+        net: u8,
+        secs: u32,
+    },
+    ForceDelete {
+        net: u8,
+    },
     Reload,
     Tick,
 }
@@ -85,15 +104,14 @@ fn served(st: &State) -> String {
     for (name, n) in &st.networks {
         // Holders of a shared address in any order (a reload sorts them; sharers are of one
         // pool, so the order decides nothing).
-        let holders: BTreeMap<_, std::collections::BTreeSet<_>> =
-            n.holders.iter().map(|(ip, ks)| (ip, ks.iter().collect())).collect();
+        let holders: BTreeMap<_, std::collections::BTreeSet<_>> = n
+            .holders
+            .iter()
+            .map(|(ip, ks)| (ip, ks.iter().collect()))
+            .collect();
         out += &format!(
             "net {name}: {:?} footprint {:?} holders {:?} oor {:?} pools {:?}\n",
-            n.rec,
-            n.footprint,
-            holders,
-            n.out_of_range,
-            n.pools
+            n.rec, n.footprint, holders, n.out_of_range, n.pools
         );
     }
     out
@@ -179,15 +197,24 @@ fn changes_say_added_modified_and_deleted() {
     let mut feed = |leader: &mut State, ops: Vec<Op>| follower.apply(ops, leader.seq).unwrap();
     let (_, ops, _) = leader.allocate(req("net-a", svc("a", "web")), 1, 0).unwrap();
     let c = feed(&mut leader, ops);
-    assert!(matches!(&c[..], [Change::Added(a)] if a.owner.name == "web"), "{c:?}");
+    assert!(
+        matches!(&c[..], [Change::Added(a)] if a.owner.name == "web"),
+        "{c:?}"
+    );
     let mut r = req("net-a", svc("a", "web"));
     r.ports = tcp(&[80]);
     let (_, ops, _) = leader.allocate(r, 2, 0).unwrap();
     let c = feed(&mut leader, ops);
-    assert!(matches!(&c[..], [Change::Modified(a)] if a.ports == tcp(&[80])), "{c:?}");
+    assert!(
+        matches!(&c[..], [Change::Modified(a)] if a.ports == tcp(&[80])),
+        "{c:?}"
+    );
     let (_, ops, _) = leader.release("net-a", &svc("a", "web"), 0).unwrap();
     let c = feed(&mut leader, ops);
-    assert!(matches!(&c[..], [Change::Deleted(a)] if a.owner.name == "web"), "{c:?}");
+    assert!(
+        matches!(&c[..], [Change::Deleted(a)] if a.owner.name == "web"),
+        "{c:?}"
+    );
 }
 
 #[test]
