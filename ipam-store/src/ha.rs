@@ -2,12 +2,13 @@
 //!
 //! Contract:
 //! - Every replica serves its gRPC and metrics listeners from the start. Until it leads, the
-//!   IpamService answers every call `UNAVAILABLE` ("this replica follows; the leader is URL"),
-//!   with the leader's advertised URL in the `cairn-leader` response metadata; gRPC health says
-//!   NOT_SERVING for `cairn.ipam.v1.IpamService`, `/readyz` answers 503 and
-//!   `cairn_ipam_leader` is 0. A Kubernetes Service over the replicas therefore routes to the
-//!   leader alone (readiness), and failover-aware clients pick the replica whose health says
-//!   SERVING.
+//!   IpamService answers the reads of [`FOLLOWER_METHODS`] from a replica of the ledger that
+//!   [`follow`] keeps from an etcd watch (once loaded), and every other call `UNAVAILABLE`
+//!   ("this replica follows; the leader is URL"), with the leader's advertised URL in the
+//!   `cairn-leader` response metadata; gRPC health says NOT_SERVING for
+//!   `cairn.ipam.v1.IpamService`, `/readyz` answers 503 and `cairn_ipam_leader` is 0. A
+//!   Kubernetes Service over the replicas therefore routes to the leader alone (readiness),
+//!   and failover-aware clients pick the replica whose health says SERVING.
 //! - A follower polls the leader key ([`POLL`]); when it is gone (the leader's lease expired
 //!   or was revoked) it campaigns ([`EtcdEngine::try_lead`]). The winner loads the ledger from
 //!   etcd and only then serves: [`Gate`] forwards to the real service from that moment.
