@@ -5,7 +5,7 @@
 //! cargo bench -p cairn-ipam --bench store -- --quick   # CI smoke (seconds)
 //! ```
 //!
-//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web,etcd,fleet`; `engine` is the in-process
+//! Sections (select with `--only alloc,engine,grpc,rss,restart,mtls,web,etcd,fleet,neighbour`; `engine` is the in-process
 //! `SledEngine::commit` cost printed within section 2):
 //! 1. `alloc`: allocation cost on `State` directly (no I/O), per pool size and fill.
 //! 2. `grpc`: Allocate throughput and latency with durable ack against a real `cairn-ipam
@@ -1544,12 +1544,12 @@ fn mem_probe(kind: &str, n: u64, dir: &Path, cache_mib: u64) -> anyhow::Result<(
         "sled-write" => {
             // Records made directly (no `State`, whose freed memory would stay in RSS).
             let engine = SledEngine::open(dir, cache)?;
-            let mut ops = vec![Op::PutNetwork(NetworkRecord {
+            let mut ops = vec![Op::PutNetwork(Arc::new(NetworkRecord {
                 def: network_def("10.0.0.0/8", Some(0)),
                 version: 1,
                 created_ms: NOW_MS,
                 updated_ms: NOW_MS,
-            })];
+            }))];
             for i in 0..n {
                 ops.push(Op::PutAlloc(Allocation {
                     network: "bench".into(),
@@ -2155,7 +2155,10 @@ async fn bench_follower(
             break;
         }
         if t.elapsed() > Duration::from_secs(600) {
-            bail!("the follower did not load its replica in 600 s; see {}", follower.log.display());
+            bail!(
+                "the follower did not load its replica in 600 s; see {}",
+                follower.log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -2172,7 +2175,10 @@ async fn bench_follower(
         };
         while fc.get_allocation(get.clone()).await.is_err() {
             if acked.elapsed() > Duration::from_secs(30) {
-                bail!("a commit did not reach the follower in 30 s; see {}", follower.log.display());
+                bail!(
+                    "a commit did not reach the follower in 30 s; see {}",
+                    follower.log.display()
+                );
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
@@ -2193,6 +2199,132 @@ async fn bench_follower(
     println!();
     follower.stop()?;
     leader.stop()?;
+    Ok(())
+}
+
+// ============================================================================================
+// Section 9: a neighbour sending the largest request the limits allow
+// ============================================================================================
+
+/// The largest network definition the limits allow: 64 pools of 1,024 ranges (/30s) and 1,024
+/// exclusions each, in 172.16.0.0/14; `variant` moves every exclusion, so each upsert is a
+/// real change.
+fn largest_network(variant: u32) -> pb::Network {
+    let base = u32::from(std::net::Ipv4Addr::new(172, 16, 0, 0));
+    let ip = |v: u32| std::net::Ipv4Addr::from(v).to_string();
+    pb::Network {
+        name: "largest".into(),
+        pools: (0..64u32)
+            .map(|p| pb::Pool {
+                name: format!("pool-{p}"),
+                purpose: pb::PoolPurpose::Vip as i32,
+                ranges: (0..1024u32)
+                    .map(|r| format!("{}/30", ip(base + p * 4096 + r * 4)))
+                    .collect(),
+                exclusions: (0..1024u32)
+                    .map(|r| ip(base + p * 4096 + r * 4 + 1 + variant % 2))
+                    .collect(),
+                auto_assign: Some(true),
+            })
+            .collect(),
+        reuse_grace_seconds: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Allocate latency at 1 in flight alone, then beside a client sending the largest
+/// UpsertNetwork the limits allow in a loop (issue 11's target: p99 ≤ 10 ms beside it).
+async fn bench_neighbour(args: &Args, work: &Path) -> anyhow::Result<()> {
+    use prost::Message as _;
+    println!("## 9. Allocate beside the largest request the limits allow");
+    println!();
+    let data = work.join("neighbour-data");
+    fs::create_dir_all(&data)?;
+    let mut srv = Server::start(args, &data, &work.join("neighbour.log"))?;
+    let clients = srv.clients(2).await?;
+    let mut c = clients[0].clone();
+    upsert(&mut c).await?;
+    let heavy_req = |v: u32, dry_run: bool| pb::UpsertNetworkRequest {
+        network: Some(largest_network(v)),
+        expected_version: None,
+        dry_run,
+    };
+    let bytes = heavy_req(0, false).encoded_len();
+    let mut h = clients[1].clone();
+    let t = Instant::now();
+    h.upsert_network(heavy_req(0, false)).await?;
+    let first = t.elapsed();
+    let dur = Duration::from_secs_f64(args.secs);
+    let next = Arc::new(AtomicU64::new(0));
+    let quiet = wait_quiet(args.quiet);
+    let alone = load(&clients[..1], 1, next.clone(), None, Duration::from_secs(1), dur).await;
+    let mut rows = vec![("alone".to_string(), alone)];
+    let mut heavies = Vec::new();
+    for dry_run in [false, true] {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let heavy = {
+            let (stop, mut h) = (stop.clone(), h.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut v = 1;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if h.upsert_network(heavy_req(v, dry_run)).await.is_ok() {
+                        lat.push(t.elapsed().as_nanos() as u64);
+                    }
+                    v += 1;
+                }
+                Samples::new(lat)
+            })
+        };
+        let beside = load(&clients[..1], 1, next.clone(), None, Duration::from_secs(1), dur).await;
+        stop.store(true, Ordering::Relaxed);
+        let what = if dry_run {
+            "beside the largest UpsertNetwork, `dry_run` (validated, not committed)"
+        } else {
+            "beside the largest UpsertNetwork (committed)"
+        };
+        rows.push((what.to_string(), beside));
+        heavies.push((what, heavy.await?));
+    }
+    println!(
+        "One `cairn-ipam serve` (release, sled, fdatasync), Allocate for fresh owners at 1 in flight \
+         for {} s after 1 s warm-up, alone and then while a second connection sends, in a loop, the \
+         largest UpsertNetwork the limits allow: 64 pools × (1,024 ranges + 1,024 exclusions), \
+         {:.1} MB encoded, every one a real change (the exclusions move). {quiet}",
+        args.secs,
+        bytes as f64 / 1e6,
+    );
+    println!();
+    println!("| Allocate | allocs/s | p50 ms | p99 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (what, r) in &rows {
+        println!(
+            "| {what} | {:.0} | {} | {} | {} | {} |",
+            r.done as f64 / r.elapsed.as_secs_f64(),
+            ms(r.lat.pct(50.0)),
+            ms(r.lat.pct(99.0)),
+            ms(r.lat.max()),
+            r.errors
+        );
+    }
+    println!();
+    println!(
+        "The largest UpsertNetwork: first (create) {:.1} ms; {}.",
+        first.as_secs_f64() * 1e3,
+        heavies
+            .iter()
+            .map(|(what, h)| format!(
+                "{what}: {} done, p50 {} ms, max {} ms each",
+                h.0.len(),
+                ms(h.pct(50.0)),
+                ms(h.max())
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!();
+    srv.stop()?;
     Ok(())
 }
 
@@ -2510,6 +2642,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.want("fleet") {
         rt.block_on(bench_fleet(&args, &sz, &work_path))?;
+        println!("{}\n", loadavg());
+    }
+    if args.want("neighbour") {
+        rt.block_on(bench_neighbour(&args, &work_path))?;
         println!("{}\n", loadavg());
     }
     println!("(total {:.0} s)", started.elapsed().as_secs_f64());

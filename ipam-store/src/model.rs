@@ -69,6 +69,31 @@ pub struct NetworkDef {
     pub managed_by: String,
 }
 
+impl NetworkDef {
+    /// Equal in everything but `managed_by` (compared in place: a definition can be
+    /// megabytes, and this runs under the ledger's lock).
+    pub fn same_but_manager(&self, o: &NetworkDef) -> bool {
+        // Destructured, so a new field cannot be forgotten here.
+        let NetworkDef {
+            name,
+            prefixes,
+            gateways,
+            dns_servers,
+            vlan,
+            pools,
+            reuse_grace_secs,
+            managed_by: _,
+        } = self;
+        *name == o.name
+            && *prefixes == o.prefixes
+            && *gateways == o.gateways
+            && *dns_servers == o.dns_servers
+            && *vlan == o.vlan
+            && *pools == o.pools
+            && *reuse_grace_secs == o.reuse_grace_secs
+    }
+}
+
 /// A stored network: the definition plus bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {

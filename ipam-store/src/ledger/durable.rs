@@ -235,11 +235,15 @@ impl Ledger {
                 "this cairn-ipam replica follows the leader and does not write".into(),
             ));
         }
+        let retired;
         let wait_for = {
             let mut st = self.lock();
             self.healthy()?;
             let seq = st.seq + 1;
-            let (out, mut ops, changes) = match f(&mut st, seq, now_ms()) {
+            let outcome = f(&mut st, seq, now_ms());
+            // Freed after the lock is released.
+            retired = st.take_retired();
+            let (out, mut ops, changes) = match outcome {
                 Ok((out, ops, changes)) => (Ok(out), ops, changes),
                 // A refusal is an answer about the state too: it must not be sent before
                 // the state it describes is durable.
@@ -259,6 +263,7 @@ impl Ledger {
                 (out, seq)
             }
         };
+        drop(retired);
         let (out, seq) = wait_for;
         self.wait_durable(seq).await?;
         out
@@ -283,7 +288,18 @@ impl Ledger {
         expected_version: Option<u64>,
         dry_run: bool,
     ) -> Result<Upserted> {
-        self.mutate(|st, _, now| st.upsert_network(def, expected_version, dry_run, now))
+        // Validation and everything else derived from the definition alone happen before
+        // the lock, on a blocking thread: the largest definition the limits allow costs
+        // ~100 ms of CPU, which would otherwise hold the lock (every other request) or an
+        // async worker (a share of them).
+        let (def, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = super::networks::prepare(&def);
+            (def, prepared)
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("validating the network definition: {e}")))?;
+        let prepared = prepared?;
+        self.mutate(|st, _, now| st.upsert_prepared(def, prepared, expected_version, dry_run, now))
             .await
     }
 
@@ -375,7 +391,11 @@ impl Ledger {
             }
             let counts = (snap.networks.len() as u64, snap.allocations.len() as u64);
             let mut fresh = State::load(snap.clone(), default_grace_secs, now, true)?;
-            let mut ops: Vec<Op> = snap.networks.into_iter().map(Op::PutNetwork).collect();
+            let mut ops: Vec<Op> = snap
+                .networks
+                .into_iter()
+                .map(|n| Op::PutNetwork(Arc::new(n)))
+                .collect();
             let changes = snap.allocations.iter().cloned().map(Change::Added).collect();
             ops.extend(snap.allocations.into_iter().map(Op::PutAlloc));
             ops.extend(

@@ -2,7 +2,7 @@
 //! (invariant 4), letting two networks' address space overlap, or letting a network claim an
 //! address another network still holds or keeps in its reuse grace (invariant 1, fleet-wide).
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use super::{
     Change, Outcome, Upserted,
@@ -21,29 +21,86 @@ fn bounds(r: &AddrRange) -> std::ops::RangeInclusive<IpAddr> {
     from_u128(r.family, r.start)..=from_u128(r.family, r.end)
 }
 
+/// What a definition needs before the ledger's lock is taken: everything derived from the
+/// definition alone (validation, the named footprint, its merged space, the pools' spans).
+/// For the largest definition the limits allow this is most of an upsert's work, and no
+/// other request waits for it.
+pub(super) struct Prepared {
+    pub(super) footprint: Vec<(String, AddrRange)>,
+    pub(super) space: Vec<AddrRange>,
+    pub(super) pools: Vec<PoolState>,
+}
+
+/// Validates `def` and derives what [`State::upsert_prepared`] needs from it.
+pub(super) fn prepare(def: &NetworkDef) -> Result<Prepared> {
+    let parsed = def.validate()?;
+    let footprint = def.footprint(&parsed);
+    let space = super::space::merged(&footprint);
+    let pools = def
+        .pools
+        .iter()
+        .zip(&parsed)
+        .map(|(d, p)| PoolState::new(d, p, &def.gateways))
+        .collect();
+    Ok(Prepared {
+        footprint,
+        space,
+        pools,
+    })
+}
+
+/// The first footprint entry holding `ip`, for messages ("space" if none does).
+fn named<'a>(footprint: &'a [(String, AddrRange)], ip: &IpAddr) -> &'a str {
+    footprint
+        .iter()
+        .find(|(_, r)| r.contains(ip))
+        .map_or("space", |(d, _)| d.as_str())
+}
+
 impl State {
-    /// Refuses a footprint that overlaps another network's space, naming both definitions.
-    /// O(k log n) for k footprint entries.
-    pub(super) fn check_overlap(&self, name: &str, footprint: &[(String, AddrRange)]) -> Result<()> {
-        for (d1, r1) in footprint {
-            if let Some(other) = self.spaces.overlapping(r1, name).next() {
-                let d2 = self
-                    .networks
-                    .get(other)
-                    .and_then(|n| n.footprint.iter().find(|(_, r2)| r2.overlaps(r1)))
-                    .map_or("space", |(d, _)| d.as_str());
-                return Err(Error::Overlap(format!(
-                    "network {name:?} {d1} overlaps network {other:?} {d2}"
-                )));
-            }
+    /// Refuses a footprint (merged into `space`) that overlaps another network's space,
+    /// naming both definitions. O(s log n) for s merged intervals, plus O(k) for the names
+    /// when refusing.
+    pub(super) fn check_overlap(
+        &self,
+        name: &str,
+        footprint: &[(String, AddrRange)],
+        space: &[AddrRange],
+    ) -> Result<()> {
+        for r in space {
+            let Some(other) = self.spaces.overlapping(r, name).next() else {
+                continue;
+            };
+            // A point both claim: inside `r` and inside one of the other's own entries.
+            let theirs = self
+                .networks
+                .get(other)
+                .and_then(|n| n.footprint.iter().find(|(_, r2)| r2.overlaps(r)));
+            let (d2, point) = match theirs {
+                Some((d, r2)) => (d.as_str(), from_u128(r.family, r.start.max(r2.start))),
+                None => ("space", from_u128(r.family, r.start)),
+            };
+            let d1 = footprint
+                .iter()
+                .find(|(_, r1)| theirs.is_some_and(|(_, r2)| r1.overlaps(r2)))
+                .map_or_else(|| named(footprint, &point), |(d, _)| d.as_str());
+            return Err(Error::Overlap(format!(
+                "network {name:?} {d1} overlaps network {other:?} {d2}"
+            )));
         }
         Ok(())
     }
 
-    /// Refuses a footprint that covers an address another network holds (say, left out of
-    /// range by an edit) or keeps in its reuse grace. O(k · networks · log n).
-    fn check_covers_nothing_held(&self, name: &str, footprint: &[(String, AddrRange)]) -> Result<()> {
-        for (d, r) in footprint {
+    /// Refuses a space that covers an address another network holds (say, left out of range
+    /// by an edit) or keeps in its reuse grace. O(s · networks · log n) for s merged
+    /// intervals.
+    fn check_covers_nothing_held(
+        &self,
+        name: &str,
+        footprint: &[(String, AddrRange)],
+        space: &[AddrRange],
+    ) -> Result<()> {
+        for r in space {
             for (other, net) in self.networks.iter().filter(|(n, _)| n.as_str() != name) {
                 if let Some((ip, keys)) = net.holders.range(bounds(r)).next() {
                     let holder = keys
@@ -51,13 +108,17 @@ impl State {
                         .and_then(|k| self.allocs.get(k))
                         .map_or_else(|| "an owner".to_string(), |a| a.owner.to_string());
                     return Err(Error::Overlap(format!(
-                        "network {name:?} {d} covers {ip}, held by {holder} in network {other:?}"
+                        "network {name:?} {} covers {ip}, held by {holder} in network {other:?}",
+                        named(footprint, ip)
                     )));
                 }
                 if let Some(q) = net.quarantine.in_range(bounds(r)).next() {
                     return Err(Error::Overlap(format!(
-                        "network {name:?} {d} covers {}, in its reuse grace in network {other:?} until {} ms since epoch (released by {})",
-                        q.address, q.until_ms, q.previous_owner
+                        "network {name:?} {} covers {}, in its reuse grace in network {other:?} until {} ms since epoch (released by {})",
+                        named(footprint, &q.address),
+                        q.address,
+                        q.until_ms,
+                        q.previous_owner
                     )));
                 }
             }
@@ -69,25 +130,42 @@ impl State {
     pub fn network(&self, name: &str) -> Result<&NetworkRecord> {
         self.networks
             .get(name)
-            .map(|n| &n.rec)
+            .map(|n| &*n.rec)
             .ok_or_else(|| Error::NotFound(format!("network {name:?} not found")))
     }
 
     /// All networks by name.
     pub fn networks(&self) -> Vec<NetworkRecord> {
-        self.networks.values().map(|n| n.rec.clone()).collect()
+        self.networks.values().map(|n| (*n.rec).clone()).collect()
     }
 
     /// Creates or replaces a network definition. Pools may grow, shrink or change; a pool
     /// with allocations may not be removed or change purpose; allocations never move.
     pub fn upsert_network(
         &mut self,
-        mut def: NetworkDef,
+        def: NetworkDef,
         expected_version: Option<u64>,
         dry_run: bool,
         now_ms: u64,
     ) -> Result<Outcome<Upserted>> {
-        let parsed = def.validate()?;
+        let prepared = prepare(&def)?;
+        self.upsert_prepared(def, prepared, expected_version, dry_run, now_ms)
+    }
+
+    /// [`State::upsert_network`] with the definition already [`prepare`]d.
+    pub(super) fn upsert_prepared(
+        &mut self,
+        mut def: NetworkDef,
+        prepared: Prepared,
+        expected_version: Option<u64>,
+        dry_run: bool,
+        now_ms: u64,
+    ) -> Result<Outcome<Upserted>> {
+        let Prepared {
+            footprint,
+            space,
+            mut pools,
+        } = prepared;
         let existing = self.networks.get(&def.name);
         let current_version = existing.map_or(0, |n| n.rec.version);
         if let Some(v) = expected_version
@@ -103,11 +181,7 @@ impl State {
                 def.managed_by = ex.rec.def.managed_by.clone();
             }
             // Another manager re-applying the same definition changes nothing.
-            let same = NetworkDef {
-                managed_by: ex.rec.def.managed_by.clone(),
-                ..def.clone()
-            };
-            if ex.rec.def == same {
+            if ex.rec.def.same_but_manager(&def) {
                 let rec = ex.rec.clone();
                 return Ok((
                     Upserted {
@@ -154,16 +228,9 @@ impl State {
                 }
             }
         }
-        let footprint = def.footprint(&parsed);
-        self.check_overlap(&def.name, &footprint)?;
-        self.check_covers_nothing_held(&def.name, &footprint)?;
+        self.check_overlap(&def.name, &footprint, &space)?;
+        self.check_covers_nothing_held(&def.name, &footprint, &space)?;
 
-        let mut pools: Vec<PoolState> = def
-            .pools
-            .iter()
-            .zip(&parsed)
-            .map(|(d, p)| PoolState::new(d, p, &def.gateways))
-            .collect();
         let created = existing.is_none();
         // The old state's holders and quarantine carry over: moved on a real edit, copied for
         // a dry run (which must leave everything as it was).
@@ -183,22 +250,31 @@ impl State {
                     .map_or(0, |o| o.allocations);
             }
         }
-        let (holders, quarantine, old_footprint) = match old {
-            Some(ex) => (ex.holders, ex.quarantine, Some(ex.footprint)),
+        let (holders, quarantine, old_space) = match old {
+            Some(mut ex) => {
+                let moved = (
+                    std::mem::take(&mut ex.holders),
+                    std::mem::take(&mut ex.quarantine),
+                    Some(std::mem::take(&mut ex.space)),
+                );
+                self.retired.push(ex);
+                moved
+            }
             None => match self.networks.get(&def.name) {
                 Some(ex) => (ex.holders.clone(), ex.quarantine.clone(), None),
                 None => Default::default(),
             },
         };
         let mut net = NetState {
-            rec: NetworkRecord {
+            rec: Arc::new(NetworkRecord {
                 def,
                 version: current_version + 1,
                 created_ms,
                 updated_ms: now_ms,
-            },
+            }),
             pools,
             footprint,
+            space,
             holders,
             quarantine,
             out_of_range: BTreeSet::new(),
@@ -225,10 +301,10 @@ impl State {
             return Ok((result, vec![], vec![]));
         }
         let name = net.rec.def.name.clone();
-        if let Some(fp) = old_footprint {
-            self.spaces.remove(&name, &fp);
+        if let Some(old) = old_space {
+            self.spaces.remove(&name, &old);
         }
-        self.spaces.insert(&name, &net.footprint);
+        self.spaces.insert(&name, &net.space);
         let ops = vec![Op::PutNetwork(net.rec.clone())];
         self.networks.insert(name, net);
         Ok((result, ops, vec![]))
@@ -260,7 +336,7 @@ impl State {
         let Some(net) = self.networks.remove(name) else {
             return Ok((0, vec![], vec![]));
         };
-        self.spaces.remove(name, &net.footprint);
+        self.spaces.remove(name, &net.space);
         let grace = net.grace_ms(self.default_grace_secs);
         let mut ops = Vec::new();
         let mut changes = Vec::new();

@@ -18,7 +18,6 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use super::{
     Change,
-    pool::PoolState,
     state::{NetState, State},
 };
 use crate::{
@@ -34,7 +33,7 @@ impl State {
         let mut changes = Vec::new();
         for op in ops {
             match op {
-                Op::PutNetwork(rec) => self.put_network(rec)?,
+                Op::PutNetwork(rec) => self.put_network(std::sync::Arc::unwrap_or_clone(rec))?,
                 Op::DelNetwork(name) => self.del_network(&name),
                 Op::PutAlloc(a) => changes.push(self.put_alloc(a)),
                 Op::DelAlloc(key) => {
@@ -53,19 +52,13 @@ impl State {
     }
 
     fn put_network(&mut self, rec: NetworkRecord) -> Result<()> {
-        let parsed = rec
-            .def
-            .validate()
+        let super::networks::Prepared {
+            footprint,
+            space,
+            mut pools,
+        } = super::networks::prepare(&rec.def)
             .map_err(|e| Error::Storage(format!("replicated network {:?}: {e}", rec.def.name)))?;
         let name = rec.def.name.clone();
-        let footprint = rec.def.footprint(&parsed);
-        let mut pools: Vec<PoolState> = rec
-            .def
-            .pools
-            .iter()
-            .zip(&parsed)
-            .map(|(d, p)| PoolState::new(d, p, &rec.def.gateways))
-            .collect();
         let old = self.networks.remove(&name);
         let (holders, quarantine) = match old {
             Some(ex) => {
@@ -76,21 +69,22 @@ impl State {
                         .find(|o| o.name == p.name)
                         .map_or(0, |o| o.allocations);
                 }
-                self.spaces.remove(&name, &ex.footprint);
+                self.spaces.remove(&name, &ex.space);
                 (ex.holders, ex.quarantine)
             }
             None => Default::default(),
         };
         let mut net = NetState {
-            rec,
+            rec: rec.into(),
             pools,
             footprint,
+            space,
             holders,
             quarantine,
             out_of_range: BTreeSet::new(),
         };
         Self::rebuild_free(&mut net, &self.allocs, &self.released);
-        self.spaces.insert(&name, &net.footprint);
+        self.spaces.insert(&name, &net.space);
         self.networks.insert(name, net);
         Ok(())
     }
@@ -99,7 +93,7 @@ impl State {
         let Some(net) = self.networks.remove(name) else {
             return;
         };
-        self.spaces.remove(name, &net.footprint);
+        self.spaces.remove(name, &net.space);
         // As `delete_network`: its quarantine keeps the addresses from every other network.
         for q in net.quarantine.values() {
             self.released.insert(q.clone());

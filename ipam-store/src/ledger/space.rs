@@ -17,36 +17,39 @@ pub(super) struct Spaces {
     map: BTreeMap<(usize, u128), (u128, String)>,
 }
 
-/// A footprint merged into disjoint intervals per family.
-fn merged(footprint: &[(String, AddrRange)]) -> Vec<(Family, u128, u128)> {
+/// A footprint merged into disjoint intervals, per family in address order: a network's
+/// space. O(k log k); computed once per definition, outside the ledger's lock on upserts.
+pub(super) fn merged(footprint: &[(String, AddrRange)]) -> Vec<AddrRange> {
     let mut sets = [RangeSet::new(), RangeSet::new()];
     for (_, r) in footprint {
         sets[r.family.index()].insert(r.start, r.end);
     }
     Family::ALL
         .into_iter()
-        .flat_map(|f| {
-            sets[f.index()]
+        .flat_map(|family| {
+            sets[family.index()]
                 .iter()
-                .map(move |(s, e)| (f, s, e))
+                .map(move |(start, end)| AddrRange { family, start, end })
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
 impl Spaces {
-    /// Adds `network`'s footprint.
-    pub(super) fn insert(&mut self, network: &str, footprint: &[(String, AddrRange)]) {
-        for (f, s, e) in merged(footprint) {
-            self.map.insert((f.index(), s), (e, network.to_string()));
+    /// Adds `network`'s space (its merged footprint).
+    pub(super) fn insert(&mut self, network: &str, space: &[AddrRange]) {
+        for r in space {
+            self.map
+                .insert((r.family.index(), r.start), (r.end, network.to_string()));
         }
     }
 
-    /// Removes `network`'s footprint (as it was inserted).
-    pub(super) fn remove(&mut self, network: &str, footprint: &[(String, AddrRange)]) {
-        for (f, s, _) in merged(footprint) {
-            if self.map.get(&(f.index(), s)).is_some_and(|(_, n)| n == network) {
-                self.map.remove(&(f.index(), s));
+    /// Removes `network`'s space (as it was inserted).
+    pub(super) fn remove(&mut self, network: &str, space: &[AddrRange]) {
+        for r in space {
+            let k = (r.family.index(), r.start);
+            if self.map.get(&k).is_some_and(|(_, n)| n == network) {
+                self.map.remove(&k);
             }
         }
     }
@@ -85,11 +88,12 @@ mod tests {
     use super::*;
     use crate::alloc::addr::parse_range;
 
-    fn fp(ranges: &[&str]) -> Vec<(String, AddrRange)> {
-        ranges
+    fn fp(ranges: &[&str]) -> Vec<AddrRange> {
+        let fp: Vec<(String, AddrRange)> = ranges
             .iter()
             .map(|r| (r.to_string(), parse_range(r, false).unwrap()))
-            .collect()
+            .collect();
+        merged(&fp)
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use super::{pool::PoolState, quarantine::Quarantine, shared::Shared, space::Spaces};
@@ -26,10 +27,14 @@ pub const MAX_REVISION: u64 = 1 << 62;
 /// One network's runtime state.
 #[derive(Debug)]
 pub(super) struct NetState {
-    pub(super) rec: NetworkRecord,
+    /// Shared with the commit's op and the reply: the largest definition is megabytes, too
+    /// much to copy under the ledger's lock.
+    pub(super) rec: Arc<NetworkRecord>,
     pub(super) pools: Vec<PoolState>,
     /// What the network claims (prefixes and whole pool ranges), named for error messages.
     pub(super) footprint: Vec<(String, AddrRange)>,
+    /// The footprint merged into disjoint intervals (what `spaces` holds for it).
+    pub(super) space: Vec<AddrRange>,
     /// address -> keys of the allocations holding it (more than one only when shared);
     /// ordered, so "is anything held in this range" is one range query.
     pub(super) holders: BTreeMap<IpAddr, Vec<String>>,
@@ -70,6 +75,9 @@ pub struct State {
     /// Ops with no reply waiting on them (reaped quarantine entries), committed with the next
     /// batch. Losing them is harmless: expired entries are ignored on load.
     pub(super) deferred: Vec<Op>,
+    /// Network states a transition replaced, dropped by the caller after it releases the
+    /// ledger's lock (a large definition takes milliseconds to free).
+    pub(super) retired: Vec<NetState>,
 }
 
 impl State {
@@ -84,6 +92,7 @@ impl State {
             seq: 0,
             default_grace_secs,
             deferred: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -142,10 +151,11 @@ impl State {
                 continue;
             }
             let footprint = rec.def.footprint(&parsed);
-            if let Err(e) = st.check_overlap(&rec.def.name, &footprint) {
+            let space = super::space::merged(&footprint);
+            if let Err(e) = st.check_overlap(&rec.def.name, &footprint, &space) {
                 complain(field, e.to_string())?;
             }
-            st.spaces.insert(&rec.def.name, &footprint);
+            st.spaces.insert(&rec.def.name, &space);
             let pools = rec
                 .def
                 .pools
@@ -156,9 +166,10 @@ impl State {
             st.networks.insert(
                 rec.def.name.clone(),
                 NetState {
-                    rec,
+                    rec: rec.into(),
                     pools,
                     footprint,
+                    space,
                     holders: BTreeMap::new(),
                     quarantine: Quarantine::default(),
                     out_of_range: BTreeSet::new(),
@@ -370,7 +381,7 @@ impl State {
     /// Everything, as records.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            networks: self.networks.values().map(|n| n.rec.clone()).collect(),
+            networks: self.networks.values().map(|n| (*n.rec).clone()).collect(),
             allocations: self.allocs.values().cloned().collect(),
             quarantined: self
                 .networks
@@ -385,6 +396,11 @@ impl State {
     /// True when the ledger holds nothing.
     pub fn is_empty(&self) -> bool {
         self.networks.is_empty() && self.allocs.is_empty()
+    }
+
+    /// Network states replaced since the last call, for the caller to drop outside its lock.
+    pub(super) fn take_retired(&mut self) -> Vec<NetState> {
+        std::mem::take(&mut self.retired)
     }
 
     /// Ops that were deferred; the caller commits them with its batch.

@@ -129,8 +129,8 @@ pub struct Usage {
 /// Result of UpsertNetwork.
 #[derive(Clone, Debug)]
 pub struct Upserted {
-    /// The record as stored (or as it would be).
-    pub network: NetworkRecord,
+    /// The record as stored (or as it would be); shared with the ledger's state.
+    pub network: std::sync::Arc<NetworkRecord>,
     /// The definition differed.
     pub changed: bool,
     /// It did not exist.

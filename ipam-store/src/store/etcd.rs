@@ -527,7 +527,7 @@ impl EtcdEngine {
                 continue;
             }
             out.push(match op {
-                Op::PutNetwork(n) => TxnOp::put(key.clone(), json(n)?, None),
+                Op::PutNetwork(n) => TxnOp::put(key.clone(), json(&**n)?, None),
                 Op::PutAlloc(a) => TxnOp::put(key.clone(), json(a)?, None),
                 Op::PutQuarantine(q) => TxnOp::put(key.clone(), json(q)?, None),
                 Op::DelNetwork(_) | Op::DelAlloc(_) | Op::DelQuarantine(..) => {
@@ -633,7 +633,9 @@ impl EtcdEngine {
         let put = ev.event_type() == EventType::Put;
         let v = kv.value();
         Ok(Some(match (kind, put) {
-            ("networks", true) => Replicated::Op(Box::new(Op::PutNetwork(parse(&key, v)?))),
+            ("networks", true) => {
+                Replicated::Op(Box::new(Op::PutNetwork(std::sync::Arc::new(parse(&key, v)?))))
+            }
             ("networks", false) => Replicated::Op(Box::new(Op::DelNetwork(name.to_string()))),
             ("allocations", true) => Replicated::Op(Box::new(Op::PutAlloc(parse(&key, v)?))),
             ("allocations", false) => Replicated::Op(Box::new(Op::DelAlloc(name.to_string()))),

@@ -56,7 +56,7 @@ impl Engine for MemoryEngine {
         for op in ops {
             match op {
                 Op::PutNetwork(n) => {
-                    g.networks.insert(n.def.name.clone(), n.clone());
+                    g.networks.insert(n.def.name.clone(), (**n).clone());
                 }
                 Op::DelNetwork(name) => {
                     g.networks.remove(name);

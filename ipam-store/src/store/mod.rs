@@ -29,7 +29,8 @@ pub mod suite;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// Create or replace a network.
-    PutNetwork(NetworkRecord),
+    /// (Shared with the ledger's state: the largest definition is megabytes.)
+    PutNetwork(std::sync::Arc<NetworkRecord>),
     /// Delete a network by name.
     DelNetwork(String),
     /// Create or replace an allocation (keyed by `Allocation::key`).

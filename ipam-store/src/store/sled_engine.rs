@@ -134,7 +134,7 @@ impl Engine for SledEngine {
         let mut b = sled::Batch::default();
         for op in ops {
             match op {
-                Op::PutNetwork(n) => b.insert(key(NET, &n.def.name), encode(n)?),
+                Op::PutNetwork(n) => b.insert(key(NET, &n.def.name), encode(&**n)?),
                 Op::DelNetwork(name) => b.remove(key(NET, name)),
                 Op::PutAlloc(a) => b.insert(key(ALLOC, &a.key()), encode(a)?),
                 Op::DelAlloc(k) => b.remove(key(ALLOC, k)),

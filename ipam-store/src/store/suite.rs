@@ -118,8 +118,8 @@ pub(crate) fn round_trip(open: Opener<'_>) {
     let q = quarantined("n", "10.0.1.3");
     e.commit(
         &[
-            Op::PutNetwork(net("n")),
-            Op::PutNetwork(net("m")),
+            Op::PutNetwork(net("n").into()),
+            Op::PutNetwork(net("m").into()),
             Op::PutAlloc(a1.clone()),
             Op::PutAlloc(a2.clone()),
             Op::PutQuarantine(q.clone()),
@@ -154,7 +154,7 @@ pub(crate) fn reopen_keeps_everything(open: Opener<'_>) {
         let e = open();
         e.commit(
             &[
-                Op::PutNetwork(net("n")),
+                Op::PutNetwork(net("n").into()),
                 Op::PutAlloc(a.clone()),
                 Op::PutQuarantine(q.clone()),
             ],
@@ -212,7 +212,7 @@ pub(crate) fn overwrite_and_missing_delete(open: Opener<'_>) {
 /// The stored sequence is the last commit's, also for a batch of no ops.
 pub(crate) fn sequence_is_the_last_committed(open: Opener<'_>) {
     let e = open();
-    e.commit(&[Op::PutNetwork(net("n"))], 41).unwrap();
+    e.commit(&[Op::PutNetwork(net("n").into())], 41).unwrap();
     e.commit(&[], 42).unwrap();
     assert_eq!(e.load().unwrap().seq, 42);
 }
@@ -251,7 +251,7 @@ pub(crate) fn large_batch(open: Opener<'_>) {
 pub(crate) fn streamed_load_is_load(open: Opener<'_>) {
     let e = open();
     let mut ops = vec![
-        Op::PutNetwork(net("n")),
+        Op::PutNetwork(net("n").into()),
         Op::PutQuarantine(quarantined("n", "10.0.200.1")),
     ];
     ops.extend((0..10_000u32).map(|i| {

@@ -222,6 +222,6 @@ fn a_network_record_the_leader_could_not_have_written_is_an_error() {
     let mut follower = small();
     let mut bad = follower.network("net-a").unwrap().clone();
     bad.def.pools[0].ranges = vec!["not-a-range".into()];
-    let e = follower.apply(vec![Op::PutNetwork(bad)], 9).unwrap_err();
+    let e = follower.apply(vec![Op::PutNetwork(bad.into())], 9).unwrap_err();
     assert!(e.to_string().contains("replicated network \"net-a\""), "{e}");
 }
