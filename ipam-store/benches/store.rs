@@ -2267,7 +2267,9 @@ async fn bench_neighbour(args: &Args, work: &Path) -> anyhow::Result<()> {
         let heavy = {
             let (stop, mut h) = (stop.clone(), h.clone());
             std::thread::spawn(move || -> anyhow::Result<Samples> {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 Ok(rt.block_on(async move {
                     let mut lat = Vec::new();
                     let mut v = 1;

@@ -108,6 +108,11 @@ enum Cmd {
         /// watchers. 16 to 1048576.
         #[arg(long, default_value_t = cairn_ipam::ledger::DEFAULT_WATCH_BUFFER, value_parser = parse_watch_buffer)]
         watch_buffer: usize,
+        /// WatchAllocations streams open at once; one more is refused with RESOURCE_EXHAUSTED
+        /// naming this limit. 1 to 1000000.
+        #[arg(long, default_value_t = cairn_ipam::grpc::DEFAULT_MAX_WATCHERS as u32,
+              value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_watchers: u32,
         /// Write the bound addresses here once serving (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -177,6 +182,7 @@ async fn main() -> ExitCode {
             default_reuse_grace,
             cache_mib,
             watch_buffer,
+            max_watchers,
             addr_file,
             log_format,
             tls,
@@ -231,6 +237,7 @@ async fn main() -> ExitCode {
                 advertise,
                 leader_lease_secs: lease.as_secs() as i64,
                 watch_buffer,
+                max_watchers: max_watchers as usize,
                 listen,
                 metrics_listen,
                 web_view,

@@ -31,6 +31,10 @@ use crate::{
     tls::{ServerTls, TlsFiles},
 };
 
+/// Concurrent HTTP/2 streams (calls and watches) per client connection; further calls wait
+/// for a free stream (tonic's default is no limit).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// How often the TLS files are checked for changes.
 pub const TLS_RELOAD_EVERY: Duration = Duration::from_secs(2);
 
@@ -63,6 +67,8 @@ pub struct ServeOptions {
     pub leader_lease_secs: i64,
     /// Commit batches a watcher may fall behind before it is ended with ABORTED.
     pub watch_buffer: usize,
+    /// Watches open at once (on this replica); one more is RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
 }
 
 /// What `/metrics`, `/healthz` and `/readyz` answer: the ledger's figures, and whether it
@@ -125,12 +131,11 @@ fn gated_web(cell: Arc<OnceLock<axum::Router>>) -> axum::Router {
 /// Hands each replica the follower loads to the gate (as the service answering follower
 /// reads), ending the open watches of the one before; ends the last one's watches when this
 /// replica starts leading or the process stops.
+/// `service` makes the service over a replica whose watches end when its receiver turns true.
 async fn publish_replicas(
     mut replicas: watch::Receiver<Option<Arc<Ledger>>>,
     gate: Gate<IpamServiceServer<IpamService>>,
-    metrics: Arc<Metrics>,
-    grace: u32,
-    trust_domain: Option<TrustDomain>,
+    service: impl Fn(Arc<Ledger>, watch::Receiver<bool>) -> IpamServiceServer<IpamService>,
     mut stopping: watch::Receiver<bool>,
     mut leading: watch::Receiver<bool>,
 ) {
@@ -146,15 +151,7 @@ async fn publish_replicas(
                     end.send_replace(true);
                 }
                 let (end_tx, end_rx) = watch::channel(false);
-                let mut svc = IpamService::new(replica, metrics.clone(), grace).with_shutdown(end_rx);
-                if let Some(td) = &trust_domain {
-                    svc = svc.with_auth(td.clone());
-                }
-                gate.follow(Some(
-                    IpamServiceServer::new(svc)
-                        .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-                        .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
-                ));
+                gate.follow(Some(service(replica, end_rx)));
                 current = Some(end_tx);
             }
             _ = stopping.wait_for(|s| *s) => break,
@@ -222,7 +219,7 @@ pub async fn serve(
         let (gate, web_cell, metrics) = (gate.clone(), web_cell.clone(), metrics.clone());
         let (stopping_rx, tls_td) = (stopping_rx.clone(), tls.as_ref().map(|(_, td)| td.clone()));
         let (grace, web_view, data_dir) = (opts.default_grace_secs, opts.web_view, opts.data_dir.clone());
-        let watch_buffer = opts.watch_buffer;
+        let (watch_buffer, max_watchers) = (opts.watch_buffer, opts.max_watchers);
         move |engine: Arc<dyn Engine>| -> anyhow::Result<Arc<Ledger>> {
             let backend = engine.name();
             let t = Instant::now();
@@ -239,8 +236,9 @@ pub async fn serve(
                 data_dir = %data_dir.display(),
                 "ledger loaded"
             );
-            let mut svc =
-                IpamService::new(ledger.clone(), metrics.clone(), grace).with_shutdown(stopping_rx.clone());
+            let mut svc = IpamService::new(ledger.clone(), metrics.clone(), grace)
+                .with_shutdown(stopping_rx.clone())
+                .with_max_watchers(max_watchers);
             if let Some(td) = &tls_td {
                 svc = svc.with_auth(td.clone());
             }
@@ -321,12 +319,26 @@ pub async fn serve(
             metrics.clone(),
         ));
         let (leading_tx, leading_rx) = watch::channel(false);
+        let service = {
+            let (metrics, grace, max_watchers) =
+                (metrics.clone(), opts.default_grace_secs, opts.max_watchers);
+            let trust_domain = tls.as_ref().map(|(_, td)| td.clone());
+            move |replica: Arc<Ledger>, end: watch::Receiver<bool>| {
+                let mut svc = IpamService::new(replica, metrics.clone(), grace)
+                    .with_shutdown(end)
+                    .with_max_watchers(max_watchers);
+                if let Some(td) = &trust_domain {
+                    svc = svc.with_auth(td.clone());
+                }
+                IpamServiceServer::new(svc)
+                    .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                    .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+            }
+        };
         let publisher = tokio::spawn(publish_replicas(
             replica_rx,
             gate.clone(),
-            metrics.clone(),
-            opts.default_grace_secs,
-            tls.as_ref().map(|(_, td)| td.clone()),
+            service,
             stopping_rx.clone(),
             leading_rx,
         ));
@@ -400,6 +412,7 @@ pub async fn serve(
         let _ = stopping_tx.send(true);
     };
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -2658,3 +2658,36 @@ async fn a_watcher_that_stops_reading_is_ended_with_aborted_and_the_others_get_e
     }
     assert_eq!(existing, N);
 }
+
+#[tokio::test]
+async fn watches_beyond_max_watchers_are_resource_exhausted_naming_the_limit() {
+    let srv = Server::start_with(&["--max-watchers", "2"]).await;
+    let mut c = srv.client().await;
+    upsert(&mut c, net_a("net-a")).await;
+    let req = || pb::WatchAllocationsRequest {
+        network: String::new(),
+        cluster_id: String::new(),
+    };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut w = c.watch_allocations(req()).await.unwrap().into_inner();
+        assert_eq!(next_event(&mut w).await.r#type(), pb::WatchEventType::Synced);
+        open.push(w);
+    }
+    let e = c.watch_allocations(req()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-watchers 2"), "{}", e.message());
+    // A watch that ends gives its place back.
+    drop(open.pop());
+    let mut again = eventually("a watch once another ended", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            c.watch_allocations(req())
+                .await
+                .ok()
+                .map(tonic::Response::into_inner)
+        }
+    })
+    .await;
+    assert_eq!(next_event(&mut again).await.r#type(), pb::WatchEventType::Synced);
+}

@@ -13,6 +13,7 @@ use tonic::Status;
 use crate::error::Error;
 
 pub use service::IpamService;
+pub use watch::DEFAULT_MAX_WATCHERS;
 
 /// Longest status message sent: errors quote input, and input can be huge.
 pub const MAX_MESSAGE: usize = 1024;

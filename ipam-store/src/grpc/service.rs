@@ -38,6 +38,8 @@ pub struct IpamService {
     /// The trust domain of client identities when the server speaks mTLS; `None` = plaintext,
     /// no authorization.
     trust_domain: Option<TrustDomain>,
+    /// Open watches against `serve --max-watchers`.
+    watchers: Arc<watch::WatchSlots>,
 }
 
 /// Who is calling, as far as authorization is concerned.
@@ -85,7 +87,15 @@ impl IpamService {
             default_grace_secs,
             stopping: tokio::sync::watch::channel(false).1,
             trust_domain: None,
+            watchers: watch::WatchSlots::new(watch::DEFAULT_MAX_WATCHERS),
         }
+    }
+
+    /// At most `max` watches open at once; one more is refused with RESOURCE_EXHAUSTED naming
+    /// the limit.
+    pub fn with_max_watchers(mut self, max: usize) -> Self {
+        self.watchers = watch::WatchSlots::new(max);
+        self
     }
 
     /// Authorizes every call by the client certificate's identity in `trust_domain` (the server
@@ -470,12 +480,13 @@ impl pb::ipam_service_server::IpamService for IpamService {
         self.admit(&caller, &call, "", t)?;
         let r = async {
             let f = filter(&req.network, &req.cluster_id, "", 0, "")?;
+            let slot = self.watchers.acquire()?;
             let (snap, seq, rx) = self.ledger.watch(&f).await?;
-            Ok((f, snap, seq, rx))
+            Ok((f, snap, seq, rx, slot))
         }
         .await;
-        let (f, snap, seq, rx) = self.done("WatchAllocations", t, r)?.into_inner();
-        let events = watch::stream(self.ledger.clone(), self.stopping.clone(), f, snap, seq, rx);
+        let (f, snap, seq, rx, slot) = self.done("WatchAllocations", t, r)?.into_inner();
+        let events = watch::stream(self.ledger.clone(), self.stopping.clone(), f, snap, seq, rx, slot);
         Ok(Response::new(match caller {
             Caller::Open => events,
             // Other clusters' events arrive with their owner and addresses stripped.

@@ -22,6 +22,51 @@ use crate::{
 /// reaches a watcher at most this much later than it would unpaced.
 const PACE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How many watches may be open at once (`serve --max-watchers`): each holds a task, a
+/// channel of 256 events and its place in the ledger's watch ring.
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
+
+/// Open watches, counted against a limit.
+#[derive(Debug)]
+pub(super) struct WatchSlots {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// One open watch's place; gives it back when dropped (the stream ended).
+pub(super) struct WatchSlot(Arc<WatchSlots>);
+
+impl WatchSlots {
+    /// At most `max` open watches.
+    pub(super) fn new(max: usize) -> Arc<Self> {
+        Arc::new(WatchSlots {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// A place for one more watch, unless `max` are open.
+    pub(super) fn acquire(self: &Arc<Self>) -> Result<WatchSlot, crate::error::Error> {
+        use std::sync::atomic::Ordering;
+        let taken = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < self.max).then_some(n + 1)
+        });
+        match taken {
+            Ok(_) => Ok(WatchSlot(self.clone())),
+            Err(n) => Err(crate::error::Error::Exhausted(format!(
+                "watchers: {n} watches are open, the store's limit (serve --max-watchers {}); retry later",
+                self.max
+            ))),
+        }
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The stream a watch returns.
 pub(super) type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
@@ -34,8 +79,11 @@ pub(super) fn stream(
     snap: Vec<Allocation>,
     seq: u64,
     mut rx: broadcast::Receiver<Committed>,
+    slot: WatchSlot,
 ) -> WatchStream {
     async_stream(move |tx| async move {
+        // Held until the stream's task ends.
+        let _slot = slot;
         // Resolves when the server shuts down; never if nobody can signal it.
         let stopped = async move {
             if stopping.wait_for(|s| *s).await.is_err() {
@@ -117,10 +165,15 @@ pub(super) fn stream(
                 tokio::time::sleep(PACE).await;
             }
         };
+        // The client went away (its stream dropped): end now, not at the next change, which
+        // on a quiet store may never come — the task and its watch slot would leak.
+        let gone_tx = tx.clone();
+        let gone = async move { gone_tx.closed().await };
         // A graceful shutdown waits for every open stream, so a watch ends when it begins
         // (without waiting for a slow reader: try_send).
         tokio::select! {
             () = feed => {}
+            () = gone => {}
             () = stopped => {
                 let _ = tx.try_send(Err(Status::unavailable(
                     "this store replica stopped serving watches (shutting down, or a follower reloading or taking over); watch again",
