@@ -19,11 +19,14 @@
 //!    connection each, as a browser's first load), and paging through everything.
 //! 7. `etcd`: Allocate throughput and latency at 1, 16 and 64 in flight on a 3-member etcd
 //!    cluster on loopback beside sled, alternating, in one run; then a new leader's takeover
-//!    time (spawn → serving) with 100k allocations in etcd.
+//!    time (spawn → serving) with 100k allocations in etcd; and a follower with the restart
+//!    section's count: spawn → replica loaded, its RSS, leader's ack → readable on it.
 //! 8. `fleet`: one store, 1,000 simulated clusters, each with its own connection and its own
 //!    WatchAllocations filtered to its cluster: an API-server VIP, 3 node addresses and 96
 //!    Services each (100k allocations on one shared network), then 30% churn; throughput,
 //!    latency, watch delay (transition → event at the owning cluster), RSS, CPU, duplicates.
+//! 9. `neighbour`: Allocate at 1 in flight alone, then beside a client sending the largest
+//!    UpsertNetwork the limits allow in a loop (committed, then dry-run).
 //!
 //! Other flags: `--dir DIR` (work dir, default a temp dir; the fsync probe and the data dirs
 //! live there), `--secs S` (seconds per gRPC level), `--server-bin PATH`, `--cache-mib N`
