@@ -130,8 +130,8 @@ fn gated_web(cell: Arc<OnceLock<axum::Router>>) -> axum::Router {
 
 /// Hands each replica the follower loads to the gate (as the service answering follower
 /// reads), ending the open watches of the one before; ends the last one's watches when this
-/// replica starts leading or the process stops.
-/// `service` makes the service over a replica whose watches end when its receiver turns true.
+/// replica starts leading or the process stops. `service` makes the service over a replica
+/// whose watches end when its receiver turns true.
 async fn publish_replicas(
     mut replicas: watch::Receiver<Option<Arc<Ledger>>>,
     gate: Gate<IpamServiceServer<IpamService>>,
