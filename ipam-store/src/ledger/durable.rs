@@ -113,6 +113,13 @@ fn load_pipelined(engine: &dyn Engine, default_grace_secs: u32) -> Result<State>
     })
 }
 
+/// The ring every watcher reads from, `watch_buffer` batches deep (clamped to
+/// [`WATCH_BUFFER_RANGE`]).
+fn watch_ring(watch_buffer: usize) -> broadcast::Sender<Committed> {
+    let depth = watch_buffer.clamp(*WATCH_BUFFER_RANGE.start(), *WATCH_BUFFER_RANGE.end());
+    broadcast::channel(depth).0
+}
+
 impl Ledger {
     /// Loads the ledger from `engine` and starts the committer thread.
     pub fn open(
@@ -131,11 +138,10 @@ impl Ledger {
         observer: Arc<dyn CommitObserver>,
         watch_buffer: usize,
     ) -> Result<Arc<Self>> {
-        let watch_buffer = watch_buffer.clamp(*WATCH_BUFFER_RANGE.start(), *WATCH_BUFFER_RANGE.end());
         let state = load_pipelined(&*engine, default_grace_secs)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(Durable::Upto(state.seq));
-        let (events, _) = broadcast::channel(watch_buffer);
+        let events = watch_ring(watch_buffer);
         let ev = events.clone();
         thread::Builder::new()
             .name("cairn-commit".into())
@@ -156,10 +162,9 @@ impl Ledger {
     /// `Error::Storage` (no committer runs).
     pub fn replica(snap: Snapshot, default_grace_secs: u32, watch_buffer: usize) -> Result<Arc<Self>> {
         let state = State::load(snap, default_grace_secs, now_ms(), false)?;
-        let watch_buffer = watch_buffer.clamp(*WATCH_BUFFER_RANGE.start(), *WATCH_BUFFER_RANGE.end());
         let (tx, _) = mpsc::unbounded_channel();
         let (durable_tx, durable) = watch::channel(Durable::Upto(state.seq));
-        let (events, _) = broadcast::channel(watch_buffer);
+        let events = watch_ring(watch_buffer);
         Ok(Arc::new(Ledger {
             state: Mutex::new(state),
             tx,
