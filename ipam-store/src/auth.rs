@@ -25,6 +25,7 @@
 //! | DeleteNetwork     | no                                                                  | yes     | no       | no   |
 //! | Allocate          | own                                                                 | yes     | no       | no   |
 //! | Release           | own                                                                 | yes     | no       | no   |
+//! | ReportConflict    | own (`cluster_id`; the holder's too)                                | yes     | no       | no   |
 //! | GetAllocation     | own                                                                 | yes     | yes      | no   |
 //! | ListAllocations   | only with `cluster_id` set to its own id (a request without the filter is refused, not silently narrowed) | yes | yes | no |
 //! | WatchAllocations  | own filter: full events; no filter: allowed, but events of other clusters' owners are [`redact`]ed (the controller wakes pending Services when any cluster frees an address on a shared network) | yes | yes | no |
@@ -249,6 +250,12 @@ pub enum Call<'a> {
         /// `owner.cluster_id`.
         owner_cluster: &'a str,
     },
+    /// ReportConflict for `cluster_id` (the holder's `cluster_id` must equal it; the ledger
+    /// checks that).
+    ReportConflict {
+        /// The request's `cluster_id`.
+        cluster: &'a str,
+    },
     /// GetAllocation for `owner.cluster_id`.
     GetAllocation {
         /// `owner.cluster_id`.
@@ -282,6 +289,7 @@ impl Call<'_> {
             Call::DeleteNetwork => "DeleteNetwork",
             Call::Allocate { .. } => "Allocate",
             Call::Release { .. } => "Release",
+            Call::ReportConflict { .. } => "ReportConflict",
             Call::GetAllocation { .. } => "GetAllocation",
             Call::ListAllocations { .. } => "ListAllocations",
             Call::WatchAllocations { .. } => "WatchAllocations",
@@ -299,6 +307,7 @@ impl Call<'_> {
                 | Call::DeleteNetwork
                 | Call::Allocate { .. }
                 | Call::Release { .. }
+                | Call::ReportConflict { .. }
                 | Call::Import
         )
     }
@@ -379,7 +388,10 @@ pub fn authorize(identity: Option<&Identity>, call: &Call<'_>) -> Result<(), Den
                 Call::GetNetwork | Call::ListNetworks | Call::GetUsage => Ok(()),
                 Call::Allocate { owner_cluster }
                 | Call::Release { owner_cluster }
-                | Call::GetAllocation { owner_cluster } => own(owner_cluster),
+                | Call::GetAllocation { owner_cluster }
+                | Call::ReportConflict {
+                    cluster: owner_cluster,
+                } => own(owner_cluster),
                 Call::ListAllocations { cluster_filter } => {
                     if cluster_filter.is_empty() {
                         Err(deny(format!("must set cluster_id to {me:?} to list allocations")))

@@ -116,6 +116,11 @@ pub enum OwnerKind {
     Node,
     /// A LoadBalancer Service.
     Service,
+    /// An address a conflict probe found answered by a host the store never handed it to
+    /// (`ReportConflict`): `name` is [`unknown_host_name`] of the address, `uid` the MAC that
+    /// answered, `cluster_id` the reporting cluster. Never handed out by Allocate; an operator
+    /// clears it with Release. Kept last: stored records name kinds by position.
+    UnknownHost,
 }
 
 impl OwnerKind {
@@ -125,6 +130,7 @@ impl OwnerKind {
             OwnerKind::ApiServer => "api-server",
             OwnerKind::Node => "node",
             OwnerKind::Service => "service",
+            OwnerKind::UnknownHost => "unknown-host",
         }
     }
 
@@ -132,8 +138,39 @@ impl OwnerKind {
     pub fn default_purpose(self) -> Purpose {
         match self {
             OwnerKind::Node => Purpose::Node,
-            OwnerKind::ApiServer | OwnerKind::Service => Purpose::Vip,
+            OwnerKind::ApiServer | OwnerKind::Service | OwnerKind::UnknownHost => Purpose::Vip,
         }
+    }
+}
+
+/// The owner name of an unknown-host record for `ip`: the address itself, with IPv6 written
+/// in full and `-` for `:` so that it is a DNS subdomain (`2001-0db8-0000-…-0010`).
+pub fn unknown_host_name(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6
+            .segments()
+            .iter()
+            .map(|s| format!("{s:04x}"))
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff`; accepts `-` or `:` separators and either case.
+pub fn parse_mac(field: &str, s: &str) -> Result<String> {
+    let octets: Vec<&str> = s.split([':', '-']).collect();
+    if octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        Ok(octets.join(":").to_ascii_lowercase())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{s:?} is not a MAC address (six hex octets, e.g. 52:54:00:12:34:56)"),
+        ))
     }
 }
 

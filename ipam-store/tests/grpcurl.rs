@@ -85,6 +85,7 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
         "DeleteNetwork",
         "Allocate",
         "Release",
+        "ReportConflict",
         "GetAllocation",
         "ListAllocations",
         "GetUsage",
@@ -202,6 +203,94 @@ async fn grpcurl_lists_describes_and_calls_through_reflection() {
     )
     .await;
     assert_eq!(r["status"], json!("SERVING"), "{r}");
+}
+
+/// ReportConflict through grpcurl: the address a probe found answered passes from its holder
+/// to an unknown-host record (visible in listings and usage, kept across a kill -9), the
+/// holder's next Allocate gets another address, and the typed client agrees.
+#[tokio::test]
+async fn grpcurl_reports_a_conflict_and_the_address_is_never_handed_out_again() {
+    let mut srv = Server::start().await;
+    call(
+        &srv,
+        "cairn.ipam.v1.IpamService/UpsertNetwork",
+        json!({"network": {
+            "name": "net-a",
+            "prefixes": ["10.20.0.0/16"],
+            "pools": [{"name": "vip", "purpose": "POOL_PURPOSE_VIP", "ranges": ["10.20.1.1-10.20.1.3"]}],
+        }}),
+    )
+    .await;
+    let owner =
+        json!({"clusterId": "a", "kind": "OWNER_KIND_SERVICE", "namespace": "default", "name": "web"});
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/Allocate",
+        json!({"network": "net-a", "owner": owner}),
+    )
+    .await;
+    assert_eq!(r["allocation"]["addresses"], json!(["10.20.1.1"]), "{r}");
+
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/ReportConflict",
+        json!({"network": "net-a", "address": "10.20.1.1", "mac": "52:54:00:AB:CD:EF",
+               "clusterId": "a", "holder": owner}),
+    )
+    .await;
+    assert_eq!(r["created"], json!(true), "{r}");
+    assert_eq!(r["released"]["owner"]["name"], json!("web"), "{r}");
+    assert_eq!(
+        r["conflict"]["owner"]["kind"],
+        json!("OWNER_KIND_UNKNOWN_HOST"),
+        "{r}"
+    );
+    assert_eq!(r["conflict"]["owner"]["name"], json!("10.20.1.1"), "{r}");
+    assert_eq!(r["conflict"]["owner"]["uid"], json!("52:54:00:ab:cd:ef"), "{r}");
+
+    // A bad MAC names the field.
+    let body =
+        json!({"network": "net-a", "address": "10.20.1.2", "mac": "52:54:00", "clusterId": "a"}).to_string();
+    let o = grpcurl(&srv, &["-d", &body, "cairn.ipam.v1.IpamService/ReportConflict"]).await;
+    assert!(!o.ok, "a bad mac succeeded: {}", o.stdout);
+    assert!(
+        o.stderr.contains("InvalidArgument") && o.stderr.contains("mac:"),
+        "{}",
+        o.stderr
+    );
+
+    // Survives a kill -9; the holder then gets the next address.
+    srv.kill();
+    srv.restart().await;
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/Allocate",
+        json!({"network": "net-a", "owner": owner}),
+    )
+    .await;
+    assert_eq!(r["allocation"]["addresses"], json!(["10.20.1.2"]), "{r}");
+    let r = call(
+        &srv,
+        "cairn.ipam.v1.IpamService/GetUsage",
+        json!({"network": "net-a"}),
+    )
+    .await;
+    assert_eq!(r["pools"][0]["unknownHosts"], json!("1"), "{r}");
+    assert_eq!(r["pools"][0]["used"], json!("2"), "{r}");
+
+    let mut c = srv.client().await;
+    let listed = list_all(
+        &mut c,
+        pb::ListAllocationsRequest {
+            network: "net-a".into(),
+            kind: pb::OwnerKind::UnknownHost.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].addresses, vec!["10.20.1.1"]);
+    assert_eq!(listed[0].owner.as_ref().unwrap().cluster_id, "a");
 }
 
 /// grpcurl against a store serving mutual TLS, with certificates from `cairn-ipam certs`:

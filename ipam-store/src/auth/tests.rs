@@ -86,6 +86,7 @@ fn all_calls() -> Vec<Call<'static>> {
         Call::DeleteNetwork,
         Call::Allocate { owner_cluster: "a" },
         Call::Release { owner_cluster: "a" },
+        Call::ReportConflict { cluster: "a" },
         Call::GetAllocation { owner_cluster: "a" },
         Call::ListAllocations { cluster_filter: "a" },
         Call::WatchAllocations { cluster_filter: "a" },
@@ -105,6 +106,7 @@ fn table_method_by_role() {
         ("DeleteNetwork", false, true, false),
         ("Allocate", true, true, false),
         ("Release", true, true, false),
+        ("ReportConflict", true, true, false),
         ("GetAllocation", true, true, true),
         ("ListAllocations", true, true, true),
         ("WatchAllocations", true, true, true),
@@ -146,6 +148,7 @@ fn cross_cluster_denials_name_both_ids() {
     for call in [
         Call::Allocate { owner_cluster: "b" },
         Call::Release { owner_cluster: "b" },
+        Call::ReportConflict { cluster: "b" },
         Call::GetAllocation { owner_cluster: "b" },
         Call::ListAllocations { cluster_filter: "b" },
         Call::WatchAllocations { cluster_filter: "b" },

@@ -108,6 +108,9 @@ pub enum KindArg {
     Node,
     /// LoadBalancer Service.
     Service,
+    /// An address found in use by an unknown host (ReportConflict): `--name` is the address
+    /// (IPv6 in full with '-' for ':'); releasing the record clears it.
+    UnknownHost,
 }
 
 impl KindArg {
@@ -116,6 +119,7 @@ impl KindArg {
             KindArg::ApiServer => pb::OwnerKind::ApiServer,
             KindArg::Node => pb::OwnerKind::Node,
             KindArg::Service => pb::OwnerKind::Service,
+            KindArg::UnknownHost => pb::OwnerKind::UnknownHost,
         }
     }
 }
@@ -622,6 +626,7 @@ pub async fn usage(c: &ClientArgs, network: Option<String>) -> anyhow::Result<()
                 "free",
                 "grace",
                 "out-of-range",
+                "unknown-hosts",
             ]);
             for u in &r.pools {
                 let purpose = pb::PoolPurpose::try_from(u.purpose)
@@ -638,6 +643,7 @@ pub async fn usage(c: &ClientArgs, network: Option<String>) -> anyhow::Result<()
                     u.free.clone(),
                     u.quarantined.clone(),
                     u.out_of_range.clone(),
+                    u.unknown_hosts.clone(),
                 ]);
             }
             println!("{t}");

@@ -55,9 +55,10 @@ pub(super) fn kind_from(field: &str, v: i32) -> Result<OwnerKind, Error> {
         Ok(pb::OwnerKind::ApiServer) => Ok(OwnerKind::ApiServer),
         Ok(pb::OwnerKind::Node) => Ok(OwnerKind::Node),
         Ok(pb::OwnerKind::Service) => Ok(OwnerKind::Service),
+        Ok(pb::OwnerKind::UnknownHost) => Ok(OwnerKind::UnknownHost),
         Ok(pb::OwnerKind::Unspecified) => Err(Error::invalid(
             field,
-            "is required (OWNER_KIND_API_SERVER, _NODE or _SERVICE)",
+            "is required (OWNER_KIND_API_SERVER, _NODE, _SERVICE or _UNKNOWN_HOST)",
         )),
         Err(_) => Err(Error::invalid(field, format!("unknown value {v}"))),
     }
@@ -68,6 +69,7 @@ pub(super) fn kind_to(k: OwnerKind) -> pb::OwnerKind {
         OwnerKind::ApiServer => pb::OwnerKind::ApiServer,
         OwnerKind::Node => pb::OwnerKind::Node,
         OwnerKind::Service => pb::OwnerKind::Service,
+        OwnerKind::UnknownHost => pb::OwnerKind::UnknownHost,
     }
 }
 
@@ -290,6 +292,7 @@ pub(super) fn usage_to(u: &Usage) -> pb::PoolUsage {
         free: u.free.to_string(),
         quarantined: u.quarantined.to_string(),
         out_of_range: u.out_of_range.to_string(),
+        unknown_hosts: u.unknown_hosts.to_string(),
     }
 }
 

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     auth::{self, Call, Existing, Identity, TrustDomain},
     error::Error,
-    ledger::{AllocateReq, Ledger},
+    ledger::{AllocateReq, ConflictReq, Ledger},
     metrics::Metrics,
     model,
 };
@@ -407,6 +407,44 @@ impl pb::ipam_service_server::IpamService for IpamService {
             Ok(pb::ReleaseResponse {
                 released: released.is_some(),
                 allocation: released.map(|a| allocation_to(&a, false)),
+            })
+        }
+        .await;
+        self.done_audited(&caller, M, &target, t, r)
+    }
+
+    async fn report_conflict(
+        &self,
+        req: Request<pb::ReportConflictRequest>,
+    ) -> Result<Response<pb::ReportConflictResponse>, Status> {
+        const M: &str = "ReportConflict";
+        let t = Instant::now();
+        let caller = self.caller(M, t, &req)?;
+        let req = req.into_inner();
+        let target = format!(
+            "network={} address={} mac={} cluster={}",
+            req.network, req.address, req.mac, req.cluster_id
+        );
+        let call = Call::ReportConflict {
+            cluster: &req.cluster_id,
+        };
+        self.admit(&caller, &call, &target, t)?;
+        let r = async {
+            if req.network.is_empty() {
+                return Err(Error::invalid("network", "is required"));
+            }
+            let creq = ConflictReq {
+                address: model::parse_addr("address", &req.address)?,
+                mac: model::parse_mac("mac", &req.mac)?,
+                holder: req.holder.map(|o| owner_from("holder", Some(o))).transpose()?,
+                cluster_id: req.cluster_id,
+                network: req.network,
+            };
+            let r = self.ledger.report_conflict(creq).await?;
+            Ok(pb::ReportConflictResponse {
+                conflict: Some(allocation_to(&r.conflict, false)),
+                created: r.created,
+                released: r.released.map(|a| allocation_to(&a, false)),
             })
         }
         .await;

@@ -13,7 +13,7 @@ use crate::{
         sharing::{self, Claim},
     },
     error::{Error, Result},
-    model::{Allocation, Owner, Port, check_dns_label},
+    model::{Allocation, Owner, OwnerKind, Port, check_dns_label},
     store::Op,
 };
 
@@ -246,6 +246,12 @@ impl State {
             .clone()
             .ok_or_else(|| Error::invalid("owner", "is required"))?;
         owner.validate("owner")?;
+        if owner.kind == OwnerKind::UnknownHost {
+            return Err(Error::invalid(
+                "owner.kind",
+                "unknown-host records are made by ReportConflict, not Allocate",
+            ));
+        }
         if req.network.is_empty() {
             return Err(Error::invalid("network", "is required"));
         }
@@ -367,7 +373,7 @@ impl State {
     }
 
     /// Marks addresses held by `key`; returns the ops for quarantine entries it consumed.
-    fn hold(&mut self, network: &str, pi: usize, key: &str, ips: &[IpAddr]) -> Vec<Op> {
+    pub(super) fn hold(&mut self, network: &str, pi: usize, key: &str, ips: &[IpAddr]) -> Vec<Op> {
         let mut ops = Vec::new();
         let Some(net) = self.networks.get_mut(network) else {
             return ops;

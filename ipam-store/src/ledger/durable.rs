@@ -334,6 +334,12 @@ impl Ledger {
         self.mutate(|st, _, now| st.release(network, owner, now)).await
     }
 
+    /// See [`State::report_conflict`].
+    pub async fn report_conflict(&self, req: super::ConflictReq) -> Result<super::Reported> {
+        self.mutate(|st, seq, now| st.report_conflict(req, seq, now))
+            .await
+    }
+
     /// The owner's allocation.
     pub async fn get_allocation(&self, network: &str, owner: &Owner) -> Result<Allocation> {
         self.read(|st| st.get_allocation(network, owner)).await

@@ -9,7 +9,9 @@
 //! 1. One owner cluster per address; sharing only within one cluster, same key, disjoint
 //!    ports: every path that adds a holder goes through `State::can_hold` in `allocate.rs`
 //!    (→ `alloc::sharing`); `state.rs` checks stored records against it on load. A new owner
-//!    with a sharing key looks only at its group's addresses (`shared.rs`).
+//!    with a sharing key looks only at its group's addresses (`shared.rs`). An address a probe
+//!    found answered by an unknown host is held, exclusively, by an unknown-host record until
+//!    an operator releases it (`conflict.rs`).
 //! 2. Allocate is idempotent per owner: `allocate.rs` looks the owner key up first and returns
 //!    what it holds; the same key is rebuilt from the engine on restart (`state.rs`).
 //! 3. Durability: `durable.rs` replies only after the engine committed the ops.
@@ -21,11 +23,12 @@
 //! 6. O(log n) allocation: free space is a `RangeSet` per pool and family (`pool.rs`).
 //!
 //! Files: `state.rs` (the state and loading it), `networks.rs` (upsert/delete networks),
-//! `allocate.rs`, `release.rs` (release, grace), `query.rs` (reads and usage), `pool.rs`,
+//! `allocate.rs`, `release.rs` (release, grace), `conflict.rs` (addresses found in use by unknown hosts), `query.rs` (reads and usage), `pool.rs`,
 //! `quarantine.rs`, `replica.rs` (a follower applying the leader's committed ops), `shared.rs` (addresses held under a sharing key, by group), `types.rs` (requests, results, changes), `durable.rs` (the group-committed
 //! [`Ledger`]).
 
 mod allocate;
+mod conflict;
 mod durable;
 mod networks;
 mod pool;
@@ -38,6 +41,7 @@ mod space;
 mod state;
 mod types;
 
+pub use conflict::{ConflictReq, Reported};
 pub use durable::{
     CommitObserver, Committed, DEFAULT_WATCH_BUFFER, Ledger, NoObserver, WATCH_BUFFER_RANGE, now_ms,
 };

@@ -218,6 +218,7 @@ impl State {
                         free,
                         quarantined,
                         out_of_range,
+                        unknown_hosts: self.shared.unknown_hosts(&name, &p.name, f),
                     });
                 }
             }

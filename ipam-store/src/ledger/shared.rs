@@ -7,13 +7,19 @@
 //! replaces or removes an allocation calls [`Shared::add`] / [`Shared::remove`] with it. It
 //! only narrows the candidates; whether the claimant may join is still decided by
 //! `State::can_hold`.
+//!
+//! The same hooks count the unknown-host records (`OwnerKind::UnknownHost`) per network, pool
+//! and family, so usage reports them in O(1).
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
 };
 
-use crate::model::Allocation;
+use crate::{
+    alloc::addr::Family,
+    model::{Allocation, OwnerKind},
+};
 
 /// (network, cluster, pool, sharing key) joined by '/' — none of them may contain '/' (they
 /// are validated DNS labels and cluster ids) → address → how many of the group's allocations
@@ -21,6 +27,8 @@ use crate::model::Allocation;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Shared {
     groups: HashMap<String, BTreeMap<IpAddr, u32>>,
+    /// (network, pool) → unknown-host records' addresses per family (index = `Family::index`).
+    unknown: HashMap<(String, String), [u128; 2]>,
 }
 
 fn group(network: &str, cluster: &str, pool: &str, sharing_key: &str) -> String {
@@ -30,6 +38,15 @@ fn group(network: &str, cluster: &str, pool: &str, sharing_key: &str) -> String 
 impl Shared {
     /// Indexes `a`'s addresses under its group (nothing without a sharing key).
     pub(super) fn add(&mut self, a: &Allocation) {
+        if a.owner.kind == OwnerKind::UnknownHost {
+            let n = self
+                .unknown
+                .entry((a.network.clone(), a.pool.clone()))
+                .or_default();
+            for ip in &a.addresses {
+                n[Family::of(ip).index()] += 1;
+            }
+        }
         if a.sharing_key.is_empty() {
             return;
         }
@@ -44,6 +61,18 @@ impl Shared {
 
     /// Takes `a`'s addresses out of its group, as [`Shared::add`] put them in.
     pub(super) fn remove(&mut self, a: &Allocation) {
+        if a.owner.kind == OwnerKind::UnknownHost {
+            let k = (a.network.clone(), a.pool.clone());
+            if let Some(n) = self.unknown.get_mut(&k) {
+                for ip in &a.addresses {
+                    let f = Family::of(ip).index();
+                    n[f] = n[f].saturating_sub(1);
+                }
+                if *n == [0, 0] {
+                    self.unknown.remove(&k);
+                }
+            }
+        }
         if a.sharing_key.is_empty() {
             return;
         }
@@ -62,6 +91,13 @@ impl Shared {
         if g.is_empty() {
             self.groups.remove(&k);
         }
+    }
+
+    /// Addresses of `family` held by unknown-host records from `pool` of `network`.
+    pub(super) fn unknown_hosts(&self, network: &str, pool: &str, family: Family) -> u128 {
+        self.unknown
+            .get(&(network.to_string(), pool.to_string()))
+            .map_or(0, |n| n[family.index()])
     }
 
     /// The index of `allocs` built from scratch (tests compare the kept one against it).

@@ -124,6 +124,8 @@ pub struct Usage {
     pub quarantined: u128,
     /// Held, but outside the pool's ranges.
     pub out_of_range: u128,
+    /// Held by unknown-host records (in use by a host the store never handed them to).
+    pub unknown_hosts: u128,
 }
 
 /// Result of UpsertNetwork.

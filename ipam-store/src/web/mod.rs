@@ -206,10 +206,14 @@ impl AllocQuery {
             Some("api-server") => Some(OwnerKind::ApiServer),
             Some("node") => Some(OwnerKind::Node),
             Some("service") => Some(OwnerKind::Service),
+            Some("unknown-host") => Some(OwnerKind::UnknownHost),
             Some(k) => {
                 return Err(invalid(
                     "kind",
-                    format!("{:?} is not one of api-server, node, service", shorten(k)),
+                    format!(
+                        "{:?} is not one of api-server, node, service, unknown-host",
+                        shorten(k)
+                    ),
                 ));
             }
         };

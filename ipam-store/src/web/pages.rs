@@ -65,6 +65,9 @@ fn usage(network: &str, pool: &str, u: &UsageView) -> Markup {
                 @if u.out_of_range != "0" {
                     " · " span.oor { (u.out_of_range) " out of range" }
                 }
+                @if u.unknown_hosts != "0" {
+                    " · " span.unknown-n.oor { (u.unknown_hosts) " in use by unknown hosts" }
+                }
             }
         }
     }
@@ -203,7 +206,10 @@ pub(super) fn row(a: &AllocationView) -> Markup {
             td { a href=(format!("/ui/networks/{}", enc(&a.network))) { (a.network) } " / " (a.pool) }
             td { @if a.sharing_key.is_empty() { span.none { "—" } } @else { (a.sharing_key) } }
             td { @if a.ports.is_empty() { span.none { "—" } } @else { (a.ports.join(", ")) } }
-            td.state { @if a.out_of_range { span.oor { "out of range" } } @else { "held" } }
+            td.state {
+                @if o.kind == "unknown-host" { span.oor.unknown-host { "in use by an unknown host (" (o.uid) ")" } }
+                @else if a.out_of_range { span.oor { "out of range" } } @else { "held" }
+            }
             td { time { (a.updated) } }
         }
     }

@@ -80,6 +80,8 @@ pub struct UsageView {
     pub in_grace: String,
     /// Held but outside the pool's current ranges.
     pub out_of_range: String,
+    /// Held by unknown-host records (found in use by a host the store never handed them to).
+    pub unknown_hosts: String,
     /// `used / total` in percent, for the bars (rounded to 0.1).
     pub used_percent: f64,
     /// `in_grace / total` in percent.
@@ -103,6 +105,7 @@ impl UsageView {
             free: u.free.to_string(),
             in_grace: u.quarantined.to_string(),
             out_of_range: u.out_of_range.to_string(),
+            unknown_hosts: u.unknown_hosts.to_string(),
             used_percent: pct(u.used),
             grace_percent: pct(u.quarantined),
         }
@@ -154,13 +157,13 @@ impl NetworkView {
 pub struct OwnerView {
     /// Cluster id.
     pub cluster: String,
-    /// `api-server`, `node` or `service`.
+    /// `api-server`, `node`, `service` or `unknown-host`.
     pub kind: String,
     /// Namespace (Services only).
     pub namespace: String,
     /// Object name.
     pub name: String,
-    /// Object uid (may be empty).
+    /// Object uid (may be empty); for `unknown-host`, the MAC that answered.
     pub uid: String,
 }
 

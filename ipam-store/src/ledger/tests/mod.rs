@@ -3,6 +3,7 @@
 //! (`model_check.rs`); the durable ledger over a failing engine (`durable.rs`). One test per
 //! invariant reads best in one file, hence its length.
 
+mod conflict;
 mod durable;
 mod model_check;
 mod replica;

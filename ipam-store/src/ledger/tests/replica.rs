@@ -1,6 +1,6 @@
 //! The follower's `State::apply` against the leader's transitions: random sequences of
 //! allocations (shared and exclusive, both families), releases in and out of the grace, pool
-//! shrinks and regrowths, grace edits and force-deletes with re-creation; after every step
+//! shrinks and regrowths, grace edits, force-deletes with re-creation and conflict reports; after every step
 //! the follower, fed only the committed ops, equals the leader in everything it serves from.
 
 use std::collections::BTreeMap;
@@ -36,6 +36,15 @@ enum Step {
     ForceDelete {
         net: u8,
     },
+    /// ReportConflict on a service's address (`holder`) or on any address of the pool.
+    Conflict {
+        net: u8,
+        cluster: u8,
+        name: u8,
+        addr: u8,
+        v6: bool,
+        holder: bool,
+    },
     Reload,
     Tick,
 }
@@ -48,6 +57,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u8..2, any::<bool>()).prop_map(|(net, small)| Step::Shrink { net, small }),
         1 => (0u8..2, 0u32..3).prop_map(|(net, secs)| Step::Grace { net, secs }),
         1 => (0u8..2).prop_map(|net| Step::ForceDelete { net }),
+        2 => (0u8..2, 0u8..2, 0u8..8, 0u8..6, any::<bool>(), any::<bool>())
+            .prop_map(|(net, cluster, name, addr, v6, holder)| Step::Conflict { net, cluster, name, addr, v6, holder }),
         1 => Just(Step::Reload),
         2 => Just(Step::Tick),
     ]
@@ -161,6 +172,35 @@ proptest! {
                     let s = small.get(&net).copied().unwrap_or(false);
                     ops.extend(leader.upsert_network(network(net, s, grace[&net]), None, false, now).map(|o| o.1).unwrap_or_default());
                     ops
+                }
+                Step::Conflict { net, cluster, name, addr, v6, holder } => {
+                    let network = format!("n{net}");
+                    let owner = svc(&format!("c{cluster}"), &format!("s{name}"));
+                    let family = if v6 { Family::V6 } else { Family::V4 };
+                    let address = if holder {
+                        leader.get_allocation(&network, &owner).ok().and_then(|a| a.address_of(family))
+                    } else if v6 {
+                        Some(ip(&format!("fd0{net}::{}", addr % 3 + 1)))
+                    } else {
+                        Some(ip(&format!("10.{net}.0.{}", addr + 1)))
+                    };
+                    match address {
+                        Some(address) => leader
+                            .report_conflict(
+                                ConflictReq {
+                                    network,
+                                    address,
+                                    mac: "52:54:00:00:00:01".into(),
+                                    cluster_id: format!("c{cluster}"),
+                                    holder: holder.then_some(owner),
+                                },
+                                seq,
+                                now,
+                            )
+                            .map(|o| o.1)
+                            .unwrap_or_default(),
+                        None => vec![],
+                    }
                 }
                 Step::Reload => {
                     leader = State::load(leader.snapshot(), 0, now, true).unwrap();
