@@ -99,6 +99,46 @@ pub struct ApiServerVipSpec {
     pub pool: Option<String>,
 }
 
+/// Conflict probing: before a new VIP from one of `pools` is published for a Service, the
+/// controller asks the network whether a host already answers for it (an ARP probe per
+/// RFC 5227 for IPv4, a duplicate-address-detection neighbour solicitation for IPv6), on
+/// `interface`. An answer: the address is reported to the store as in use by an unknown host
+/// (never handed out again until an operator releases that record), a Warning event names the
+/// address and the MAC that answered, and the Service gets the next address. The controller's
+/// pod needs CAP_NET_RAW and an interface on the network (host networking on a node attached
+/// to it, or a secondary interface).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictProbeSpec {
+    /// The controller's interface on this network, e.g. `eth1` or `bond0.120`.
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[A-Za-z0-9_.@:-]+$"))]
+    pub interface: String,
+    /// VIP pools whose new addresses are probed, by name. Empty: every VIP pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 63)))]
+    pub pools: Vec<String>,
+    /// How long to wait for an answer, in milliseconds. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<i32>", range(min = 20, max = 10000))]
+    pub timeout_milliseconds: Option<u32>,
+    /// Probes sent, spread over the timeout. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<i32>", range(min = 1, max = 10))]
+    pub attempts: Option<u32>,
+}
+
+impl ConflictProbeSpec {
+    /// Default answer timeout.
+    pub const DEFAULT_TIMEOUT_MS: u32 = 300;
+    /// Default probes per address.
+    pub const DEFAULT_ATTEMPTS: u32 = 3;
+
+    /// Whether new addresses of `pool` are probed.
+    pub fn covers(&self, pool: &str) -> bool {
+        self.pools.is_empty() || self.pools.iter().any(|p| p == pool)
+    }
+}
+
 /// Spec of a `ClusterNetwork`, in one of two modes. **Managed** (`pools` set): this cluster
 /// defines the network in the store (`managedBy: cluster/<id>`); another cluster or the cloud
 /// may bind to it. **Bound** (no `pools`, and no prefixes, gateways, DNS, VLAN or grace): the
@@ -178,6 +218,10 @@ pub struct ClusterNetworkSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub policies: Vec<PoolPolicy>,
+    /// Probe new VIPs for a host already answering before they are published (see
+    /// [`ConflictProbeSpec`]). Absent: no probing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict_probe: Option<ConflictProbeSpec>,
 }
 
 /// Usage of one pool and family.
@@ -200,6 +244,9 @@ pub struct PoolUsage {
     pub quarantined: String,
     /// Held but outside the pool's current ranges.
     pub out_of_range: String,
+    /// In use by hosts the store never handed them to (found by a conflict probe).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unknown_hosts: String,
 }
 
 /// Status of a `ClusterNetwork`.

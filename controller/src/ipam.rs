@@ -244,6 +244,26 @@ impl Ipam {
         call!(self, release, req)
     }
 
+    /// ReportConflict: `address` on `network` answered from `mac`; `holder` (if any) is the
+    /// owner it was just allocated to, released in the same commit.
+    pub async fn report_conflict(
+        &self,
+        network: &str,
+        address: &str,
+        mac: &str,
+        cluster_id: &str,
+        holder: Option<pb::Owner>,
+    ) -> Result<pb::ReportConflictResponse> {
+        let req = pb::ReportConflictRequest {
+            network: network.to_string(),
+            address: address.to_string(),
+            mac: mac.to_string(),
+            cluster_id: cluster_id.to_string(),
+            holder,
+        };
+        call!(self, report_conflict, req)
+    }
+
     /// GetAllocation; `None` when the owner holds nothing.
     pub async fn get_allocation(&self, network: &str, owner: pb::Owner) -> Result<Option<pb::Allocation>> {
         let req = pb::GetAllocationRequest {

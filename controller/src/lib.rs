@@ -3,7 +3,8 @@
 //! Each reconciler lives in its own module with `reconcile` + `error_policy` and holds every
 //! Kubernetes verb it uses: [`network`] (ClusterNetwork → store, status), [`service`]
 //! (LoadBalancer Services → VIPs), [`node`] (cloud node initialisation), [`repair`] (orphaned
-//! allocations). [`svc`] reads Services for the reconciler, repair and the HAProxy model.
+//! allocations). [`conflict`] asks the network whether a host already answers for a Service's
+//! new VIP (over [`probe`]) before the reconciler publishes it. [`svc`] reads Services for the reconciler, repair and the HAProxy model.
 //! [`ipam`] is the store client and the one place that decodes the store's refusals into
 //! [`StoreRefusal`]; [`run`] wires them under leader election.
 //!
@@ -11,6 +12,7 @@
 //! store (idempotently, per owner) and mirrors the answer into the cluster.
 #![forbid(unsafe_code)]
 
+pub mod conflict;
 pub mod context;
 pub mod crd;
 pub mod haproxy;
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod policy;
+pub mod probe;
 pub mod repair;
 pub mod run;
 pub mod service;
@@ -83,6 +86,10 @@ pub enum Error {
     /// JSON (de)serialisation.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// A conflict probe could not run (no such interface, no CAP_NET_RAW); the address is
+    /// not published until one does.
+    #[error("{0}")]
+    Probe(String),
 }
 
 impl Error {
@@ -97,6 +104,7 @@ impl Error {
             Error::Policy(_) => "policy",
             Error::MissingObjectKey(_) => "missing_key",
             Error::Json(_) => "json",
+            Error::Probe(_) => "probe",
         }
     }
 

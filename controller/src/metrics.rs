@@ -20,6 +20,19 @@ struct ControllerLabels {
     controller: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConflictLabels {
+    network: String,
+    pool: String,
+    address: String,
+    mac: String,
+}
+
 /// The metrics.
 pub struct Metrics {
     registry: MetricsRegistry,
@@ -37,6 +50,10 @@ pub struct Metrics {
     pub events_dropped: Counter,
     /// Duration of each repair pass (one store listing plus one pass over the caches).
     pub repair_seconds: Histogram,
+    probes: Family<ProbeLabels, Counter>,
+    /// Duration of each conflict probe (an address nobody answers for takes the timeout).
+    pub probe_seconds: Histogram,
+    conflicts: Family<ConflictLabels, Counter>,
 }
 
 impl Metrics {
@@ -76,8 +93,41 @@ impl Metrics {
                 "duration of a repair pass",
                 Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             ),
+            probes: r.register(
+                "conflict_probes",
+                "conflict probes of new VIPs by result (free, in_use, error)",
+                Family::default(),
+            ),
+            probe_seconds: r.register(
+                "conflict_probe_duration_seconds",
+                "duration of a conflict probe",
+                Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            ),
+            conflicts: r.register(
+                "address_conflicts",
+                "addresses a conflict probe found answered by an unknown host, by network, pool, address and the MAC that answered",
+                Family::default(),
+            ),
             registry: r,
         }
+    }
+
+    /// Records one conflict probe: `result` is `free`, `in_use` or `error`.
+    pub fn probed(&self, result: &'static str, elapsed: Duration) {
+        self.probes.get_or_create(&ProbeLabels { result }).inc();
+        self.probe_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records an address found in use by an unknown host.
+    pub fn conflict(&self, network: &str, pool: &str, address: &str, mac: &str) {
+        self.conflicts
+            .get_or_create(&ConflictLabels {
+                network: network.into(),
+                pool: pool.into(),
+                address: address.into(),
+                mac: mac.into(),
+            })
+            .inc();
     }
 
     /// Records one reconcile.

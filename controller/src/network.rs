@@ -163,6 +163,12 @@ fn usage_rows(u: Vec<pb::PoolUsage>) -> Vec<PoolUsage> {
             free: u.free,
             quarantined: u.quarantined,
             out_of_range: u.out_of_range,
+            // Shown only when there are any (and absent from a store that predates them).
+            unknown_hosts: if u.unknown_hosts == "0" {
+                String::new()
+            } else {
+                u.unknown_hosts
+            },
         })
         .collect()
 }

@@ -80,6 +80,8 @@ impl Repair {
                 Ok(pb::OwnerKind::Node) => by_node
                     .get(&o.name)
                     .is_some_and(|n| o.uid.is_empty() || n.uid().as_deref() == Some(o.uid.as_str())),
+                // An address found in use by an unknown host stays recorded until an operator
+                // releases it; so does anything of a kind this controller does not manage.
                 _ => true,
             };
             let k = key(a);

@@ -28,6 +28,7 @@ use serde_json::json;
 use crate::{
     ANN_ALLOCATED_FROM, ANN_IPS, ANN_POOL, ANN_SHARING, Error, MANAGER, Result, SERVICE_FINALIZER,
     StoreRefusal,
+    conflict::{self, Vetted},
     context::Context,
     crd::PoolPurpose,
     ipam::owner,
@@ -427,7 +428,9 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
         && !req.requested_addresses.is_empty();
 
     let admission = policy::admission(&cn, svc, ctx.namespace_labels(&ns).as_ref());
-    let alloc = match allocate_admitted(ctx, req.clone(), &admission).await {
+    // What to ask again when a probe finds the new address in use.
+    let mut again = req.clone();
+    let mut alloc = match allocate_admitted(ctx, req.clone(), &admission).await {
         Ok(r) => r,
         Err(
             Error::Store(StoreRefusal::Conflict(message) | StoreRefusal::Invalid(message))
@@ -445,8 +448,9 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
             .await;
             let fresh = pb::AllocateRequest {
                 requested_addresses: vec![],
-                ..req
+                ..req.clone()
             };
+            again = fresh.clone();
             match allocate_admitted(ctx, fresh, &admission).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -469,13 +473,35 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action> {
         }
         Err(e) => return pending(svc, ctx, me, &cn.spec.network, e).await,
     };
+    let shown = ingress_ips(svc);
+    // A new address is published only once nothing else answers for it (when the
+    // ClusterNetwork asks for probing); one that answers is reported and another one taken.
+    let mut in_use = 0;
+    loop {
+        let Some(a) = alloc.allocation.as_ref() else {
+            return Err(Error::MissingObjectKey("allocation"));
+        };
+        match conflict::vet(ctx, &cn, svc, a, &shown).await? {
+            Vetted::Clean => break,
+            Vetted::InUse { .. } => in_use += 1,
+        }
+        if in_use >= conflict::MAX_IN_USE_IN_A_ROW {
+            let e = Error::Store(StoreRefusal::Exhausted(format!(
+                "{in_use} addresses in a row answered a conflict probe (recorded as in use by unknown hosts); retrying later"
+            )));
+            return pending(svc, ctx, me, &cn.spec.network, e).await;
+        }
+        alloc = match allocate_admitted(ctx, again.clone(), &admission).await {
+            Ok(r) => r,
+            Err(e) => return pending(svc, ctx, me, &cn.spec.network, e).await,
+        };
+    }
     ctx.set_store_ok(true);
     ctx.set_pending(me, None);
     let Some(a) = alloc.allocation else {
         return Err(Error::MissingObjectKey("allocation"));
     };
 
-    let shown = ingress_ips(svc);
     let from = format!("{}/{}", a.network, a.pool);
     let mut annotated = ann(svc, ANN_ALLOCATED_FROM) == Some(from.as_str());
     let mut rv = svc.resource_version();

@@ -21,6 +21,7 @@
 mod binaries;
 mod error;
 mod limit;
+pub mod netns;
 mod pki;
 mod plane;
 mod ports;

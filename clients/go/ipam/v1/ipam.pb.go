@@ -36,6 +36,7 @@
 //   GetNetwork, ListNetworks   yes                                        yes    yes     no
 //   DeleteNetwork              no                                         yes    no      no
 //   Allocate, Release          own owners (owner.cluster_id == <id>)      yes    no      no
+//   ReportConflict             own (cluster_id == <id>)                   yes    no      no
 //   GetAllocation              own                                        yes    yes     no
 //   ListAllocations            own; cluster_id must be set to <id>        yes    yes     no
 //   WatchAllocations           own filter: full events; no filter: other  yes    yes     no
@@ -179,6 +180,10 @@ const (
 	OwnerKind_OWNER_KIND_NODE OwnerKind = 2
 	// A LoadBalancer Service. namespace and name are required.
 	OwnerKind_OWNER_KIND_SERVICE OwnerKind = 3
+	// An address found in use by a host the store never handed it to (ReportConflict): name is
+	// the address (IPv6 written in full with '-' for ':'), uid the MAC that answered,
+	// cluster_id the cluster that reported it. Never handed out; cleared by Release.
+	OwnerKind_OWNER_KIND_UNKNOWN_HOST OwnerKind = 4
 )
 
 // Enum value maps for OwnerKind.
@@ -188,12 +193,14 @@ var (
 		1: "OWNER_KIND_API_SERVER",
 		2: "OWNER_KIND_NODE",
 		3: "OWNER_KIND_SERVICE",
+		4: "OWNER_KIND_UNKNOWN_HOST",
 	}
 	OwnerKind_value = map[string]int32{
-		"OWNER_KIND_UNSPECIFIED": 0,
-		"OWNER_KIND_API_SERVER":  1,
-		"OWNER_KIND_NODE":        2,
-		"OWNER_KIND_SERVICE":     3,
+		"OWNER_KIND_UNSPECIFIED":  0,
+		"OWNER_KIND_API_SERVER":   1,
+		"OWNER_KIND_NODE":         2,
+		"OWNER_KIND_SERVICE":      3,
+		"OWNER_KIND_UNKNOWN_HOST": 4,
 	}
 )
 
@@ -1506,6 +1513,150 @@ func (x *ReleaseResponse) GetReleased() bool {
 	return false
 }
 
+type ReportConflictRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Network string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	// The address a probe found answered, e.g. "10.0.0.7".
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	// The hardware address that answered, e.g. "52:54:00:12:34:56".
+	Mac string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	// The reporting cluster.
+	ClusterId string `protobuf:"bytes,4,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	// The owner the address was just allocated to, whose allocation is released in the same
+	// commit; its cluster_id must equal cluster_id. Unset when a free address was probed.
+	Holder        *Owner `protobuf:"bytes,5,opt,name=holder,proto3" json:"holder,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportConflictRequest) Reset() {
+	*x = ReportConflictRequest{}
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportConflictRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportConflictRequest) ProtoMessage() {}
+
+func (x *ReportConflictRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportConflictRequest.ProtoReflect.Descriptor instead.
+func (*ReportConflictRequest) Descriptor() ([]byte, []int) {
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ReportConflictRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *ReportConflictRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *ReportConflictRequest) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *ReportConflictRequest) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
+	}
+	return ""
+}
+
+func (x *ReportConflictRequest) GetHolder() *Owner {
+	if x != nil {
+		return x.Holder
+	}
+	return nil
+}
+
+type ReportConflictResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The OWNER_KIND_UNKNOWN_HOST record that now holds the address.
+	Conflict *Allocation `protobuf:"bytes,1,opt,name=conflict,proto3" json:"conflict,omitempty"`
+	// False when the address was already recorded.
+	Created bool `protobuf:"varint,2,opt,name=created,proto3" json:"created,omitempty"`
+	// The holder's allocation as it was before it was released, if it held the address.
+	Released      *Allocation `protobuf:"bytes,3,opt,name=released,proto3" json:"released,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportConflictResponse) Reset() {
+	*x = ReportConflictResponse{}
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportConflictResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportConflictResponse) ProtoMessage() {}
+
+func (x *ReportConflictResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportConflictResponse.ProtoReflect.Descriptor instead.
+func (*ReportConflictResponse) Descriptor() ([]byte, []int) {
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ReportConflictResponse) GetConflict() *Allocation {
+	if x != nil {
+		return x.Conflict
+	}
+	return nil
+}
+
+func (x *ReportConflictResponse) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
+func (x *ReportConflictResponse) GetReleased() *Allocation {
+	if x != nil {
+		return x.Released
+	}
+	return nil
+}
+
 type GetAllocationRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Network       string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
@@ -1516,7 +1667,7 @@ type GetAllocationRequest struct {
 
 func (x *GetAllocationRequest) Reset() {
 	*x = GetAllocationRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[16]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1679,7 @@ func (x *GetAllocationRequest) String() string {
 func (*GetAllocationRequest) ProtoMessage() {}
 
 func (x *GetAllocationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[16]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1692,7 @@ func (x *GetAllocationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAllocationRequest.ProtoReflect.Descriptor instead.
 func (*GetAllocationRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{16}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetAllocationRequest) GetNetwork() string {
@@ -1576,7 +1727,7 @@ type ListAllocationsRequest struct {
 
 func (x *ListAllocationsRequest) Reset() {
 	*x = ListAllocationsRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[17]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1739,7 @@ func (x *ListAllocationsRequest) String() string {
 func (*ListAllocationsRequest) ProtoMessage() {}
 
 func (x *ListAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[17]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1752,7 @@ func (x *ListAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*ListAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{17}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListAllocationsRequest) GetNetwork() string {
@@ -1664,7 +1815,7 @@ type ListAllocationsResponse struct {
 
 func (x *ListAllocationsResponse) Reset() {
 	*x = ListAllocationsResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[18]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +1827,7 @@ func (x *ListAllocationsResponse) String() string {
 func (*ListAllocationsResponse) ProtoMessage() {}
 
 func (x *ListAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[18]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +1840,7 @@ func (x *ListAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*ListAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{18}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListAllocationsResponse) GetAllocations() []*Allocation {
@@ -1716,7 +1867,7 @@ type WatchAllocationsRequest struct {
 
 func (x *WatchAllocationsRequest) Reset() {
 	*x = WatchAllocationsRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[19]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1879,7 @@ func (x *WatchAllocationsRequest) String() string {
 func (*WatchAllocationsRequest) ProtoMessage() {}
 
 func (x *WatchAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[19]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1892,7 @@ func (x *WatchAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*WatchAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{19}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WatchAllocationsRequest) GetNetwork() string {
@@ -1771,7 +1922,7 @@ type WatchAllocationsResponse struct {
 
 func (x *WatchAllocationsResponse) Reset() {
 	*x = WatchAllocationsResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[20]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1783,7 +1934,7 @@ func (x *WatchAllocationsResponse) String() string {
 func (*WatchAllocationsResponse) ProtoMessage() {}
 
 func (x *WatchAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[20]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1796,7 +1947,7 @@ func (x *WatchAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*WatchAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{20}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WatchAllocationsResponse) GetType() WatchEventType {
@@ -1830,7 +1981,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[21]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +1993,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[21]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +2006,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{21}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetUsageRequest) GetNetwork() string {
@@ -1879,14 +2030,17 @@ type PoolUsage struct {
 	// Released addresses still in their reuse grace period.
 	Quarantined string `protobuf:"bytes,8,opt,name=quarantined,proto3" json:"quarantined,omitempty"`
 	// Held addresses that lie outside the pool's current ranges (not part of total).
-	OutOfRange    string `protobuf:"bytes,9,opt,name=out_of_range,json=outOfRange,proto3" json:"out_of_range,omitempty"`
+	OutOfRange string `protobuf:"bytes,9,opt,name=out_of_range,json=outOfRange,proto3" json:"out_of_range,omitempty"`
+	// Addresses held by OWNER_KIND_UNKNOWN_HOST records: in use by a host the store never handed
+	// them to (counted in used as well).
+	UnknownHosts  string `protobuf:"bytes,10,opt,name=unknown_hosts,json=unknownHosts,proto3" json:"unknown_hosts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PoolUsage) Reset() {
 	*x = PoolUsage{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[22]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1898,7 +2052,7 @@ func (x *PoolUsage) String() string {
 func (*PoolUsage) ProtoMessage() {}
 
 func (x *PoolUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[22]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1911,7 +2065,7 @@ func (x *PoolUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolUsage.ProtoReflect.Descriptor instead.
 func (*PoolUsage) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{22}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PoolUsage) GetNetwork() string {
@@ -1977,6 +2131,13 @@ func (x *PoolUsage) GetOutOfRange() string {
 	return ""
 }
 
+func (x *PoolUsage) GetUnknownHosts() string {
+	if x != nil {
+		return x.UnknownHosts
+	}
+	return ""
+}
+
 type GetUsageResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pools         []*PoolUsage           `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
@@ -1986,7 +2147,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[23]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1998,7 +2159,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[23]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2011,7 +2172,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{23}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetUsageResponse) GetPools() []*PoolUsage {
@@ -2029,7 +2190,7 @@ type ExportRequest struct {
 
 func (x *ExportRequest) Reset() {
 	*x = ExportRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[24]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2202,7 @@ func (x *ExportRequest) String() string {
 func (*ExportRequest) ProtoMessage() {}
 
 func (x *ExportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[24]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2215,7 @@ func (x *ExportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportRequest.ProtoReflect.Descriptor instead.
 func (*ExportRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{24}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{26}
 }
 
 // A released address still in its reuse grace period.
@@ -2072,7 +2233,7 @@ type QuarantinedAddress struct {
 
 func (x *QuarantinedAddress) Reset() {
 	*x = QuarantinedAddress{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[25]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2084,7 +2245,7 @@ func (x *QuarantinedAddress) String() string {
 func (*QuarantinedAddress) ProtoMessage() {}
 
 func (x *QuarantinedAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[25]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2097,7 +2258,7 @@ func (x *QuarantinedAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QuarantinedAddress.ProtoReflect.Descriptor instead.
 func (*QuarantinedAddress) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{25}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *QuarantinedAddress) GetNetwork() string {
@@ -2147,7 +2308,7 @@ type ExportResponse struct {
 
 func (x *ExportResponse) Reset() {
 	*x = ExportResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[26]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2159,7 +2320,7 @@ func (x *ExportResponse) String() string {
 func (*ExportResponse) ProtoMessage() {}
 
 func (x *ExportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[26]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2172,7 +2333,7 @@ func (x *ExportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportResponse.ProtoReflect.Descriptor instead.
 func (*ExportResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{26}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExportResponse) GetNetworks() []*Network {
@@ -2220,7 +2381,7 @@ type ExportChunk struct {
 
 func (x *ExportChunk) Reset() {
 	*x = ExportChunk{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2232,7 +2393,7 @@ func (x *ExportChunk) String() string {
 func (*ExportChunk) ProtoMessage() {}
 
 func (x *ExportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[27]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2245,7 +2406,7 @@ func (x *ExportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportChunk.ProtoReflect.Descriptor instead.
 func (*ExportChunk) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{27}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExportChunk) GetNetworks() []*Network {
@@ -2301,7 +2462,7 @@ type ImportChunk struct {
 
 func (x *ImportChunk) Reset() {
 	*x = ImportChunk{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2313,7 +2474,7 @@ func (x *ImportChunk) String() string {
 func (*ImportChunk) ProtoMessage() {}
 
 func (x *ImportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[28]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2326,7 +2487,7 @@ func (x *ImportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportChunk.ProtoReflect.Descriptor instead.
 func (*ImportChunk) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{28}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ImportChunk) GetNetworks() []*Network {
@@ -2373,7 +2534,7 @@ type ImportRequest struct {
 
 func (x *ImportRequest) Reset() {
 	*x = ImportRequest{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2385,7 +2546,7 @@ func (x *ImportRequest) String() string {
 func (*ImportRequest) ProtoMessage() {}
 
 func (x *ImportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[29]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2398,7 +2559,7 @@ func (x *ImportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportRequest.ProtoReflect.Descriptor instead.
 func (*ImportRequest) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{29}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ImportRequest) GetBackup() *ExportResponse {
@@ -2418,7 +2579,7 @@ type ImportResponse struct {
 
 func (x *ImportResponse) Reset() {
 	*x = ImportResponse{}
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2430,7 +2591,7 @@ func (x *ImportResponse) String() string {
 func (*ImportResponse) ProtoMessage() {}
 
 func (x *ImportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[30]
+	mi := &file_cairn_ipam_v1_ipam_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2443,7 +2604,7 @@ func (x *ImportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportResponse.ProtoReflect.Descriptor instead.
 func (*ImportResponse) Descriptor() ([]byte, []int) {
-	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{30}
+	return file_cairn_ipam_v1_ipam_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ImportResponse) GetNetworks() uint64 {
@@ -2563,7 +2724,18 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\n" +
 	"allocation\x18\x01 \x01(\v2\x19.cairn.ipam.v1.AllocationR\n" +
 	"allocation\x12\x1a\n" +
-	"\breleased\x18\x02 \x01(\bR\breleased\"\\\n" +
+	"\breleased\x18\x02 \x01(\bR\breleased\"\xaa\x01\n" +
+	"\x15ReportConflictRequest\x12\x18\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x10\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x04 \x01(\tR\tclusterId\x12,\n" +
+	"\x06holder\x18\x05 \x01(\v2\x14.cairn.ipam.v1.OwnerR\x06holder\"\xa0\x01\n" +
+	"\x16ReportConflictResponse\x125\n" +
+	"\bconflict\x18\x01 \x01(\v2\x19.cairn.ipam.v1.AllocationR\bconflict\x12\x18\n" +
+	"\acreated\x18\x02 \x01(\bR\acreated\x125\n" +
+	"\breleased\x18\x03 \x01(\v2\x19.cairn.ipam.v1.AllocationR\breleased\"\\\n" +
 	"\x14GetAllocationRequest\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12*\n" +
 	"\x05owner\x18\x02 \x01(\v2\x14.cairn.ipam.v1.OwnerR\x05owner\"\xe9\x01\n" +
@@ -2591,7 +2763,7 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"allocation\x12\x1a\n" +
 	"\brevision\x18\x03 \x01(\x04R\brevision\"+\n" +
 	"\x0fGetUsageRequest\x12\x18\n" +
-	"\anetwork\x18\x01 \x01(\tR\anetwork\"\xa2\x02\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\"\xc7\x02\n" +
 	"\tPoolUsage\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\tR\x04pool\x124\n" +
@@ -2602,7 +2774,9 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x04free\x18\a \x01(\tR\x04free\x12 \n" +
 	"\vquarantined\x18\b \x01(\tR\vquarantined\x12 \n" +
 	"\fout_of_range\x18\t \x01(\tR\n" +
-	"outOfRange\"B\n" +
+	"outOfRange\x12#\n" +
+	"\runknown_hosts\x18\n" +
+	" \x01(\tR\funknownHosts\"B\n" +
 	"\x10GetUsageResponse\x12.\n" +
 	"\x05pools\x18\x01 \x03(\v2\x18.cairn.ipam.v1.PoolUsageR\x05pools\"\x0f\n" +
 	"\rExportRequest\"\xcb\x01\n" +
@@ -2644,12 +2818,13 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\bIpFamily\x12\x19\n" +
 	"\x15IP_FAMILY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eIP_FAMILY_IPV4\x10\x01\x12\x12\n" +
-	"\x0eIP_FAMILY_IPV6\x10\x02*o\n" +
+	"\x0eIP_FAMILY_IPV6\x10\x02*\x8c\x01\n" +
 	"\tOwnerKind\x12\x1a\n" +
 	"\x16OWNER_KIND_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15OWNER_KIND_API_SERVER\x10\x01\x12\x13\n" +
 	"\x0fOWNER_KIND_NODE\x10\x02\x12\x16\n" +
-	"\x12OWNER_KIND_SERVICE\x10\x03*[\n" +
+	"\x12OWNER_KIND_SERVICE\x10\x03\x12\x1b\n" +
+	"\x17OWNER_KIND_UNKNOWN_HOST\x10\x04*[\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
@@ -2665,7 +2840,7 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x17WATCH_EVENT_TYPE_SYNCED\x10\x02\x12\x1a\n" +
 	"\x16WATCH_EVENT_TYPE_ADDED\x10\x03\x12\x1d\n" +
 	"\x19WATCH_EVENT_TYPE_MODIFIED\x10\x04\x12\x1c\n" +
-	"\x18WATCH_EVENT_TYPE_DELETED\x10\x052\x8b\t\n" +
+	"\x18WATCH_EVENT_TYPE_DELETED\x10\x052\xea\t\n" +
 	"\vIpamService\x12Z\n" +
 	"\rUpsertNetwork\x12#.cairn.ipam.v1.UpsertNetworkRequest\x1a$.cairn.ipam.v1.UpsertNetworkResponse\x12F\n" +
 	"\n" +
@@ -2673,7 +2848,8 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\fListNetworks\x12\".cairn.ipam.v1.ListNetworksRequest\x1a#.cairn.ipam.v1.ListNetworksResponse\x12Z\n" +
 	"\rDeleteNetwork\x12#.cairn.ipam.v1.DeleteNetworkRequest\x1a$.cairn.ipam.v1.DeleteNetworkResponse\x12K\n" +
 	"\bAllocate\x12\x1e.cairn.ipam.v1.AllocateRequest\x1a\x1f.cairn.ipam.v1.AllocateResponse\x12H\n" +
-	"\aRelease\x12\x1d.cairn.ipam.v1.ReleaseRequest\x1a\x1e.cairn.ipam.v1.ReleaseResponse\x12O\n" +
+	"\aRelease\x12\x1d.cairn.ipam.v1.ReleaseRequest\x1a\x1e.cairn.ipam.v1.ReleaseResponse\x12]\n" +
+	"\x0eReportConflict\x12$.cairn.ipam.v1.ReportConflictRequest\x1a%.cairn.ipam.v1.ReportConflictResponse\x12O\n" +
 	"\rGetAllocation\x12#.cairn.ipam.v1.GetAllocationRequest\x1a\x19.cairn.ipam.v1.Allocation\x12`\n" +
 	"\x0fListAllocations\x12%.cairn.ipam.v1.ListAllocationsRequest\x1a&.cairn.ipam.v1.ListAllocationsResponse\x12e\n" +
 	"\x10WatchAllocations\x12&.cairn.ipam.v1.WatchAllocationsRequest\x1a'.cairn.ipam.v1.WatchAllocationsResponse0\x01\x12K\n" +
@@ -2696,7 +2872,7 @@ func file_cairn_ipam_v1_ipam_proto_rawDescGZIP() []byte {
 }
 
 var file_cairn_ipam_v1_ipam_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_cairn_ipam_v1_ipam_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_cairn_ipam_v1_ipam_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_cairn_ipam_v1_ipam_proto_goTypes = []any{
 	(PoolPurpose)(0),                 // 0: cairn.ipam.v1.PoolPurpose
 	(IpFamily)(0),                    // 1: cairn.ipam.v1.IpFamily
@@ -2720,28 +2896,30 @@ var file_cairn_ipam_v1_ipam_proto_goTypes = []any{
 	(*Allocation)(nil),               // 19: cairn.ipam.v1.Allocation
 	(*ReleaseRequest)(nil),           // 20: cairn.ipam.v1.ReleaseRequest
 	(*ReleaseResponse)(nil),          // 21: cairn.ipam.v1.ReleaseResponse
-	(*GetAllocationRequest)(nil),     // 22: cairn.ipam.v1.GetAllocationRequest
-	(*ListAllocationsRequest)(nil),   // 23: cairn.ipam.v1.ListAllocationsRequest
-	(*ListAllocationsResponse)(nil),  // 24: cairn.ipam.v1.ListAllocationsResponse
-	(*WatchAllocationsRequest)(nil),  // 25: cairn.ipam.v1.WatchAllocationsRequest
-	(*WatchAllocationsResponse)(nil), // 26: cairn.ipam.v1.WatchAllocationsResponse
-	(*GetUsageRequest)(nil),          // 27: cairn.ipam.v1.GetUsageRequest
-	(*PoolUsage)(nil),                // 28: cairn.ipam.v1.PoolUsage
-	(*GetUsageResponse)(nil),         // 29: cairn.ipam.v1.GetUsageResponse
-	(*ExportRequest)(nil),            // 30: cairn.ipam.v1.ExportRequest
-	(*QuarantinedAddress)(nil),       // 31: cairn.ipam.v1.QuarantinedAddress
-	(*ExportResponse)(nil),           // 32: cairn.ipam.v1.ExportResponse
-	(*ExportChunk)(nil),              // 33: cairn.ipam.v1.ExportChunk
-	(*ImportChunk)(nil),              // 34: cairn.ipam.v1.ImportChunk
-	(*ImportRequest)(nil),            // 35: cairn.ipam.v1.ImportRequest
-	(*ImportResponse)(nil),           // 36: cairn.ipam.v1.ImportResponse
-	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
+	(*ReportConflictRequest)(nil),    // 22: cairn.ipam.v1.ReportConflictRequest
+	(*ReportConflictResponse)(nil),   // 23: cairn.ipam.v1.ReportConflictResponse
+	(*GetAllocationRequest)(nil),     // 24: cairn.ipam.v1.GetAllocationRequest
+	(*ListAllocationsRequest)(nil),   // 25: cairn.ipam.v1.ListAllocationsRequest
+	(*ListAllocationsResponse)(nil),  // 26: cairn.ipam.v1.ListAllocationsResponse
+	(*WatchAllocationsRequest)(nil),  // 27: cairn.ipam.v1.WatchAllocationsRequest
+	(*WatchAllocationsResponse)(nil), // 28: cairn.ipam.v1.WatchAllocationsResponse
+	(*GetUsageRequest)(nil),          // 29: cairn.ipam.v1.GetUsageRequest
+	(*PoolUsage)(nil),                // 30: cairn.ipam.v1.PoolUsage
+	(*GetUsageResponse)(nil),         // 31: cairn.ipam.v1.GetUsageResponse
+	(*ExportRequest)(nil),            // 32: cairn.ipam.v1.ExportRequest
+	(*QuarantinedAddress)(nil),       // 33: cairn.ipam.v1.QuarantinedAddress
+	(*ExportResponse)(nil),           // 34: cairn.ipam.v1.ExportResponse
+	(*ExportChunk)(nil),              // 35: cairn.ipam.v1.ExportChunk
+	(*ImportChunk)(nil),              // 36: cairn.ipam.v1.ImportChunk
+	(*ImportRequest)(nil),            // 37: cairn.ipam.v1.ImportRequest
+	(*ImportResponse)(nil),           // 38: cairn.ipam.v1.ImportResponse
+	(*timestamppb.Timestamp)(nil),    // 39: google.protobuf.Timestamp
 }
 var file_cairn_ipam_v1_ipam_proto_depIdxs = []int32{
 	0,  // 0: cairn.ipam.v1.Pool.purpose:type_name -> cairn.ipam.v1.PoolPurpose
 	6,  // 1: cairn.ipam.v1.Network.pools:type_name -> cairn.ipam.v1.Pool
-	37, // 2: cairn.ipam.v1.Network.created_at:type_name -> google.protobuf.Timestamp
-	37, // 3: cairn.ipam.v1.Network.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 2: cairn.ipam.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	39, // 3: cairn.ipam.v1.Network.updated_at:type_name -> google.protobuf.Timestamp
 	7,  // 4: cairn.ipam.v1.UpsertNetworkRequest.network:type_name -> cairn.ipam.v1.Network
 	7,  // 5: cairn.ipam.v1.UpsertNetworkResponse.network:type_name -> cairn.ipam.v1.Network
 	19, // 6: cairn.ipam.v1.UpsertNetworkResponse.out_of_range:type_name -> cairn.ipam.v1.Allocation
@@ -2756,66 +2934,71 @@ var file_cairn_ipam_v1_ipam_proto_depIdxs = []int32{
 	15, // 15: cairn.ipam.v1.Allocation.owner:type_name -> cairn.ipam.v1.Owner
 	16, // 16: cairn.ipam.v1.Allocation.ports:type_name -> cairn.ipam.v1.PortSpec
 	4,  // 17: cairn.ipam.v1.Allocation.state:type_name -> cairn.ipam.v1.AllocationState
-	37, // 18: cairn.ipam.v1.Allocation.created_at:type_name -> google.protobuf.Timestamp
-	37, // 19: cairn.ipam.v1.Allocation.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 18: cairn.ipam.v1.Allocation.created_at:type_name -> google.protobuf.Timestamp
+	39, // 19: cairn.ipam.v1.Allocation.updated_at:type_name -> google.protobuf.Timestamp
 	15, // 20: cairn.ipam.v1.ReleaseRequest.owner:type_name -> cairn.ipam.v1.Owner
 	19, // 21: cairn.ipam.v1.ReleaseResponse.allocation:type_name -> cairn.ipam.v1.Allocation
-	15, // 22: cairn.ipam.v1.GetAllocationRequest.owner:type_name -> cairn.ipam.v1.Owner
-	2,  // 23: cairn.ipam.v1.ListAllocationsRequest.kind:type_name -> cairn.ipam.v1.OwnerKind
-	19, // 24: cairn.ipam.v1.ListAllocationsResponse.allocations:type_name -> cairn.ipam.v1.Allocation
-	5,  // 25: cairn.ipam.v1.WatchAllocationsResponse.type:type_name -> cairn.ipam.v1.WatchEventType
-	19, // 26: cairn.ipam.v1.WatchAllocationsResponse.allocation:type_name -> cairn.ipam.v1.Allocation
-	0,  // 27: cairn.ipam.v1.PoolUsage.purpose:type_name -> cairn.ipam.v1.PoolPurpose
-	1,  // 28: cairn.ipam.v1.PoolUsage.family:type_name -> cairn.ipam.v1.IpFamily
-	28, // 29: cairn.ipam.v1.GetUsageResponse.pools:type_name -> cairn.ipam.v1.PoolUsage
-	37, // 30: cairn.ipam.v1.QuarantinedAddress.until:type_name -> google.protobuf.Timestamp
-	15, // 31: cairn.ipam.v1.QuarantinedAddress.previous_owner:type_name -> cairn.ipam.v1.Owner
-	7,  // 32: cairn.ipam.v1.ExportResponse.networks:type_name -> cairn.ipam.v1.Network
-	19, // 33: cairn.ipam.v1.ExportResponse.allocations:type_name -> cairn.ipam.v1.Allocation
-	31, // 34: cairn.ipam.v1.ExportResponse.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
-	37, // 35: cairn.ipam.v1.ExportResponse.exported_at:type_name -> google.protobuf.Timestamp
-	7,  // 36: cairn.ipam.v1.ExportChunk.networks:type_name -> cairn.ipam.v1.Network
-	19, // 37: cairn.ipam.v1.ExportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
-	31, // 38: cairn.ipam.v1.ExportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
-	37, // 39: cairn.ipam.v1.ExportChunk.exported_at:type_name -> google.protobuf.Timestamp
-	7,  // 40: cairn.ipam.v1.ImportChunk.networks:type_name -> cairn.ipam.v1.Network
-	19, // 41: cairn.ipam.v1.ImportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
-	31, // 42: cairn.ipam.v1.ImportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
-	37, // 43: cairn.ipam.v1.ImportChunk.exported_at:type_name -> google.protobuf.Timestamp
-	32, // 44: cairn.ipam.v1.ImportRequest.backup:type_name -> cairn.ipam.v1.ExportResponse
-	8,  // 45: cairn.ipam.v1.IpamService.UpsertNetwork:input_type -> cairn.ipam.v1.UpsertNetworkRequest
-	10, // 46: cairn.ipam.v1.IpamService.GetNetwork:input_type -> cairn.ipam.v1.GetNetworkRequest
-	11, // 47: cairn.ipam.v1.IpamService.ListNetworks:input_type -> cairn.ipam.v1.ListNetworksRequest
-	13, // 48: cairn.ipam.v1.IpamService.DeleteNetwork:input_type -> cairn.ipam.v1.DeleteNetworkRequest
-	17, // 49: cairn.ipam.v1.IpamService.Allocate:input_type -> cairn.ipam.v1.AllocateRequest
-	20, // 50: cairn.ipam.v1.IpamService.Release:input_type -> cairn.ipam.v1.ReleaseRequest
-	22, // 51: cairn.ipam.v1.IpamService.GetAllocation:input_type -> cairn.ipam.v1.GetAllocationRequest
-	23, // 52: cairn.ipam.v1.IpamService.ListAllocations:input_type -> cairn.ipam.v1.ListAllocationsRequest
-	25, // 53: cairn.ipam.v1.IpamService.WatchAllocations:input_type -> cairn.ipam.v1.WatchAllocationsRequest
-	27, // 54: cairn.ipam.v1.IpamService.GetUsage:input_type -> cairn.ipam.v1.GetUsageRequest
-	30, // 55: cairn.ipam.v1.IpamService.Export:input_type -> cairn.ipam.v1.ExportRequest
-	35, // 56: cairn.ipam.v1.IpamService.Import:input_type -> cairn.ipam.v1.ImportRequest
-	30, // 57: cairn.ipam.v1.IpamService.ExportStream:input_type -> cairn.ipam.v1.ExportRequest
-	34, // 58: cairn.ipam.v1.IpamService.ImportStream:input_type -> cairn.ipam.v1.ImportChunk
-	9,  // 59: cairn.ipam.v1.IpamService.UpsertNetwork:output_type -> cairn.ipam.v1.UpsertNetworkResponse
-	7,  // 60: cairn.ipam.v1.IpamService.GetNetwork:output_type -> cairn.ipam.v1.Network
-	12, // 61: cairn.ipam.v1.IpamService.ListNetworks:output_type -> cairn.ipam.v1.ListNetworksResponse
-	14, // 62: cairn.ipam.v1.IpamService.DeleteNetwork:output_type -> cairn.ipam.v1.DeleteNetworkResponse
-	18, // 63: cairn.ipam.v1.IpamService.Allocate:output_type -> cairn.ipam.v1.AllocateResponse
-	21, // 64: cairn.ipam.v1.IpamService.Release:output_type -> cairn.ipam.v1.ReleaseResponse
-	19, // 65: cairn.ipam.v1.IpamService.GetAllocation:output_type -> cairn.ipam.v1.Allocation
-	24, // 66: cairn.ipam.v1.IpamService.ListAllocations:output_type -> cairn.ipam.v1.ListAllocationsResponse
-	26, // 67: cairn.ipam.v1.IpamService.WatchAllocations:output_type -> cairn.ipam.v1.WatchAllocationsResponse
-	29, // 68: cairn.ipam.v1.IpamService.GetUsage:output_type -> cairn.ipam.v1.GetUsageResponse
-	32, // 69: cairn.ipam.v1.IpamService.Export:output_type -> cairn.ipam.v1.ExportResponse
-	36, // 70: cairn.ipam.v1.IpamService.Import:output_type -> cairn.ipam.v1.ImportResponse
-	33, // 71: cairn.ipam.v1.IpamService.ExportStream:output_type -> cairn.ipam.v1.ExportChunk
-	36, // 72: cairn.ipam.v1.IpamService.ImportStream:output_type -> cairn.ipam.v1.ImportResponse
-	59, // [59:73] is the sub-list for method output_type
-	45, // [45:59] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	15, // 22: cairn.ipam.v1.ReportConflictRequest.holder:type_name -> cairn.ipam.v1.Owner
+	19, // 23: cairn.ipam.v1.ReportConflictResponse.conflict:type_name -> cairn.ipam.v1.Allocation
+	19, // 24: cairn.ipam.v1.ReportConflictResponse.released:type_name -> cairn.ipam.v1.Allocation
+	15, // 25: cairn.ipam.v1.GetAllocationRequest.owner:type_name -> cairn.ipam.v1.Owner
+	2,  // 26: cairn.ipam.v1.ListAllocationsRequest.kind:type_name -> cairn.ipam.v1.OwnerKind
+	19, // 27: cairn.ipam.v1.ListAllocationsResponse.allocations:type_name -> cairn.ipam.v1.Allocation
+	5,  // 28: cairn.ipam.v1.WatchAllocationsResponse.type:type_name -> cairn.ipam.v1.WatchEventType
+	19, // 29: cairn.ipam.v1.WatchAllocationsResponse.allocation:type_name -> cairn.ipam.v1.Allocation
+	0,  // 30: cairn.ipam.v1.PoolUsage.purpose:type_name -> cairn.ipam.v1.PoolPurpose
+	1,  // 31: cairn.ipam.v1.PoolUsage.family:type_name -> cairn.ipam.v1.IpFamily
+	30, // 32: cairn.ipam.v1.GetUsageResponse.pools:type_name -> cairn.ipam.v1.PoolUsage
+	39, // 33: cairn.ipam.v1.QuarantinedAddress.until:type_name -> google.protobuf.Timestamp
+	15, // 34: cairn.ipam.v1.QuarantinedAddress.previous_owner:type_name -> cairn.ipam.v1.Owner
+	7,  // 35: cairn.ipam.v1.ExportResponse.networks:type_name -> cairn.ipam.v1.Network
+	19, // 36: cairn.ipam.v1.ExportResponse.allocations:type_name -> cairn.ipam.v1.Allocation
+	33, // 37: cairn.ipam.v1.ExportResponse.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
+	39, // 38: cairn.ipam.v1.ExportResponse.exported_at:type_name -> google.protobuf.Timestamp
+	7,  // 39: cairn.ipam.v1.ExportChunk.networks:type_name -> cairn.ipam.v1.Network
+	19, // 40: cairn.ipam.v1.ExportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
+	33, // 41: cairn.ipam.v1.ExportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
+	39, // 42: cairn.ipam.v1.ExportChunk.exported_at:type_name -> google.protobuf.Timestamp
+	7,  // 43: cairn.ipam.v1.ImportChunk.networks:type_name -> cairn.ipam.v1.Network
+	19, // 44: cairn.ipam.v1.ImportChunk.allocations:type_name -> cairn.ipam.v1.Allocation
+	33, // 45: cairn.ipam.v1.ImportChunk.quarantined:type_name -> cairn.ipam.v1.QuarantinedAddress
+	39, // 46: cairn.ipam.v1.ImportChunk.exported_at:type_name -> google.protobuf.Timestamp
+	34, // 47: cairn.ipam.v1.ImportRequest.backup:type_name -> cairn.ipam.v1.ExportResponse
+	8,  // 48: cairn.ipam.v1.IpamService.UpsertNetwork:input_type -> cairn.ipam.v1.UpsertNetworkRequest
+	10, // 49: cairn.ipam.v1.IpamService.GetNetwork:input_type -> cairn.ipam.v1.GetNetworkRequest
+	11, // 50: cairn.ipam.v1.IpamService.ListNetworks:input_type -> cairn.ipam.v1.ListNetworksRequest
+	13, // 51: cairn.ipam.v1.IpamService.DeleteNetwork:input_type -> cairn.ipam.v1.DeleteNetworkRequest
+	17, // 52: cairn.ipam.v1.IpamService.Allocate:input_type -> cairn.ipam.v1.AllocateRequest
+	20, // 53: cairn.ipam.v1.IpamService.Release:input_type -> cairn.ipam.v1.ReleaseRequest
+	22, // 54: cairn.ipam.v1.IpamService.ReportConflict:input_type -> cairn.ipam.v1.ReportConflictRequest
+	24, // 55: cairn.ipam.v1.IpamService.GetAllocation:input_type -> cairn.ipam.v1.GetAllocationRequest
+	25, // 56: cairn.ipam.v1.IpamService.ListAllocations:input_type -> cairn.ipam.v1.ListAllocationsRequest
+	27, // 57: cairn.ipam.v1.IpamService.WatchAllocations:input_type -> cairn.ipam.v1.WatchAllocationsRequest
+	29, // 58: cairn.ipam.v1.IpamService.GetUsage:input_type -> cairn.ipam.v1.GetUsageRequest
+	32, // 59: cairn.ipam.v1.IpamService.Export:input_type -> cairn.ipam.v1.ExportRequest
+	37, // 60: cairn.ipam.v1.IpamService.Import:input_type -> cairn.ipam.v1.ImportRequest
+	32, // 61: cairn.ipam.v1.IpamService.ExportStream:input_type -> cairn.ipam.v1.ExportRequest
+	36, // 62: cairn.ipam.v1.IpamService.ImportStream:input_type -> cairn.ipam.v1.ImportChunk
+	9,  // 63: cairn.ipam.v1.IpamService.UpsertNetwork:output_type -> cairn.ipam.v1.UpsertNetworkResponse
+	7,  // 64: cairn.ipam.v1.IpamService.GetNetwork:output_type -> cairn.ipam.v1.Network
+	12, // 65: cairn.ipam.v1.IpamService.ListNetworks:output_type -> cairn.ipam.v1.ListNetworksResponse
+	14, // 66: cairn.ipam.v1.IpamService.DeleteNetwork:output_type -> cairn.ipam.v1.DeleteNetworkResponse
+	18, // 67: cairn.ipam.v1.IpamService.Allocate:output_type -> cairn.ipam.v1.AllocateResponse
+	21, // 68: cairn.ipam.v1.IpamService.Release:output_type -> cairn.ipam.v1.ReleaseResponse
+	23, // 69: cairn.ipam.v1.IpamService.ReportConflict:output_type -> cairn.ipam.v1.ReportConflictResponse
+	19, // 70: cairn.ipam.v1.IpamService.GetAllocation:output_type -> cairn.ipam.v1.Allocation
+	26, // 71: cairn.ipam.v1.IpamService.ListAllocations:output_type -> cairn.ipam.v1.ListAllocationsResponse
+	28, // 72: cairn.ipam.v1.IpamService.WatchAllocations:output_type -> cairn.ipam.v1.WatchAllocationsResponse
+	31, // 73: cairn.ipam.v1.IpamService.GetUsage:output_type -> cairn.ipam.v1.GetUsageResponse
+	34, // 74: cairn.ipam.v1.IpamService.Export:output_type -> cairn.ipam.v1.ExportResponse
+	38, // 75: cairn.ipam.v1.IpamService.Import:output_type -> cairn.ipam.v1.ImportResponse
+	35, // 76: cairn.ipam.v1.IpamService.ExportStream:output_type -> cairn.ipam.v1.ExportChunk
+	38, // 77: cairn.ipam.v1.IpamService.ImportStream:output_type -> cairn.ipam.v1.ImportResponse
+	63, // [63:78] is the sub-list for method output_type
+	48, // [48:63] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_cairn_ipam_v1_ipam_proto_init() }
@@ -2832,7 +3015,7 @@ func file_cairn_ipam_v1_ipam_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cairn_ipam_v1_ipam_proto_rawDesc), len(file_cairn_ipam_v1_ipam_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   31,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,7 @@
 //   GetNetwork, ListNetworks   yes                                        yes    yes     no
 //   DeleteNetwork              no                                         yes    no      no
 //   Allocate, Release          own owners (owner.cluster_id == <id>)      yes    no      no
+//   ReportConflict             own (cluster_id == <id>)                   yes    no      no
 //   GetAllocation              own                                        yes    yes     no
 //   ListAllocations            own; cluster_id must be set to <id>        yes    yes     no
 //   WatchAllocations           own filter: full events; no filter: other  yes    yes     no
@@ -71,6 +72,7 @@ const (
 	IpamService_DeleteNetwork_FullMethodName    = "/cairn.ipam.v1.IpamService/DeleteNetwork"
 	IpamService_Allocate_FullMethodName         = "/cairn.ipam.v1.IpamService/Allocate"
 	IpamService_Release_FullMethodName          = "/cairn.ipam.v1.IpamService/Release"
+	IpamService_ReportConflict_FullMethodName   = "/cairn.ipam.v1.IpamService/ReportConflict"
 	IpamService_GetAllocation_FullMethodName    = "/cairn.ipam.v1.IpamService/GetAllocation"
 	IpamService_ListAllocations_FullMethodName  = "/cairn.ipam.v1.IpamService/ListAllocations"
 	IpamService_WatchAllocations_FullMethodName = "/cairn.ipam.v1.IpamService/WatchAllocations"
@@ -102,6 +104,15 @@ type IpamServiceClient interface {
 	// Releases the owner's allocation on a network. Releasing nothing is not an error
 	// (released = false), so a retried release is safe.
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
+	// Records that a conflict probe found `address` answered by a host the store never handed it
+	// to. In one commit: the holder's allocation (if given; it must be the address's only
+	// holder) is released without a grace period for that address, and the address is held by
+	// an OWNER_KIND_UNKNOWN_HOST record, so Allocate never hands it out again until an operator
+	// Releases that record. The holder then Allocates again and gets another address.
+	// Idempotent: reporting an address already recorded returns the record (created = false).
+	// FAILED_PRECONDITION when another owner (not `holder`) holds the address, or when it is in
+	// its reuse grace period (what answers may be its previous owner).
+	ReportConflict(ctx context.Context, in *ReportConflictRequest, opts ...grpc.CallOption) (*ReportConflictResponse, error)
 	// Returns the owner's allocation on a network (NOT_FOUND if it holds none).
 	GetAllocation(ctx context.Context, in *GetAllocationRequest, opts ...grpc.CallOption) (*Allocation, error)
 	// Lists allocations matching every filter that is set, ordered by key, paginated.
@@ -196,6 +207,16 @@ func (c *ipamServiceClient) Release(ctx context.Context, in *ReleaseRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ReleaseResponse)
 	err := c.cc.Invoke(ctx, IpamService_Release_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ipamServiceClient) ReportConflict(ctx context.Context, in *ReportConflictRequest, opts ...grpc.CallOption) (*ReportConflictResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportConflictResponse)
+	err := c.cc.Invoke(ctx, IpamService_ReportConflict_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -324,6 +345,15 @@ type IpamServiceServer interface {
 	// Releases the owner's allocation on a network. Releasing nothing is not an error
 	// (released = false), so a retried release is safe.
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
+	// Records that a conflict probe found `address` answered by a host the store never handed it
+	// to. In one commit: the holder's allocation (if given; it must be the address's only
+	// holder) is released without a grace period for that address, and the address is held by
+	// an OWNER_KIND_UNKNOWN_HOST record, so Allocate never hands it out again until an operator
+	// Releases that record. The holder then Allocates again and gets another address.
+	// Idempotent: reporting an address already recorded returns the record (created = false).
+	// FAILED_PRECONDITION when another owner (not `holder`) holds the address, or when it is in
+	// its reuse grace period (what answers may be its previous owner).
+	ReportConflict(context.Context, *ReportConflictRequest) (*ReportConflictResponse, error)
 	// Returns the owner's allocation on a network (NOT_FOUND if it holds none).
 	GetAllocation(context.Context, *GetAllocationRequest) (*Allocation, error)
 	// Lists allocations matching every filter that is set, ordered by key, paginated.
@@ -381,6 +411,9 @@ func (UnimplementedIpamServiceServer) Allocate(context.Context, *AllocateRequest
 }
 func (UnimplementedIpamServiceServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedIpamServiceServer) ReportConflict(context.Context, *ReportConflictRequest) (*ReportConflictResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportConflict not implemented")
 }
 func (UnimplementedIpamServiceServer) GetAllocation(context.Context, *GetAllocationRequest) (*Allocation, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetAllocation not implemented")
@@ -535,6 +568,24 @@ func _IpamService_Release_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _IpamService_ReportConflict_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportConflictRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IpamServiceServer).ReportConflict(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: IpamService_ReportConflict_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IpamServiceServer).ReportConflict(ctx, req.(*ReportConflictRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _IpamService_GetAllocation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetAllocationRequest)
 	if err := dec(in); err != nil {
@@ -684,6 +735,10 @@ var IpamService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Release",
 			Handler:    _IpamService_Release_Handler,
+		},
+		{
+			MethodName: "ReportConflict",
+			Handler:    _IpamService_ReportConflict_Handler,
 		},
 		{
 			MethodName: "GetAllocation",
