@@ -182,6 +182,7 @@ pub fn allocate_request(svc: &Service, cluster_id: &str, network: &str) -> Resul
         requested_addresses: requested.iter().map(ToString::to_string).collect(),
         sharing_key: ann(svc, ANN_SHARING).unwrap_or_default().to_string(),
         ports,
+        dry_run: false,
     })
 }
 

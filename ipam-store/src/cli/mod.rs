@@ -199,6 +199,9 @@ pub enum AllocCmd {
         /// Ports as PROTO/PORT, e.g. tcp/80 (comma list).
         #[arg(long = "port", value_delimiter = ',')]
         ports: Vec<String>,
+        /// Only show what would be allocated; hold nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show the owner's allocation.
     Get {
@@ -533,6 +536,7 @@ pub async fn alloc(c: &ClientArgs, cmd: AllocCmd) -> anyhow::Result<()> {
             ips,
             sharing_key,
             ports,
+            dry_run,
         } => {
             let families = family
                 .iter()
@@ -554,6 +558,7 @@ pub async fn alloc(c: &ClientArgs, cmd: AllocCmd) -> anyhow::Result<()> {
                     requested_addresses: ips.iter().map(ToString::to_string).collect(),
                     sharing_key,
                     ports,
+                    dry_run,
                 })
                 .await
                 .map_err(status)?

@@ -374,6 +374,7 @@ impl pb::ipam_service_server::IpamService for IpamService {
                 ports: ports_from(&req.ports)?,
                 sharing_key: req.sharing_key,
                 network: req.network,
+                dry_run: req.dry_run,
             };
             let (a, created) = self.ledger.allocate(areq).await?;
             Ok(pb::AllocateResponse {

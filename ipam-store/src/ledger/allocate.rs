@@ -234,7 +234,8 @@ impl State {
     }
 
     /// Allocates (or returns the existing allocation of) an owner: see `Allocate` in the
-    /// proto. Returns the allocation and whether it was created; nothing changes on error.
+    /// proto. Returns the allocation and whether it was created; nothing changes on error, nor
+    /// with `dry_run`.
     pub fn allocate(
         &mut self,
         req: AllocateReq,
@@ -277,6 +278,9 @@ impl State {
             ports: &req.ports,
         };
         if let Some(existing) = self.allocs.get(&key) {
+            if req.dry_run {
+                return Ok(((existing.clone(), false), vec![], vec![]));
+            }
             return self.allocate_existing(existing.clone(), &req, &plan, &c, seq, now_ms);
         }
 
@@ -303,6 +307,9 @@ impl State {
                 updated_ms: now_ms,
                 revision: seq,
             };
+            if req.dry_run {
+                return Ok(((Allocation { revision: 0, ..alloc }, true), vec![], vec![]));
+            }
             let mut ops = self.hold(&req.network, pi, &key, &alloc.addresses);
             ops.push(Op::PutAlloc(alloc.clone()));
             if let Some(net) = self.networks.get_mut(&req.network) {

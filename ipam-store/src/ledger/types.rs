@@ -53,6 +53,8 @@ pub struct AllocateReq {
     pub sharing_key: String,
     /// Ports (validated, sorted).
     pub ports: Vec<Port>,
+    /// Say what would be allocated; change nothing.
+    pub dry_run: bool,
 }
 
 /// Filters of ListAllocations.

@@ -1137,7 +1137,11 @@ type AllocateRequest struct {
 	// (protocol, port) sets are disjoint.
 	SharingKey string `protobuf:"bytes,8,opt,name=sharing_key,json=sharingKey,proto3" json:"sharing_key,omitempty"`
 	// The ports this owner serves on the address; required with sharing_key, no duplicates.
-	Ports         []*PortSpec `protobuf:"bytes,9,rep,name=ports,proto3" json:"ports,omitempty"`
+	Ports []*PortSpec `protobuf:"bytes,9,rep,name=ports,proto3" json:"ports,omitempty"`
+	// Only say what Allocate would do now, writing and holding nothing: the owner's allocation
+	// as it holds it (created = false), or the addresses it would be given (created = true,
+	// revision 0). A conflict probe asks this to probe the next address before anyone needs it.
+	DryRun        bool `protobuf:"varint,10,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1233,6 +1237,13 @@ func (x *AllocateRequest) GetPorts() []*PortSpec {
 		return x.Ports
 	}
 	return nil
+}
+
+func (x *AllocateRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
 }
 
 type AllocateResponse struct {
@@ -2684,7 +2695,7 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x03uid\x18\x05 \x01(\tR\x03uid\"S\n" +
 	"\bPortSpec\x123\n" +
 	"\bprotocol\x18\x01 \x01(\x0e2\x17.cairn.ipam.v1.ProtocolR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x02 \x01(\rR\x04port\"\x8f\x03\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\xa8\x03\n" +
 	"\x0fAllocateRequest\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12*\n" +
 	"\x05owner\x18\x02 \x01(\v2\x14.cairn.ipam.v1.OwnerR\x05owner\x12\x12\n" +
@@ -2695,7 +2706,9 @@ const file_cairn_ipam_v1_ipam_proto_rawDesc = "" +
 	"\x13requested_addresses\x18\a \x03(\tR\x12requestedAddresses\x12\x1f\n" +
 	"\vsharing_key\x18\b \x01(\tR\n" +
 	"sharingKey\x12-\n" +
-	"\x05ports\x18\t \x03(\v2\x17.cairn.ipam.v1.PortSpecR\x05ports\"g\n" +
+	"\x05ports\x18\t \x03(\v2\x17.cairn.ipam.v1.PortSpecR\x05ports\x12\x17\n" +
+	"\adry_run\x18\n" +
+	" \x01(\bR\x06dryRun\"g\n" +
 	"\x10AllocateResponse\x129\n" +
 	"\n" +
 	"allocation\x18\x01 \x01(\v2\x19.cairn.ipam.v1.AllocationR\n" +

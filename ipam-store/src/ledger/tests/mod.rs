@@ -797,3 +797,30 @@ fn load_takes_records_in_any_order_and_names_each_inconsistency() {
         );
     }
 }
+
+#[test]
+fn dry_run_says_what_allocate_would_give_and_holds_nothing() {
+    let mut st = small();
+    let before = format!("{:?}", st.snapshot());
+    let mut r = req("net-a", svc("a", "web"));
+    r.dry_run = true;
+    let ((a, created), ops, changes) = st.allocate(r.clone(), 7, 0).unwrap();
+    assert!(created && ops.is_empty() && changes.is_empty());
+    assert_eq!((a.addresses.clone(), a.revision), (vec![ip("10.0.1.1")], 0));
+    assert_eq!(
+        format!("{:?}", st.snapshot()),
+        before,
+        "a dry run changed the state"
+    );
+    // What it said is what a real Allocate then gives.
+    let (real, _) = alloc(&mut st, req("net-a", svc("a", "web")), 0).unwrap();
+    assert_eq!(real.addresses, a.addresses);
+    // For a holder: its allocation, as held, not created.
+    let ((held, created), ops, _) = st.allocate(r, 9, 0).unwrap();
+    assert!(!created && ops.is_empty());
+    assert_eq!(held, real);
+    // And for another owner: the next address.
+    let mut r = req("net-a", svc("a", "db"));
+    r.dry_run = true;
+    assert_eq!(st.allocate(r, 9, 0).unwrap().0.0.addresses, vec![ip("10.0.1.2")]);
+}
