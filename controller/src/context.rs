@@ -53,6 +53,8 @@ pub struct Context {
     store_ok: AtomicBool,
     /// Failed reconciles in a row, per object; absent after a successful one.
     failures: Mutex<HashMap<ObjectRef<DynamicObject>, Streak>>,
+    /// Addresses a conflict probe found free ahead of need, and when.
+    pub probed_free: crate::conflict::ProbedFree,
 }
 
 impl Context {
@@ -95,6 +97,7 @@ impl Context {
             retrigger,
             store_ok: AtomicBool::new(true),
             failures: Mutex::new(HashMap::new()),
+            probed_free: crate::conflict::ProbedFree::default(),
         }
     }
 

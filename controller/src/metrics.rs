@@ -95,7 +95,7 @@ impl Metrics {
             ),
             probes: r.register(
                 "conflict_probes",
-                "conflict probes of new VIPs by result (free, in_use, error)",
+                "conflict probes of new VIPs by result (free, in_use, error; fresh: not probed again, found free ahead of need)",
                 Family::default(),
             ),
             probe_seconds: r.register(
@@ -116,6 +116,11 @@ impl Metrics {
     pub fn probed(&self, result: &'static str, elapsed: Duration) {
         self.probes.get_or_create(&ProbeLabels { result }).inc();
         self.probe_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a new address published without a probe: probed free ahead of need, recently.
+    pub fn probe_skipped_fresh(&self) {
+        self.probes.get_or_create(&ProbeLabels { result: "fresh" }).inc();
     }
 
     /// Records an address found in use by an unknown host.

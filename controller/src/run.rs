@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::{
+    conflict,
     context::Context,
     crd::ClusterNetwork,
     ipam::Ipam,
@@ -83,6 +84,11 @@ pub struct RunArgs {
     /// Seconds an allocation must stay orphaned before repair releases it.
     #[arg(long, default_value_t = 300)]
     pub orphan_grace: u64,
+    /// Seconds between passes that probe, ahead of need, the next address each probed pool
+    /// would hand out (ClusterNetwork `spec.conflictProbe`); 0 = only probe when a Service
+    /// gets an address.
+    #[arg(long, default_value_t = 2)]
+    pub probe_ahead_interval: u64,
 }
 
 /// Watches the store on every network this cluster's ClusterNetworks name — one watch per
@@ -312,6 +318,12 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         Duration::from_secs(args.repair_interval),
         Duration::from_secs(args.orphan_grace),
     ));
+    let ahead = (args.probe_ahead_interval > 0).then(|| {
+        tokio::spawn(conflict::ahead(
+            ctx.clone(),
+            Duration::from_secs(args.probe_ahead_interval),
+        ))
+    });
     let watch = tokio::spawn(store_watches(ctx.clone()));
     let store_up = {
         let ctx = ctx.clone();
@@ -356,6 +368,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         tracing::warn!("reconciles still running after 10s; leaving them");
     }
     repair.abort();
+    if let Some(a) = ahead {
+        a.abort();
+    }
     watch.abort();
     store_up.abort();
     namespaces.abort();

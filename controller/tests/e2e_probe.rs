@@ -40,7 +40,14 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
         }),
     )
     .await;
-    start_ccm(&cp, "ccm", "cluster-a", &store.endpoint, &[]);
+    // Inline probing only: nothing probes ahead of the Services here.
+    start_ccm(
+        &cp,
+        "ccm",
+        "cluster-a",
+        &store.endpoint,
+        &["--probe-ahead-interval", "0"],
+    );
 
     // IPv4: the squatter answers for .1, so the Service is published with .2.
     create_lb(&client, "default", "web", 80, json!({})).await;
@@ -175,5 +182,89 @@ async fn a_probe_that_cannot_run_publishes_nothing_and_says_why() {
         ingress(&svc).is_empty(),
         "published unprobed: {:?}",
         ingress(&svc)
+    );
+}
+
+/// Probing ahead of need: with no Service at all, the squatted addresses are found and
+/// recorded (a Warning on the ClusterNetwork names address and MAC), the next addresses are
+/// probed free, and a Service then gets one without waiting for a probe.
+#[tokio::test(flavor = "multi_thread")]
+async fn probing_ahead_records_a_squatter_before_any_service_asks() {
+    let sq = Squatter::new(&["192.0.2.1/24", "2001:db8::1/64"]);
+    let mac = sq.far_mac();
+    let Env { cp, client, store } = Env::start(
+        "net-r",
+        json!({
+            "network": "net-r",
+            "reuseGraceSeconds": 0,
+            "pools": [ { "name": "vip", "purpose": "VIP",
+                         "ranges": ["192.0.2.1-192.0.2.4", "2001:db8::1-2001:db8::4"] } ],
+            "conflictProbe": { "interface": sq.near(), "timeoutMilliseconds": 300 },
+        }),
+    )
+    .await;
+    start_ccm(
+        &cp,
+        "ccm",
+        "cluster-a",
+        &store.endpoint,
+        &["--probe-ahead-interval", "1"],
+    );
+    let recorded = eventually("both squatted addresses recorded", ACT, || {
+        let store = &store;
+        async move {
+            let mut held: Vec<String> = unknown_hosts(store, "cluster-a")
+                .await
+                .iter()
+                .map(|a| format!("{} {}", a.addresses.join(","), a.owner.as_ref().unwrap().uid))
+                .collect();
+            held.sort();
+            if held.len() == 2 {
+                Ok(held)
+            } else {
+                Err(format!("{held:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        vec![format!("192.0.2.1 {mac}"), format!("2001:db8::1 {mac}")]
+    );
+    // Events of one reason on one object form a series (the newest note shows), so this
+    // names the MAC and one of the two addresses; the store and the metrics keep each.
+    wait_event(&client, "default", "net-r", "AddressInUse", &mac).await;
+
+    // The next address was probed free ahead: the Service gets it without another probe.
+    let addr = ccm_metrics_addr(&cp, "ccm").await;
+    eventually("the next address probed free ahead", ACT, || {
+        let addr = addr.clone();
+        async move {
+            let (_, body) = http_get(&addr, "/metrics").await.map_err(|e| e.to_string())?;
+            let free = body
+                .lines()
+                .find(|l| l.starts_with("cairn_ccm_conflict_probes_total{result=\"free\"}"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if free >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("free probes {free}"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    create_lb(&client, "default", "web", 80, json!({})).await;
+    assert_eq!(
+        wait_ingress(&client, "default", "web", 1).await,
+        vec!["192.0.2.2"]
+    );
+    let (_, body) = http_get(&addr, "/metrics").await.unwrap();
+    assert!(
+        body.contains("cairn_ccm_conflict_probes_total{result=\"fresh\"} 1"),
+        "the Service's address was probed again:\n{body}"
     );
 }
