@@ -110,6 +110,7 @@ bench: toolchain tools
 	$(CARGO) bench -p cairn-ipam --bench store
 	$(CARGO) bench -p cairn-ccm --bench burst
 	CAIRN_E2E_MAX_PLANES=8 $(CARGO) bench -p cairn-ccm --bench burst -- --fleet 8 --fleet-services 100
+	$(CARGO) bench -p cairn-ccm --bench probe
 
 # Keeps the benchmarks building and running in CI: tiny sizes, debug build (no second,
 # release build of the whole dependency tree), figures meaningless.
@@ -120,6 +121,7 @@ web-screenshot: toolchain
 bench-smoke: toolchain
 	$(CARGO) test -p cairn-ipam --bench store -- --quick
 	$(CARGO) test -p cairn-ccm --bench burst -- --quick
+	$(CARGO) test -p cairn-ccm --bench probe -- --quick
 
 # cargo-fuzz targets of cairn-ipam (fuzz/, its own workspace; nightly + cargo-fuzz:
 # `cargo install cargo-fuzz --locked`). Figures in docs/reliability.md, "Fuzzing".

@@ -1277,3 +1277,77 @@ async fn the_ha_overlay_runs_three_replicas_with_one_ready_leader() {
         assert_eq!(code == 200, leaders.contains(&i), "replica {i}: /readyz {code}");
     }
 }
+
+/// `components/conflict-probe` on top of the base tree: applies without a Pod Security
+/// warning (the namespace's level is raised for it), and the controller's pod gets host
+/// networking and CAP_NET_RAW with every other capability still dropped; the store keeps its
+/// restricted security context.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_conflict_probe_component_gives_the_controller_net_raw_on_the_host_network() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&manifests(), &tmp.path().join("manifests"));
+    let overlay = tmp.path().join("overlay");
+    std::fs::create_dir_all(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../manifests]\ncomponents: [../manifests/components/conflict-probe]\n",
+    )
+    .unwrap();
+    // As the README installs (namespace and CRD first), with the component's step before the
+    // rest: the namespace's Pod Security level raised (a server-side dry run of the overlay
+    // checks the pod against the live level, not the one the same apply would set).
+    apply_k(&cp, &manifests().join("namespace")).await;
+    apply_k(&cp, &manifests().join("crds")).await;
+    let (ok, _, err) = kubectl(
+        cp.kubeconfig_path(),
+        &[
+            "label",
+            "namespace",
+            NS,
+            "--overwrite",
+            "pod-security.kubernetes.io/enforce=privileged",
+            "pod-security.kubernetes.io/warn=privileged",
+            "pod-security.kubernetes.io/audit=privileged",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    apply_k(&cp, &overlay).await;
+
+    let docs = render(cp.kubeconfig_path(), &overlay).await;
+    let ns = find(&docs, "Namespace", NS);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        json!("privileged")
+    );
+    let dep: Deployment = serde_json::from_value(find(&docs, "Deployment", "cairn-ccm").clone()).unwrap();
+    let pod = dep.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    let caps = container(&pod)
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .unwrap();
+    assert_eq!(caps.add, Some(vec!["NET_RAW".to_string()]));
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(
+        container(&pod)
+            .security_context
+            .as_ref()
+            .and_then(|s| s.allow_privilege_escalation),
+        Some(false),
+        "privilege escalation stays off"
+    );
+    let sts: StatefulSet = serde_json::from_value(find(&docs, "StatefulSet", "cairn-ipam").clone()).unwrap();
+    let store_pod = sts.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        store_pod.host_network, None,
+        "the store stays off the host network"
+    );
+    assert_eq!(
+        store_pod.security_context.and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+}
