@@ -1,10 +1,11 @@
 //! Conflict probing of new VIPs (`ClusterNetwork.spec.conflictProbe`): before the Service
-//! reconciler publishes an address the store just handed out, the network is asked whether a
-//! host already answers for it ([`crate::probe`]: RFC 5227 ARP probe, IPv6 DAD).
+//! reconciler publishes an address the store just handed out (or the ClusterNetwork reconciler
+//! its API-server VIP), the network is asked whether a host already answers for it ([`crate::probe`]: RFC 5227 ARP probe, IPv6 DAD).
 //!
 //! Contract of [`vet`]:
 //! - Only addresses the Service does not show yet are probed: a shown address is live, and
-//!   this cluster's load balancer answers for it.
+//!   this cluster's load balancer answers for it. Node addresses are never probed: the
+//!   cloud service allocated them when it created the VM, which answers for its own.
 //! - An answer is reported to the store (`ReportConflict`, holder = the Service): in one commit
 //!   the Service's allocation is released and the address is held by an unknown-host record,
 //!   so no cluster gets it again until an operator releases that record. A Warning event on
@@ -35,8 +36,7 @@ use std::{
 };
 
 use cairn_proto::v1 as pb;
-use k8s_openapi::api::core::v1::Service;
-use kube::{ResourceExt, runtime::events::EventType};
+use kube::{Resource, ResourceExt, runtime::events::EventType};
 
 use crate::{
     Error, Result, StoreRefusal, context::Context, crd::ClusterNetwork, crd::ConflictProbeSpec, probe::Prober,
@@ -95,14 +95,16 @@ pub fn settings<'a>(cn: &'a ClusterNetwork, pool: &str) -> Option<&'a ConflictPr
     cn.spec.conflict_probe.as_ref().filter(|p| p.covers(pool))
 }
 
-/// Probes the addresses of `a` that `svc` does not show yet (see the module contract).
-pub async fn vet(
+/// Probes the addresses of `a` that `obj` (the Service, or the ClusterNetwork for its
+/// API-server VIP) does not show yet (see the module contract); events go to `obj`.
+pub async fn vet<K: Resource<DynamicType = ()>>(
     ctx: &Context,
     cn: &ClusterNetwork,
-    svc: &Service,
+    obj: &K,
     a: &pb::Allocation,
     shown: &[String],
 ) -> Result<Vetted> {
+    let svc = obj;
     let Some(spec) = settings(cn, &a.pool) else {
         return Ok(Vetted::Clean);
     };
@@ -175,7 +177,7 @@ pub async fn vet(
     Ok(Vetted::Clean)
 }
 
-async fn probe_failed(ctx: &Context, svc: &Service, e: Error) -> Error {
+async fn probe_failed<K: Resource<DynamicType = ()>>(ctx: &Context, svc: &K, e: Error) -> Error {
     ctx.event(svc, EventType::Warning, "ProbeFailed", "Probe", e.to_string())
         .await;
     e

@@ -29,6 +29,7 @@ use serde_json::json;
 
 use crate::{
     API_SERVER_OWNER, Error, MANAGER, Result, StoreRefusal,
+    conflict::{self, Vetted},
     context::Context,
     crd::{
         ClusterNetwork, ClusterNetworkStatus, NetworkDefinition, NetworkMode, PoolDefinition, PoolPurpose,
@@ -192,7 +193,28 @@ async fn api_server_vip(cn: &ClusterNetwork, ctx: &Context) -> Result<Option<Str
                 requested_addresses: v.address.iter().cloned().collect(),
                 ..Default::default()
             };
-            ctx.ipam.allocate(req).await?.allocation
+            // A VIP this ClusterNetwork does not show yet is probed first (when it asks for
+            // probing); one a host answers for is reported and another one taken.
+            let shown: Vec<String> = cn
+                .status
+                .as_ref()
+                .and_then(|s| s.api_server_vip.clone())
+                .into_iter()
+                .collect();
+            let mut in_use = 0;
+            loop {
+                let a = ctx.ipam.allocate(req.clone()).await?.allocation;
+                let Some(a) = a else { break None };
+                match conflict::vet(ctx, cn, cn, &a, &shown).await? {
+                    Vetted::Clean => break Some(a),
+                    Vetted::InUse { .. } => in_use += 1,
+                }
+                if in_use >= conflict::MAX_IN_USE_IN_A_ROW {
+                    return Err(Error::Store(StoreRefusal::Exhausted(format!(
+                        "apiServerVIP: {in_use} addresses in a row answered a conflict probe (recorded as in use by unknown hosts)"
+                    ))));
+                }
+            }
         }
         _ => ctx.ipam.get_allocation(net, o).await?,
     };

@@ -1,7 +1,7 @@
 //! Conflict probing end to end: a real kube-apiserver + etcd, a real `cairn-ipam` and a real
 //! `cairn-ccm` probing on one end of a veth pair whose other end, in a network namespace the
-//! test makes, is a "squatter" holding the first address of each family of the VIP pool
-//! (documentation addresses only; nothing leaves the pair).
+//! test makes, is a "squatter" holding addresses of the VIP pool (documentation addresses
+//! only; nothing leaves the pair).
 //!
 //! Needs root (namespaces, veth, packet sockets); fails saying so otherwise, as CI runs root.
 
@@ -27,7 +27,7 @@ async fn unknown_hosts(store: &Store, cluster: &str) -> Vec<pb::Allocation> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_next() {
-    let sq = Squatter::new(&["192.0.2.1/24", "2001:db8::1/64"]);
+    let sq = Squatter::new(&["192.0.2.1/24", "192.0.2.3/24", "2001:db8::1/64"]);
     let mac = sq.far_mac();
     let Env { cp, client, store } = Env::start(
         "net-p",
@@ -35,7 +35,8 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
             "network": "net-p",
             "reuseGraceSeconds": 0,
             "pools": [ { "name": "vip", "purpose": "VIP",
-                         "ranges": ["192.0.2.1-192.0.2.4", "2001:db8::1-2001:db8::4"] } ],
+                         "ranges": ["192.0.2.1-192.0.2.6", "2001:db8::1-2001:db8::4"] } ],
+            "apiServerVIP": {},
             "conflictProbe": { "interface": sq.near(), "timeoutMilliseconds": 300 },
         }),
     )
@@ -49,13 +50,30 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
         &["--probe-ahead-interval", "0"],
     );
 
-    // IPv4: the squatter answers for .1, so the Service is published with .2.
+    // The API-server VIP: the squatter answers for .1, so the ClusterNetwork shows .2.
+    let api: Api<ClusterNetwork> = Api::all(client.clone());
+    eventually("the API-server VIP", ACT, || {
+        let api = api.clone();
+        async move {
+            let cn = api.get("net-p").await.map_err(|e| e.to_string())?;
+            match cn.status.and_then(|s| s.api_server_vip) {
+                Some(v) if v == "192.0.2.2" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let note = wait_event(&client, "default", "net-p", "AddressInUse", "192.0.2.1").await;
+    assert!(note.contains(&mac), "the event names the MAC {mac}: {note}");
+
+    // IPv4: the squatter answers for .3, so the Service is published with .4.
     create_lb(&client, "default", "web", 80, json!({})).await;
     assert_eq!(
         wait_ingress(&client, "default", "web", 1).await,
-        vec!["192.0.2.2"]
+        vec!["192.0.2.4"]
     );
-    let note = wait_event(&client, "default", "web", "AddressInUse", "192.0.2.1").await;
+    let note = wait_event(&client, "default", "web", "AddressInUse", "192.0.2.3").await;
     assert!(note.contains(&mac), "the event names the MAC {mac}: {note}");
 
     // IPv6 likewise.
@@ -85,6 +103,7 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
         held,
         vec![
             ("192.0.2.1".to_string(), mac.clone()),
+            ("192.0.2.3".to_string(), mac.clone()),
             ("2001:db8::1".to_string(), mac.clone())
         ]
     );
@@ -113,13 +132,12 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
     create_lb(&client, "default", "api", 80, json!({})).await;
     assert_eq!(
         wait_ingress(&client, "default", "api", 1).await,
-        vec!["192.0.2.3"]
+        vec!["192.0.2.5"]
     );
 
     // Usage counts them, in the ClusterNetwork's status too (refreshed on its next reconcile,
     // which a touch triggers now instead of at the periodic resync); metrics name address and
     // MAC.
-    let api: Api<ClusterNetwork> = Api::all(client.clone());
     api.patch(
         "net-p",
         &kube::api::PatchParams::default(),
@@ -133,7 +151,7 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
             let cn = api.get("net-p").await.map_err(|e| e.to_string())?;
             let usage = cn.status.unwrap_or_default().usage;
             let unknown: Vec<&str> = usage.iter().map(|u| u.unknown_hosts.as_str()).collect();
-            if unknown == ["1", "1"] {
+            if unknown == ["2", "1"] {
                 Ok(())
             } else {
                 Err(format!("{usage:?}"))
@@ -144,7 +162,7 @@ async fn a_vip_a_host_already_answers_for_is_reported_and_the_service_gets_the_n
     .expect("usage");
     let addr = ccm_metrics_addr(&cp, "ccm").await;
     let (_, body) = http_get(&addr, "/metrics").await.unwrap();
-    for a in ["192.0.2.1", "2001:db8::1"] {
+    for a in ["192.0.2.1", "192.0.2.3", "2001:db8::1"] {
         let line = format!(
             "cairn_ccm_address_conflicts_total{{network=\"net-p\",pool=\"vip\",address=\"{a}\",mac=\"{mac}\"}} 1"
         );
