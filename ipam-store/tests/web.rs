@@ -393,3 +393,66 @@ async fn web_view_false_serves_only_the_probes() {
     assert_eq!(get(m, "/api/v1/networks").await.status, 404);
     assert_eq!(get(m, "/metrics").await.status, 200);
 }
+
+/// An address recorded as in use by an unknown host (ReportConflict) shows in the usage JSON,
+/// the network page's usage line and the allocations table (filtered by its kind), with the
+/// MAC that answered.
+#[tokio::test]
+async fn an_unknown_host_shows_in_usage_and_the_allocations_table() {
+    let (s, mut c, _) = seeded(&[]).await;
+    let m = s.metrics.unwrap();
+    let next = c
+        .allocate(pb::AllocateRequest {
+            dry_run: true,
+            ..alloc_req("lab", svc("c1", "probe"))
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .allocation
+        .unwrap();
+    let ip = v4(&next);
+    c.report_conflict(pb::ReportConflictRequest {
+        network: "lab".into(),
+        address: ip.clone(),
+        mac: "52:54:00:12:34:56".into(),
+        cluster_id: "c1".into(),
+        holder: None,
+    })
+    .await
+    .unwrap();
+
+    let j = get(m, "/api/v1/networks/lab").await.json();
+    let vip = j["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "vip")
+        .unwrap();
+    let v4u = vip["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["family"] == "IPv4")
+        .unwrap();
+    assert_eq!(v4u["unknown_hosts"], "1", "{v4u}");
+    assert_eq!(v4u["used"], "5", "{v4u}");
+
+    let page = get(m, "/ui/networks/lab").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("1 in use by unknown hosts"), "{}", page.body);
+    let table = get(m, "/ui/allocations?kind=unknown-host").await;
+    assert_eq!(table.status, 200, "{}", table.body);
+    assert!(
+        table
+            .body
+            .contains("in use by an unknown host (52:54:00:12:34:56)")
+            && table.body.contains(&ip),
+        "{}",
+        table.body
+    );
+    assert!(
+        !table.body.contains("ns1"),
+        "the kind filter let other owners through"
+    );
+}
