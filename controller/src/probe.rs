@@ -6,12 +6,16 @@
 //!
 //! - IPv4 uses an ARP probe (RFC 5227 §2.1.1): a broadcast ARP request with sender protocol
 //!   address 0.0.0.0, so no neighbour cache learns anything from it. A conflict is any ARP
-//!   packet (request or reply) whose sender protocol address is the probed one, or another
-//!   host's ARP probe for the same address (RFC 5227 §2.1.1: it is about to take it).
+//!   packet (request or reply) whose sender protocol address is the probed one.
 //! - IPv6 uses Duplicate Address Detection (RFC 4862 §5.4): a Neighbor Solicitation from the
 //!   unspecified address to the solicited-node multicast group. A conflict is a Neighbor
 //!   Advertisement for the address (its Target Link-Layer Address option, else the frame's
-//!   source MAC), or another host's DAD solicitation for it (RFC 4862 §5.4.3).
+//!   source MAC).
+//!
+//! Unlike RFC 5227 §2.1.1 and RFC 4862 §5.4.3, another host's *probe* for the same address is
+//! not a conflict: on a network Cairn manages it is most likely another cluster's controller
+//! probing the same next free address ahead of need, and the store, not the wire, decides who
+//! gets it. A host that then configures the address answers the next probe.
 //!
 //! Frames from the interface's own MAC are never answers: the socket sees what we send. The
 //! prober assigns no address and needs none on the interface; it needs `CAP_NET_RAW` (an
@@ -28,7 +32,7 @@ use pnet_datalink::{Channel, Config, MacAddr, NetworkInterface};
 use pnet_packet::arp::{ArpHardwareTypes, ArpOperations, ArpPacket, MutableArpPacket};
 use pnet_packet::ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket};
 use pnet_packet::icmpv6::ndp::{
-    Icmpv6Codes, MutableNeighborSolicitPacket, NdpOptionTypes, NeighborAdvertPacket, NeighborSolicitPacket,
+    Icmpv6Codes, MutableNeighborSolicitPacket, NdpOptionTypes, NeighborAdvertPacket,
 };
 use pnet_packet::icmpv6::{self, Icmpv6Packet, Icmpv6Types};
 use pnet_packet::ip::IpNextHeaderProtocols;
@@ -361,16 +365,12 @@ fn arp_answer(frame: &[u8], ours: MacAddr, ip: IpAddr) -> Option<Answer> {
     let op = arp.get_operation();
     let claims =
         (op == ArpOperations::Request || op == ArpOperations::Reply) && arp.get_sender_proto_addr() == ip;
-    // Another host probing for the same address at the same time (RFC 5227 §2.1.1).
-    let contends = op == ArpOperations::Request
-        && arp.get_sender_proto_addr().is_unspecified()
-        && arp.get_target_proto_addr() == ip;
-    (claims || contends).then_some(Answer { mac: sender.octets() })
+    claims.then_some(Answer { mac: sender.octets() })
 }
 
 /// Whether `frame` is a valid NDP message from another host that claims `ip`: a Neighbor
-/// Advertisement for it, or another host's DAD solicitation for it. The MAC is the
-/// advertisement's Target Link-Layer Address option if it has one, else the frame's source.
+/// Advertisement for it. The MAC is the advertisement's Target Link-Layer Address option if it
+/// has one, else the frame's source.
 fn ndp_answer(frame: &[u8], ours: MacAddr, ip: IpAddr) -> Option<Answer> {
     let IpAddr::V6(ip) = ip else { return None };
     let eth = EthernetPacket::new(frame)?;
@@ -406,10 +406,6 @@ fn ndp_answer(frame: &[u8], ours: MacAddr, ip: IpAddr) -> Option<Answer> {
             let mac = target_link_layer_address(&body[NS_LEN..]).unwrap_or(source_mac);
             Some(Answer { mac })
         }
-        t if t == Icmpv6Types::NeighborSolicit && src.is_unspecified() => {
-            let ns = NeighborSolicitPacket::new(body)?;
-            (ns.get_target_addr() == ip).then_some(Answer { mac: source_mac })
-        }
         _ => None,
     }
 }
@@ -435,6 +431,7 @@ fn target_link_layer_address(mut options: &[u8]) -> Option<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pnet_packet::icmpv6::ndp::NeighborSolicitPacket;
 
     const OURS: MacAddr = MacAddr(0x02, 0, 0, 0, 0, 0x01);
     const THEIRS: MacAddr = MacAddr(0x02, 0, 0, 0, 0, 0x02);
@@ -548,12 +545,9 @@ mod tests {
             None
         );
         assert_eq!(arp_answer(&arp_probe(OURS, ip), OURS, ip.into()), None);
-        // Another host's simultaneous probe for the same address is a conflict.
-        assert_eq!(arp_answer(&arp_probe(THEIRS, ip), OURS, ip.into()), Some(theirs));
-        assert_eq!(
-            arp_answer(&arp_probe(THEIRS, v4("192.0.2.11")), OURS, ip.into()),
-            None
-        );
+        // Another host's simultaneous probe for the same address (likely another cluster's
+        // controller probing ahead) claims nothing.
+        assert_eq!(arp_answer(&arp_probe(THEIRS, ip), OURS, ip.into()), None);
     }
 
     #[test]
@@ -573,12 +567,9 @@ mod tests {
             None
         );
         assert_eq!(ndp_answer(&na(OURS, ip, None), OURS, ip.into()), None);
-        // Our own solicitation is skipped; another host's DAD for the same address is not.
+        // Neither our own solicitation nor another host's DAD probe claims the address.
         assert_eq!(ndp_answer(&ns_probe(OURS, ip), OURS, ip.into()), None);
-        assert_eq!(
-            ndp_answer(&ns_probe(THEIRS, ip), OURS, ip.into()),
-            Some(Answer { mac: THEIRS.octets() })
-        );
+        assert_eq!(ndp_answer(&ns_probe(THEIRS, ip), OURS, ip.into()), None);
     }
 
     #[test]
